@@ -1,0 +1,1 @@
+"""layerfreeze: layer freezing for transfer learning in JAX, Flax and Optax."""
