@@ -1,0 +1,98 @@
+"""Label and mask pytrees for `optax.partition`, `optax.masked` and friends."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from layerfreeze import _paths, _spec
+
+__all__ = [
+    "check_same_structure",
+    "freeze_labels",
+    "frozen_bn_groups",
+    "frozen_mask",
+    "label_fn",
+]
+
+
+def frozen_mask(params: Any, spec: _spec.SpecLike) -> Any:
+    """Returns a pytree of bools shaped like `params`: True = frozen.
+
+    The result has the container types of `params` (dict, `FrozenDict`,
+    `nnx.State`, ...), so it can be handed to `optax.masked` or `optax.freeze`.
+
+    >>> frozen_mask({"stem": {"w": 1.0}, "head": {"w": 1.0}}, "stem")
+    {'head': {'w': False}, 'stem': {'w': True}}
+    """
+    resolved = _spec.as_spec(spec).resolve(params)
+    flat = iter(resolved.values())
+    return jax.tree.map(lambda _: next(flat), params)
+
+
+def freeze_labels(params: Any, spec: _spec.SpecLike) -> Any:
+    """Returns a pytree of labels shaped like `params`: `"frozen"` or `"trainable"`.
+
+    The result has the container types of `params` and can serve as the
+    `param_labels` of `optax.partition`.
+
+    >>> freeze_labels({"stem": {"w": 1.0}, "head": {"w": 1.0}}, "all-but:head")
+    {'head': {'w': 'trainable'}, 'stem': {'w': 'frozen'}}
+    """
+    mask = frozen_mask(params, spec)
+    return jax.tree.map(lambda f: _spec.FROZEN if f else _spec.TRAINABLE, mask)
+
+
+def label_fn(spec: _spec.SpecLike) -> Callable[[Any], Any]:
+    """Returns `params -> freeze_labels(params, spec)`, for `optax.partition`.
+
+    >>> import optax
+    >>> tx = optax.partition(
+    ...     {"frozen": optax.set_to_zero(), "trainable": optax.sgd(0.1)},
+    ...     label_fn("stem"))
+    """
+    spec = _spec.as_spec(spec)
+    return lambda params: freeze_labels(params, spec)
+
+
+def frozen_bn_groups(params: Any, spec: _spec.SpecLike) -> frozenset[str]:
+    """Top-level groups whose BatchNorm layers must run on running statistics.
+
+    A group's BatchNorm is frozen when every parameter of the group is frozen,
+    so the policy follows the freeze spec. With `train_bn=True` no BatchNorm
+    is frozen: fastai semantics, where BatchNorm layers keep training inside
+    frozen groups.
+
+    >>> sorted(frozen_bn_groups({"stem": {"w": 1}, "head": {"w": 1}}, "stem"))
+    ['stem']
+    """
+    spec = _spec.as_spec(spec)
+    if spec.train_bn:
+        return frozenset()
+    resolved = spec.resolve(params)
+    all_frozen: dict[str, bool] = {}
+    for path, frozen in resolved.items():
+        group = path.split("/", 1)[0]
+        all_frozen[group] = all_frozen.get(group, True) and frozen
+    return frozenset(g for g, f in all_frozen.items() if f)
+
+
+def check_same_structure(labels: Any, params: Any, *, what: str = "labels") -> None:
+    """Raises a clear error if `labels` is not shaped like `params`."""
+    lt, pt = jax.tree.structure(labels), jax.tree.structure(params)
+    if lt == pt:
+        return
+    lp, pp = _paths.leaf_paths(labels), _paths.leaf_paths(params)
+    missing = sorted(set(pp) - set(lp))[:5]
+    extra = sorted(set(lp) - set(pp))[:5]
+    detail = []
+    if missing:
+        detail.append(f"missing from {what}: {missing}")
+    if extra:
+        detail.append(f"not in params: {extra}")
+    if not detail:
+        detail.append(f"same paths, different containers: {what} {lt} vs params {pt}")
+    raise ValueError(
+        f"The {what} do not have the structure of the params ({'; '.join(detail)}). "
+        f"Build {what} from the same params pytree, e.g. layerfreeze.freeze_labels(params, spec)."
+    )

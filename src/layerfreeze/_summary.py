@@ -1,0 +1,221 @@
+"""What is frozen, what is trainable, and what it costs: a Keras-style summary."""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from layerfreeze import _paths, _spec
+
+__all__ = ["FreezeSummary", "GroupSummary", "summary", "tree_bytes", "opt_state_bytes_by_path"]
+
+_SHARED = "(shared)"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSummary:
+    """One row of a `FreezeSummary`: a top-level group of parameters."""
+
+    name: str
+    params: int
+    bytes: int
+    trainable_params: int
+    opt_state_bytes: int | None
+
+    @property
+    def status(self) -> str:
+        if self.trainable_params == 0:
+            return "frozen"
+        if self.trainable_params == self.params:
+            return "trainable"
+        return "partial"
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeSummary:
+    """Per-group counts of a parameter tree under a freeze spec.
+
+    Prints as a table; `as_dict()` gives the numbers.
+    """
+
+    spec: str
+    groups: tuple[GroupSummary, ...]
+    shared_opt_state_bytes: int | None
+
+    @property
+    def total_params(self) -> int:
+        return sum(g.params for g in self.groups)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(g.trainable_params for g in self.groups)
+
+    @property
+    def frozen_params(self) -> int:
+        return self.total_params - self.trainable_params
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(g.bytes for g in self.groups)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def opt_state_bytes(self) -> int | None:
+        if self.shared_opt_state_bytes is None:
+            return None
+        return self.shared_opt_state_bytes + sum(g.opt_state_bytes or 0 for g in self.groups)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The numbers, as plain Python values."""
+        return {
+            "spec": self.spec,
+            "groups": {
+                g.name: {
+                    "params": g.params,
+                    "bytes": g.bytes,
+                    "trainable_params": g.trainable_params,
+                    "status": g.status,
+                    "opt_state_bytes": g.opt_state_bytes,
+                }
+                for g in self.groups
+            },
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "frozen_params": self.frozen_params,
+            "total_bytes": self.total_bytes,
+            "trainable_fraction": self.trainable_fraction,
+            "opt_state_bytes": self.opt_state_bytes,
+        }
+
+    def __str__(self) -> str:
+        with_opt = self.shared_opt_state_bytes is not None
+        header = ["group", "params", "size", "status"] + (["opt state"] if with_opt else [])
+        rows = [header]
+        for g in self.groups:
+            row = [g.name, f"{g.params:,}", _human(g.bytes), g.status]
+            if with_opt:
+                row.append(_human(g.opt_state_bytes or 0))
+            rows.append(row)
+        if with_opt and self.shared_opt_state_bytes:
+            rows.append([_SHARED, "", "", "", _human(self.shared_opt_state_bytes)])
+        total = ["total", f"{self.total_params:,}", _human(self.total_bytes), ""]
+        if with_opt:
+            total.append(_human(self.opt_state_bytes or 0))
+        rows.append(total)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+        def fmt(row):
+            cells = [row[0].ljust(widths[0])] + [
+                c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+            ]
+            return "  ".join(cells).rstrip()
+
+        rule = "-" * len(fmt(header))
+        lines = [f"freeze spec: {self.spec}", fmt(header), rule]
+        lines += [fmt(r) for r in rows[1:-1]]
+        lines += [rule, fmt(rows[-1])]
+        lines.append(
+            f"trainable: {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_fraction:.2f}%), frozen: {self.frozen_params:,}"
+        )
+        return "\n".join(lines)
+
+
+def summary(params: Any, spec: _spec.SpecLike, opt_state: Any = None) -> FreezeSummary:
+    """Summarises `params` under `spec`, per top-level group.
+
+    Args:
+      params: the parameter pytree.
+      spec: the freeze spec (anything `layerfreeze.FreezeSpec` accepts).
+      opt_state: optionally the optimizer state, to count its bytes per group.
+        State leaves that belong to no parameter (step counts) are shown as
+        `(shared)`.
+
+    Returns:
+      A `FreezeSummary`; `print` it, or read `as_dict()`.
+
+    >>> import numpy as np
+    >>> s = summary({"stem": {"w": np.zeros(3)}, "head": {"w": np.zeros(2)}}, "stem")
+    >>> s.trainable_params, s.total_params
+    (2, 5)
+    """
+    spec = _spec.as_spec(spec)
+    resolved = spec.resolve(params)
+    leaves = jax.tree.leaves(params)
+    per_group: dict[str, list[int]] = {}
+    for (path, frozen), leaf in zip(resolved.items(), leaves, strict=True):
+        size, nbytes = _size(leaf)
+        row = per_group.setdefault(path.split("/", 1)[0], [0, 0, 0, 0])
+        row[0] += size
+        row[1] += nbytes
+        row[2] += 0 if frozen else size
+    shared = None
+    if opt_state is not None:
+        by_path = opt_state_bytes_by_path(opt_state, list(resolved))
+        shared = by_path.pop(None, 0)
+        for path, nbytes in by_path.items():
+            per_group[path.split("/", 1)[0]][3] += nbytes
+    if isinstance(params, Mapping):
+        # Mappings keep their modules' definition order (stem ... head); the
+        # flattened order is sorted.
+        order = {str(k): i for i, k in enumerate(params.keys())}
+        per_group = dict(sorted(per_group.items(), key=lambda kv: order.get(kv[0], len(order))))
+    groups = tuple(
+        GroupSummary(
+            name=name,
+            params=row[0],
+            bytes=row[1],
+            trainable_params=row[2],
+            opt_state_bytes=row[3] if opt_state is not None else None,
+        )
+        for name, row in per_group.items()
+    )
+    return FreezeSummary(spec=spec.describe(), groups=groups, shared_opt_state_bytes=shared)
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the array leaves of `tree`."""
+    return sum(_size(leaf)[1] for leaf in jax.tree.leaves(tree))
+
+
+def opt_state_bytes_by_path(opt_state: Any, param_paths: list[str]) -> dict[str | None, int]:
+    """Attributes each optimizer-state leaf to the parameter it belongs to.
+
+    A state leaf belongs to a parameter when its key path ends with the
+    parameter's path (as Adam's `mu` and `nu` do); other leaves (counts,
+    scalars) go under the key None.
+    """
+    known = {tuple(p.split("/")): p for p in param_paths}
+    longest = max((len(k) for k in known), default=0)
+    out: dict[str | None, int] = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        names = _paths.keypath_names(keypath)
+        owner = None
+        for n in range(min(longest, len(names)), 0, -1):
+            owner = known.get(names[-n:])
+            if owner is not None:
+                break
+        out[owner] = out.get(owner, 0) + _size(leaf)[1]
+    return out
+
+
+def _size(leaf: Any) -> tuple[int, int]:
+    shape = getattr(leaf, "shape", ())
+    dtype = getattr(leaf, "dtype", None)
+    size = int(np.prod(shape, dtype=np.int64))
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else np.asarray(leaf).itemsize
+    return size, size * itemsize
+
+
+def _human(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
