@@ -1,0 +1,73 @@
+"""Carrying optimizer state across a change of the frozen set."""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from layerfreeze import _paths
+
+__all__ = ["transfer_opt_state"]
+
+
+def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
+    """Fills a fresh optimizer state with what carries over from the old one.
+
+    Both states come from `layerfreeze.freeze` over the same optimizer and
+    params, under different specs (a new phase of an unfreezing schedule).
+    `freeze` places `optimizer` at the same position in its trainable and
+    frozen branches, so a state leaf is named by the branch-free part of its
+    path (`mu/stage4/.../kernel`, `count`). A leaf of `new_state` takes the old
+    value found under that name, looking in its own branch first, then in the
+    other: parameters that stay trainable keep their Adam moments and the step
+    count; under method `lr0` newly unfrozen parameters continue with the
+    moments they kept while frozen; under method `zero` they start from
+    `new_state`'s fresh values (no state was kept for them).
+
+    Args:
+      old_state: the state before the change.
+      new_state: `tx.init(params)` of the new phase's optimizer.
+
+    Returns:
+      `new_state` with carried-over leaves replaced by the old values.
+
+    >>> import jax.numpy as jnp, optax, layerfreeze as lf
+    >>> params = {"stem": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+    >>> old_tx = lf.freeze(optax.adam(0.1), "stem")
+    >>> old = old_tx.update(params, old_tx.init(params), params)[1]
+    >>> new = transfer_opt_state(old, lf.freeze(optax.adam(0.1), "none").init(params))
+    >>> int(new.inner_states["trainable"].inner_state[0][0].count)
+    1
+    """
+    old = {}
+    for keypath, leaf in _flatten(old_state):
+        branch, name = _split_branch(keypath)
+        old.setdefault(name, {})[branch] = leaf
+
+    def carry(keypath, fresh):
+        branch, name = _split_branch(keypath)
+        candidates = old.get(name, {})
+        ordered = [candidates[branch]] if branch in candidates else []
+        ordered += [v for b, v in candidates.items() if b != branch]
+        for value in ordered:
+            same_dtype = np.result_type(value) == np.result_type(fresh)
+            if np.shape(value) == np.shape(fresh) and same_dtype:
+                return value
+        return fresh
+
+    return jax.tree_util.tree_map_with_path(carry, new_state)
+
+
+def _flatten(state: Any) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_flatten_with_path(state)[0]
+
+
+def _split_branch(keypath: Any) -> tuple[str | None, str]:
+    names = _paths.keypath_names(keypath)
+    if (
+        len(keypath) >= 2
+        and isinstance(keypath[0], jax.tree_util.GetAttrKey)
+        and keypath[0].name == "inner_states"
+    ):
+        return names[1], _paths.path_str(names[2:])
+    return None, _paths.path_str(names)

@@ -1,0 +1,221 @@
+"""Discriminative learning rates: one learning-rate multiplier per top-level group.
+
+Earlier groups of a pretrained network hold more general features and take
+smaller steps (ULMFiT; fastai's `slice(lo, hi)`). Multipliers are plain
+`{group: float}` dicts; `scale_by_group` applies them after any optax
+optimizer, learning-rate schedules included.
+"""
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from layerfreeze import _paths
+
+__all__ = [
+    "MultipliersLike",
+    "geometric_multipliers",
+    "scale_by_group",
+    "ulmfit_multipliers",
+]
+
+MultipliersLike = Mapping[str, float] | Iterable[tuple[str, float]]
+
+
+def geometric_multipliers(groups: Sequence[str], lo: float, hi: float) -> dict[str, float]:
+    """Multipliers spaced geometrically, as fastai's `slice(lo, hi)`.
+
+    With a base learning rate of `hi`, the first group trains at `lo` and the
+    last at `hi`; the multipliers are relative to `hi`: `lo / hi` for the first
+    group, exactly 1.0 for the last, a constant ratio between neighbours.
+
+    Args:
+      groups: the top-level groups, input to output (`"stem"` first, `"head"`
+        last).
+      lo: the learning rate of the first group, > 0.
+      hi: the learning rate of the last group, >= `lo`.
+
+    Returns:
+      `{group: multiplier}` in the order of `groups`. One group gets 1.0.
+
+    >>> geometric_multipliers(["stem", "body", "head"], 1e-4, 1e-2)
+    {'stem': 0.01, 'body': 0.1, 'head': 1.0}
+    """
+    groups = _check_groups(groups)
+    lo, hi = _positive("lo", lo), _positive("hi", hi)
+    if lo > hi:
+        raise ValueError(
+            f"geometric_multipliers needs lo <= hi (the first group trains slowest), got "
+            f"lo={lo!r} > hi={hi!r}. Did you swap them?"
+        )
+    n = len(groups)
+    if n == 1:
+        return {groups[0]: 1.0}
+    ratio = lo / hi
+    # ratio ** 1 is exactly lo / hi and ratio ** 0 exactly 1.0 at the ends.
+    return {g: ratio ** ((n - 1 - i) / (n - 1)) for i, g in enumerate(groups)}
+
+
+def ulmfit_multipliers(groups: Sequence[str], factor: float = 2.6) -> dict[str, float]:
+    """ULMFiT's discriminative rates: each group `factor` times slower than the next.
+
+    Args:
+      groups: the top-level groups, input to output.
+      factor: the ratio between neighbouring groups, > 0 (ULMFiT uses 2.6).
+
+    Returns:
+      `{group: multiplier}` in the order of `groups`; the last group gets 1.0.
+
+    >>> ulmfit_multipliers(["stem", "body", "head"], factor=2.0)
+    {'stem': 0.25, 'body': 0.5, 'head': 1.0}
+    """
+    groups = _check_groups(groups)
+    factor = _positive("factor", factor)
+    n = len(groups)
+    return {g: 1.0 / factor ** (n - 1 - i) for i, g in enumerate(groups)}
+
+
+def scale_by_group(
+    multipliers: MultipliersLike,
+    *,
+    default: float = 1.0,
+) -> optax.GradientTransformation:
+    """Multiplies each update by the multiplier of its top-level group.
+
+    A leaf's group is the first component of its `/` path (`stage1` for
+    `stage1/Block_0/Conv_0/kernel`). Chain it after an optimizer to give each
+    group its own learning rate; the optimizer's own schedule keeps running,
+    scaled per group. A multiplier of exactly 1.0 leaves updates bit-identical,
+    0.0 gives exact zeros (but prefer freezing: a zero multiplier still pays
+    for the gradient and the optimizer state).
+
+    Stateless. Multipliers are Python floats baked into a jitted step, so a
+    new set of multipliers (a new schedule phase) compiles a new step.
+
+    Args:
+      multipliers: `{group: multiplier}` or `(group, multiplier)` pairs (e.g.
+        a `Phase`'s `lr_multipliers`); every multiplier a finite number >= 0.
+      default: the multiplier of groups not listed.
+
+    Returns:
+      An `optax.GradientTransformation`. Its `init` raises a ValueError if a
+      listed group is not a top-level group of the params.
+
+    Works on dicts, `FrozenDict` and `nnx.State`, and inside
+    `layerfreeze.freeze` (groups whose leaves are all frozen still count as
+    existing).
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"stem": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+    >>> tx = optax.chain(optax.sgd(1.0), scale_by_group({"stem": 0.1}))
+    >>> updates, _ = tx.update(params, tx.init(params))
+    >>> updates["stem"]["w"], updates["head"]["w"]
+    (Array([-0.1, -0.1], dtype=float32), Array([-1., -1.], dtype=float32))
+    """
+    table = _check_multipliers(multipliers)
+    default = _non_negative("default", default)
+
+    def init_fn(params: Any) -> optax.EmptyState:
+        existing = _groups_of(params)
+        unknown = [g for g in table if g not in existing]
+        if unknown:
+            raise ValueError(
+                f"scale_by_group: learning-rate multiplier(s) for unknown group(s) "
+                f"{', '.join(repr(g) for g in unknown)}. Groups that exist: "
+                f"{', '.join(existing) or '(none: empty params)'}."
+            )
+        return optax.EmptyState()
+
+    def scale(keypath: Any, leaf: Any) -> Any:
+        names = _paths.keypath_names(keypath)
+        m = table.get(names[0], default) if names else default
+        if m == 1.0:
+            return leaf
+        if m == 0.0:
+            return jnp.zeros_like(leaf)
+        return leaf * m
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_groups(groups: Sequence[str]) -> tuple[str, ...]:
+    """Returns `groups` as a tuple after checking it is a list of unique names."""
+    if isinstance(groups, str) or not isinstance(groups, Iterable):
+        raise TypeError(
+            f"groups must be a sequence of group names such as ('stem', 'stage1', 'head'), "
+            f"got {groups!r}."
+        )
+    groups = tuple(groups)
+    if not groups:
+        raise ValueError("groups is empty: name at least one top-level group.")
+    bad = [g for g in groups if not isinstance(g, str) or not g]
+    if bad:
+        raise TypeError(f"Group names must be non-empty strings, got {bad!r} in {groups!r}.")
+    duplicates = sorted({g for g in groups if groups.count(g) > 1})
+    if duplicates:
+        raise ValueError(f"Duplicate group name(s) {duplicates} in {groups!r}.")
+    return groups
+
+
+def _check_multipliers(multipliers: MultipliersLike | None) -> dict[str, float]:
+    """Returns `{group: float}` after checking names and values (finite, >= 0)."""
+    if multipliers is None:
+        return {}
+    if isinstance(multipliers, str):
+        raise TypeError(f"Learning-rate multipliers must be {{group: float}}, got {multipliers!r}.")
+    items = multipliers.items() if isinstance(multipliers, Mapping) else multipliers
+    table: dict[str, float] = {}
+    for item in items:
+        try:
+            group, value = item
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"Learning-rate multipliers must be {{group: float}} or (group, float) pairs, "
+                f"got the item {item!r}."
+            ) from None
+        if not isinstance(group, str) or not group:
+            raise TypeError(f"A multiplier's group must be a non-empty string, got {group!r}.")
+        if group in table:
+            raise ValueError(f"Learning-rate multiplier for group {group!r} given twice.")
+        table[group] = _non_negative(f"the learning-rate multiplier of group {group!r}", value)
+    return table
+
+
+def _groups_of(params: Any) -> list[str]:
+    # Inside `optax.partition` the params of other branches are `MaskedNode`s,
+    # which have no leaves; count them so their groups still exist.
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode)
+    )
+    return _paths.top_level_groups([_paths.path_str(_paths.keypath_names(p)) for p, _ in flat])
+
+
+def _number(what: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a number, got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number, got {value!r}.") from None
+
+
+def _non_negative(what: str, value: Any) -> float:
+    number = _number(what, value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{what} must be >= 0 (and finite), got {value!r}.")
+    return number
+
+
+def _positive(what: str, value: Any) -> float:
+    number = _number(what, value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{what} must be > 0 (and finite), got {value!r}.")
+    return number
