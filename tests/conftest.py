@@ -3,6 +3,8 @@
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -12,3 +14,24 @@ import jax  # noqa: E402
 # Compiling random initialisers with partitionable threefry takes ~3x longer on
 # CPU; the tests only need some deterministic random numbers.
 jax.config.update("jax_threefry_partitionable", False)
+
+
+@pytest.fixture
+def fixed_mock_getitems(monkeypatch):
+    """Makes `mock_data`'s data sources answer `__getitems__` (TFDS 4.9.10 bug).
+
+    `mock_data` sets `__getitems__ = functools.partial(_getitems, generator=...)`
+    on a MagicMock instance. MagicMock binds `__getitem__` (a magic method it knows)
+    but not `__getitems__`, so the keys land in `_getitems`'s `self` parameter and
+    every bulk read fails with "missing 1 required positional argument:
+    'record_keys'". The replacement takes the keys as its last positional argument,
+    so it also works once TFDS binds it.
+    """
+
+    def getitems(*args, generator, serialized=False):
+        assert not serialized, "the loader reads decoded examples"
+        return [generator[key] for key in args[-1]]
+
+    from tensorflow_datasets.testing import mocking
+
+    monkeypatch.setattr(mocking, "_getitems", getitems)

@@ -24,28 +24,8 @@ import tensorflow_datasets as tfds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tensorflow_datasets.testing import mocking
 
 from layerfreeze import data
-
-
-@pytest.fixture
-def fixed_mock_getitems(monkeypatch):
-    """Makes `mock_data`'s data sources answer `__getitems__` (TFDS 4.9.10 bug).
-
-    `mock_data` sets `__getitems__ = functools.partial(_getitems, generator=...)`
-    on a MagicMock instance. MagicMock binds `__getitem__` (a magic method it knows)
-    but not `__getitems__`, so the keys land in `_getitems`'s `self` parameter and
-    every bulk read fails with "missing 1 required positional argument:
-    'record_keys'". The replacement takes the keys as its last positional argument,
-    so it also works once TFDS binds it.
-    """
-
-    def getitems(*args, generator, serialized=False):
-        assert not serialized, "the loader reads decoded examples"
-        return [generator[key] for key in args[-1]]
-
-    monkeypatch.setattr(mocking, "_getitems", getitems)
 
 
 @pytest.fixture

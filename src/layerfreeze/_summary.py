@@ -1,7 +1,7 @@
 """What is frozen, what is trainable, and what it costs: a Keras-style summary."""
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -126,7 +126,13 @@ class FreezeSummary:
         return "\n".join(lines)
 
 
-def summary(params: Any, spec: _spec.SpecLike, opt_state: Any = None) -> FreezeSummary:
+def summary(
+    params: Any,
+    spec: _spec.SpecLike,
+    opt_state: Any = None,
+    *,
+    order: Sequence[str] | None = None,
+) -> FreezeSummary:
     """Summarises `params` under `spec`, per top-level group.
 
     Args:
@@ -135,6 +141,9 @@ def summary(params: Any, spec: _spec.SpecLike, opt_state: Any = None) -> FreezeS
       opt_state: optionally the optimizer state, to count its bytes per group.
         State leaves that belong to no parameter (step counts) are shown as
         `(shared)`.
+      order: the order of the groups in the table, e.g. a model's
+        `GROUPS`; groups it does not name come last. Default: the order of the
+        keys of `params` when it is a mapping.
 
     Returns:
       A `FreezeSummary`; `print` it, or read `as_dict()`.
@@ -160,11 +169,13 @@ def summary(params: Any, spec: _spec.SpecLike, opt_state: Any = None) -> FreezeS
         shared = by_path.pop(None, 0)
         for path, nbytes in by_path.items():
             per_group[path.split("/", 1)[0]][3] += nbytes
-    if isinstance(params, Mapping):
+    if order is None and isinstance(params, Mapping):
         # Mappings keep their modules' definition order (stem ... head); the
         # flattened order is sorted.
-        order = {str(k): i for i, k in enumerate(params.keys())}
-        per_group = dict(sorted(per_group.items(), key=lambda kv: order.get(kv[0], len(order))))
+        order = [str(k) for k in params.keys()]
+    if order is not None:
+        rank = {g: i for i, g in enumerate(order)}
+        per_group = dict(sorted(per_group.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     groups = tuple(
         GroupSummary(
             name=name,

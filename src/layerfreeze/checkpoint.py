@@ -224,6 +224,47 @@ class Checkpointer:
             raise self._mismatch_error(step, mismatch)
         return state, dict(restored[_METADATA])
 
+    def restore_arrays(self, keys: tuple[str, ...], *, step: int | None = None) -> dict[str, Any]:
+        """Restores some top-level entries of a saved dict state, as saved.
+
+        No target is needed: shapes and dtypes come from the checkpoint. Use it
+        to take the `params` and `batch_stats` of another run (`init_from`)
+        whose optimizer state has a structure unknown here.
+
+        Args:
+            keys: top-level keys of the saved state, e.g. `("params", "batch_stats")`.
+            step: Step to read; the latest one if ``None``.
+
+        Returns:
+            A dict from each key to its restored subtree (nested dicts of NumPy
+            arrays).
+
+        Raises:
+            FileNotFoundError: If there is no checkpoint (or not that step).
+            KeyError: If the saved state lacks one of `keys`; the message lists
+                the keys it has.
+        """
+        step = self._resolve_step(step)
+        saved = self._manager.item_metadata(step)[_STATE]
+        tree = getattr(saved, "tree", None)
+        if not isinstance(tree, Mapping) or any(k not in tree for k in keys):
+            have = sorted(tree) if isinstance(tree, Mapping) else []
+            raise KeyError(
+                f"The checkpoint at step {step} in {self._directory} has no entries "
+                f"{[k for k in keys if k not in have]}; it has {have}."
+            )
+        # The whole saved tree, as saved (NamedTuples come back as lists): the
+        # handler restores complete trees only.
+        target = jax.tree.map(
+            lambda m: np.zeros(m.shape, m.dtype),
+            tree,
+            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+        )
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+        )
+        return {k: restored[_STATE][k] for k in keys}
+
     def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
         """Reads only the JSON metadata of a step, without touching its arrays.
 

@@ -1,0 +1,634 @@
+r"""Transfer learning on CIFAR with layer freezing.
+
+  python experiments/cifar.py --freeze=stage1,stage2
+  python experiments/cifar.py --config=configs/cifar10_linear_probe.py \
+      --config.init_from=runs/cifar100_source
+  python experiments/cifar.py --config.dataset=synthetic   # offline smoke run
+
+The work lives in `train_and_evaluate(config, workdir)`; `main` only reads the
+flags. A run writes to its workdir: Orbax checkpoints (restarting with the
+same `--workdir` resumes), `metrics.jsonl`, `config.json` and `curves.png`.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # for `configs.*` imports inside config files
+    sys.path.insert(0, str(_ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import layerfreeze as lf  # noqa: E402
+from layerfreeze import checkpoint, data, lr, models, schedules, train  # noqa: E402
+from layerfreeze._transfer import transfer_opt_state  # noqa: E402
+
+
+def _config_fields(argv: list[str]) -> list[str]:
+    import importlib.util
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    path = path or str(_ROOT / "configs" / "cifar10.py")
+    spec = importlib.util.spec_from_file_location("_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.get_config().keys())
+
+
+def _exit_usage(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _bad_override(argv: list[str], error: Exception) -> None:
+    arg = next((a for a in argv if a.startswith("--config.")), "--config.*")
+    fields = ", ".join(sorted(_config_fields(argv)))
+    _exit_usage(f"Bad config override {arg!r} ({error}). Valid fields: {fields}.")
+
+
+try:
+    # Overrides in sys.argv are applied here, when the flag is defined.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", str(_ROOT / "configs" / "cifar10.py"), "Training configuration file."
+    )
+except (AttributeError, KeyError, TypeError, ValueError) as _error:
+    if __name__ != "__main__":
+        raise
+    _bad_override(sys.argv, _error)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints and metrics go (default: runs/<dataset>_<model>_<freeze>)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs)."
+)
+_FREEZE = flags.DEFINE_string(
+    "freeze", None, "Freeze spec, e.g. 'stage1,stage2', 'none', 'all-but:head' (overrides config)."
+)
+
+OPTIMIZERS = ("adamw", "sgd")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class UsageError(ValueError):
+    """Bad input from the command line or config: reported as one line."""
+
+
+# --------------------------------------------------------------------------- #
+# Configuration checks
+# --------------------------------------------------------------------------- #
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...] | list[str]) -> None:
+    if value not in valid:
+        raise UsageError(f"Unknown {name} {value!r}; valid: {', '.join(map(str, valid))}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields that name choices, before any work is done."""
+    _choice("dataset", config.dataset, data.DATASETS)
+    _choice("model", config.model, models.MODEL_NAMES)
+    _choice("stem", config.stem, models.STEMS)
+    _choice("head", config.head, models.HEADS)
+    _choice("dtype", config.dtype, list(DTYPES))
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("freeze_method", config.freeze_method, lf.METHODS)
+    for field in ("batch_size", "checkpoint_every", "eval_every", "log_every"):
+        if int(config[field]) <= 0:
+            raise UsageError(f"config.{field} must be > 0, got {config[field]}.")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        raise UsageError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
+    n = jax.device_count()
+    if config.batch_size % n:
+        raise UsageError(
+            f"config.batch_size={config.batch_size} must divide over {n} devices; "
+            f"use a multiple of {n}."
+        )
+    if config.init_from and not pathlib.Path(config.init_from).exists():
+        raise UsageError(
+            f"config.init_from={config.init_from!r} does not exist; give the workdir of an "
+            "earlier run or a torchvision .pth/.safetensors file."
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Building blocks
+# --------------------------------------------------------------------------- #
+
+
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+    if config.dataset == "synthetic":
+        return data.make_synthetic(
+            num_train=config.synthetic_train_size,
+            num_test=config.synthetic_test_size,
+            num_classes=config.synthetic_num_classes,
+            seed=config.seed,
+        )
+    try:
+        return data.load_dataset(
+            config.dataset, data_dir=config.data_dir or None, download=config.download
+        )
+    except data.DatasetUnavailableError as e:
+        raise UsageError(str(e)) from e
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
+    return models.create_model(
+        config.model,
+        num_classes=num_classes,
+        stem=config.stem,
+        head=config.head,
+        head_hidden=config.head_hidden,
+        head_dropout=config.head_dropout,
+        width=config.width,
+        dtype=DTYPES[config.dtype],
+    )
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(total_steps, warmup + 1)
+    )
+    if config.optimizer == "adamw":
+        opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+    else:
+        opt = optax.chain(
+            optax.add_decayed_weights(config.weight_decay),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=True),
+        )
+    if config.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+    return opt
+
+
+def build_schedule(config: ml_collections.ConfigDict) -> schedules.FreezeSchedule:
+    groups = list(models.GROUPS)
+    try:
+        if config.schedule:
+            schedule = schedules.parse_schedule(config.schedule, groups)
+        else:
+            schedule = schedules.constant(config.freeze)
+        if config.lr_multipliers:
+            schedule = _with_multipliers(schedule, config.lr_multipliers, groups)
+        schedule.validate(groups)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    return schedule
+
+
+def _with_multipliers(
+    schedule: schedules.FreezeSchedule, text: str, groups: list[str]
+) -> schedules.FreezeSchedule:
+    kind, _, arg = text.partition(":")
+    if kind == "ulmfit":
+        mults = lr.ulmfit_multipliers(groups, float(arg) if arg else 2.6)
+    elif kind == "geometric":
+        mults = lr.geometric_multipliers(groups, float(arg or 1e-2), 1.0)
+    else:
+        raise UsageError(
+            f"Unknown lr_multipliers {text!r}; valid: '', 'ulmfit', 'ulmfit:<factor>', "
+            "'geometric:<lo/hi ratio>'."
+        )
+    phases = tuple(
+        dataclasses.replace(p, lr_multipliers=tuple(mults.items())) for p in schedule.phases
+    )
+    return dataclasses.replace(schedule, phases=phases)
+
+
+def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> tuple[dict, str]:
+    """Params and batch_stats from another run's workdir or a torchvision file."""
+    source = pathlib.Path(path)
+    if source.is_file():
+        try:
+            loaded = models.load_torchvision_resnet(source, model)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"Cannot import {source}: {e}") from e
+        note = f"torchvision weights from {source}"
+    else:
+        ckpt_dir = source / "checkpoints"
+        if not ckpt_dir.is_dir():
+            raise UsageError(
+                f"config.init_from={path!r} holds no checkpoints/ directory; give the workdir "
+                "of an earlier run or a torchvision .pth/.safetensors file."
+            )
+        with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+            try:
+                loaded = ckpt.restore_arrays(("params", "batch_stats"))
+            except FileNotFoundError as e:
+                raise UsageError(str(e)) from e
+        note = f"run {source} (step {_latest(ckpt_dir)})"
+    params, reinit = _merge_groups(variables["params"], loaded["params"], "params")
+    stats, _ = _merge_groups(variables["batch_stats"], loaded.get("batch_stats", {}), "batch_stats")
+    if reinit:
+        note += f"; re-initialised: {', '.join(reinit)} (shapes differ: class count)"
+    return {"params": params, "batch_stats": stats}, note
+
+
+def _latest(ckpt_dir: pathlib.Path) -> int | None:
+    with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+        return ckpt.latest_step()
+
+
+def _merge_groups(fresh: dict, loaded: dict, what: str) -> tuple[dict, list[str]]:
+    merged, reinit = {}, []
+    for group, subtree in fresh.items():
+        if group not in loaded:
+            if group == "head":  # torchvision import without a matching fc layer
+                merged[group], reinit = subtree, [*reinit, group]
+                continue
+            raise UsageError(f"init_from has no {what} group {group!r}; it has {sorted(loaded)}.")
+        same = jax.tree.structure(subtree) == jax.tree.structure(loaded[group]) and all(
+            np.shape(a) == np.shape(b)
+            for a, b in zip(jax.tree.leaves(subtree), jax.tree.leaves(loaded[group]), strict=True)
+        )
+        if same:
+            merged[group] = jax.tree.map(jnp.asarray, loaded[group])
+        elif group == "head":
+            merged[group] = subtree
+            reinit.append(group)
+        else:
+            raise UsageError(
+                f"init_from {what} group {group!r} does not match this model (other "
+                "architecture or width); use the same --config.model and --config.stem."
+            )
+    return merged, reinit
+
+
+def _local(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This host's contiguous slice of a global batch (all of it on one host)."""
+    n, i = jax.process_count(), jax.process_index()
+    return {k: np.array_split(v, n)[i] for k, v in arrays.items()}
+
+
+# --------------------------------------------------------------------------- #
+# Metrics output
+# --------------------------------------------------------------------------- #
+
+
+class MetricsWriter:
+    """Appends one JSON object per log event to `metrics.jsonl`."""
+
+    def __init__(self, path: pathlib.Path, resume_step: int):
+        self.path = path
+        if path.exists():  # drop rows a dead run wrote after its last checkpoint
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r["step"] <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("test", "o-")):
+        r = [x for x in rows if x["split"] == split]
+        if r:
+            steps = [x["step"] for x in r]
+            ax_loss.plot(steps, [x["loss"] for x in r], style, label=split)
+            ax_acc.plot(steps, [x["accuracy"] for x in r], style, label=split)
+    for start in sorted({x["step"] for x in rows if x.get("phase_start")}):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(start, color="grey", linestyle=":", linewidth=1)
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass
+class _Phases:
+    """Compiled steps per distinct phase: built once, reused if a phase repeats."""
+
+    build: Callable[[schedules.Phase], train.TrainSteps]
+    cache: dict[Any, train.TrainSteps] = dataclasses.field(default_factory=dict)
+
+    def get(self, phase: schedules.Phase) -> train.TrainSteps:
+        key = (phase.spec, phase.lr_multipliers)
+        if key not in self.cache:
+            logging.info("Building train step for phase %s (%d so far).", phase, len(self.cache))
+            self.cache[key] = self.build(phase)
+        return self.cache[key]
+
+    @property
+    def compilations(self) -> int:
+        return len(self.cache)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates; resumes from the latest checkpoint in `workdir`.
+
+    Returns:
+      A summary dict: final test `accuracy` and `loss`, `steps`, number of
+      train-step `compilations`, and `phases` seen.
+    """
+    validate_config(config)
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    (workdir_path / "config.json").write_text(config.to_json(indent=2) + "\n")
+
+    schedule = build_schedule(config)
+    num_classes = (
+        config.synthetic_num_classes
+        if config.dataset == "synthetic"
+        else data.NUM_CLASSES[config.dataset]
+    )
+    model = build_model(config, num_classes)
+    rng = jax.random.PRNGKey(config.seed)
+    sample = jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32)
+    shapes = jax.eval_shape(lambda r: model.init(r, sample, train=False), rng)
+    for phase in schedule.phases:  # every spec must fit this model, before any work
+        try:
+            phase.spec.resolve(shapes["params"])
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+
+    dataset = load_data(config)
+    spe = data.steps_per_epoch(dataset.num_train, config.batch_size)
+    total_steps = (
+        config.num_train_steps
+        if config.num_train_steps > 0
+        else max(1, math.ceil(config.num_epochs * spe))
+    )
+    variables = jax.jit(lambda r: model.init(r, sample, train=False))(rng)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    init_note = "random init"
+    if config.init_from:
+        variables, init_note = _load_source_variables(config.init_from, model, variables)
+
+    mesh = train.make_mesh()
+    base_opt = build_optimizer(config, total_steps)
+    augment = config.augment
+
+    def preprocess(rng, images):
+        if augment:
+            images = data.augment(rng, images)
+        return data.normalize(images)
+
+    def build(phase: schedules.Phase) -> train.TrainSteps:
+        opt = base_opt
+        if phase.lr_multipliers:
+            opt = optax.chain(opt, lr.scale_by_group(dict(phase.lr_multipliers)))
+        return train.make_steps(
+            model,
+            opt,
+            phase.spec.replace(train_bn=config.train_bn),
+            variables["params"],
+            method=config.freeze_method,
+            preprocess=preprocess,
+            preprocess_eval=data.normalize,
+            mesh=mesh,
+        )
+
+    phases = _Phases(build)
+
+    def phase_index(step: int) -> int:
+        t = step // spe if schedule.unit == "epoch" else step
+        return schedule.phase_index(t)
+
+    ckpt = checkpoint.Checkpointer(
+        workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
+    )
+    start_step = ckpt.latest_step() or 0
+    if start_step:
+        meta = ckpt.restore_metadata()
+        current = int(meta["phase"])
+        steps = phases.get(schedule.phases[current])
+        target = steps.init_state(variables, rng).as_dict()
+        restored, _ = ckpt.restore(target)
+        state = train.TrainState(**restored)
+        logging.info("Resumed from step %d (phase %d) in %s.", start_step, current, ckpt.directory)
+        print(f"Resuming from step {start_step} (phase {current}).")
+    else:
+        current = phase_index(0)
+        steps = phases.get(schedule.phases[current])
+        state = steps.init_state(variables, rng)
+    state = train.replicate(mesh, state)
+
+    print(
+        f"layerfreeze: {config.model} on {config.dataset}, {init_note}, "
+        f"{total_steps} steps of {config.batch_size} ({spe} per epoch), "
+        f"schedule: {schedule.describe()}"
+    )
+    print(lf.summary(state.params, steps.spec, state.opt_state, order=models.GROUPS))
+
+    writer = MetricsWriter(workdir_path / "metrics.jsonl", start_step)
+    progress = _progress(config.progress, start_step, total_steps)
+    window: dict[str, list[float]] = {}
+    window_start = time.perf_counter()
+    window_examples = 0
+    last_eval: dict[str, float] = {}
+
+    def save(step: int) -> None:
+        ckpt.save(
+            step,
+            jax.device_get(state.as_dict()),
+            metadata={
+                "phase": current,
+                "spec": steps.spec.describe(),
+                "data_position": step,
+                "epoch": step / spe,
+            },
+        )
+
+    def evaluate(step: int) -> dict[str, float]:
+        totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        for batch in data.eval_batches(dataset.test_images, dataset.test_labels, config.batch_size):
+            sharded = train.shard_batch(
+                mesh, _local({"image": batch.images, "label": batch.labels, "mask": batch.mask})
+            )
+            out = jax.device_get(steps.eval_step(state, sharded))
+            for k in totals:
+                totals[k] += float(out[k])
+        row = {
+            "step": step,
+            "split": "test",
+            "loss": totals["loss"] / totals["count"],
+            "accuracy": totals["correct"] / totals["count"],
+            "trainable_params": steps.trainable_params,
+            "phase": current,
+            "examples": int(totals["count"]),
+        }
+        writer.write(row)
+        return row
+
+    for batch in data.train_batches(
+        dataset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        stop_step=total_steps,
+    ):
+        step = batch.step
+        wanted = phase_index(step)
+        if wanted != current:
+            new_steps = phases.get(schedule.phases[wanted])
+            opt_state = transfer_opt_state(state.opt_state, new_steps.tx.init(state.params))
+            state = train.replicate(mesh, state.replace(opt_state=opt_state))
+            print(
+                f"step {step}: phase {wanted} ({schedule.phases[wanted].describe()}), "
+                f"trainable params {steps.trainable_params:,} -> {new_steps.trainable_params:,}"
+            )
+            current, steps = wanted, new_steps
+            writer.write(
+                {
+                    "step": step,
+                    "split": "phase",
+                    "phase": current,
+                    "phase_start": True,
+                    "spec": steps.spec.describe(),
+                    "trainable_params": steps.trainable_params,
+                    "loss": None,
+                    "accuracy": None,
+                }
+            )
+        sharded = train.shard_batch(mesh, _local({"image": batch.images, "label": batch.labels}))
+        state, metrics = steps.train_step(state, sharded)
+        window_examples += config.batch_size
+        for k, v in metrics.items():
+            window.setdefault(k, []).append(v)
+        done = step + 1
+        if done % config.log_every == 0 or done == total_steps:
+            host = {k: float(np.mean(jax.device_get(v))) for k, v in window.items()}
+            elapsed = time.perf_counter() - window_start
+            row = {
+                "step": done,
+                "split": "train",
+                "loss": host["loss"],
+                "accuracy": host["accuracy"],
+                "grad_norm": host.get("grad_norm"),
+                "trainable_params": steps.trainable_params,
+                "examples_per_sec": window_examples / max(elapsed, 1e-9),
+                "phase": current,
+                "epoch": done / spe,
+            }
+            writer.write(row)
+            progress.update(done, row, last_eval)
+            window, window_examples, window_start = {}, 0, time.perf_counter()
+        if done % config.eval_every == 0 and done != total_steps:
+            last_eval = evaluate(done)
+        if done % config.checkpoint_every == 0 or done == total_steps:
+            save(done)
+    progress.close()
+
+    final_step = int(jax.device_get(state.step))
+    if ckpt.latest_step() != final_step:
+        save(final_step)
+    ckpt.close()
+    result = evaluate(final_step)
+    if config.plot:
+        plot_curves(writer.rows(), workdir_path / "curves.png")
+    print(
+        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
+        f"{result['examples']} examples, step {final_step})"
+    )
+    return {
+        "accuracy": result["accuracy"],
+        "loss": result["loss"],
+        "steps": final_step,
+        "compilations": phases.compilations,
+        "phase": current,
+        "state": state,
+    }
+
+
+class _progress:
+    """A tqdm bar with loss, accuracy and examples/s; silent when disabled."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.position = start
+
+    def update(self, step: int, row: dict[str, Any], last_eval: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.position)
+        self.position = step
+        post = {
+            "loss": f"{row['loss']:.3f}",
+            "acc": f"{row['accuracy']:.3f}",
+            "ex/s": f"{row['examples_per_sec']:.0f}",
+        }
+        if last_eval:
+            post["test_acc"] = f"{last_eval['accuracy']:.3f}"
+        self.bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+    spec = (config.schedule or config.freeze or "none").replace("/", "-")
+    safe = "".join(c if c.isalnum() or c in "-_.," else "_" for c in spec).replace(",", "+")
+    return str(pathlib.Path("runs") / f"{config.dataset}_{config.model}_{safe}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if _FREEZE.value is not None:
+        config.freeze = _FREEZE.value
+    workdir = _WORKDIR.value or default_workdir(config)
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    if jax.process_count() > 1:
+        logging.info("Process %d of %d.", jax.process_index(), jax.process_count())
+    try:
+        train_and_evaluate(config, workdir)
+    except UsageError as e:
+        _exit_usage(str(e))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with bad config overrides reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit_usage(str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        _bad_override(argv, e)
+    raise AssertionError("unreachable")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

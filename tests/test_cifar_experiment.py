@@ -1,0 +1,196 @@
+"""End-to-end runs of `experiments/cifar.py` on tiny models and data."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar10 as default_config
+from experiments import cifar
+from layerfreeze import checkpoint, data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    config = default_config.get_config()
+    config.dataset = "synthetic"
+    config.synthetic_train_size = 64
+    config.synthetic_test_size = 24
+    config.width = 4
+    config.batch_size = 16
+    config.num_train_steps = 8
+    config.warmup_steps = 2
+    config.log_every = 2
+    config.eval_every = 4
+    config.checkpoint_every = 3
+    config.progress = False
+    config.plot = False
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+
+
+def _params(workdir):
+    with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
+        return ckpt.restore_arrays(("params", "batch_stats", "opt_state"))
+
+
+def test_synthetic_run_writes_checkpoints_metrics_and_plot(tmp_path, capsys):
+    result = cifar.train_and_evaluate(tiny_config(plot=True), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "freeze spec: stem,stage1" in out
+    assert out.strip().splitlines()[-1].startswith("final test accuracy: ")
+    assert result["steps"] == 8 and result["compilations"] == 1
+    rows = _rows(tmp_path)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert [r["step"] for r in test_rows] == [4, 8]
+    for r in train_rows + test_rows:
+        assert {"step", "split", "loss", "accuracy", "trainable_params"} <= set(r)
+        assert np.isfinite(r["loss"])
+    assert all(r["examples_per_sec"] > 0 for r in train_rows)
+    assert test_rows[-1]["examples"] == 24
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "config.json").read_text())["width"] == 4
+    with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [3, 6, 8]
+        assert ckpt.restore_metadata()["spec"] == "stem,stage1"
+
+
+def test_learns_on_synthetic_data(tmp_path):
+    config = tiny_config(
+        width=8,
+        num_train_steps=40,
+        learning_rate=3e-3,
+        freeze="none",
+        eval_every=100,
+        checkpoint_every=100,
+        synthetic_train_size=320,
+        log_every=4,
+    )
+    cifar.train_and_evaluate(config, str(tmp_path))
+    losses = [r["loss"] for r in _rows(tmp_path) if r["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.usefixtures("fixed_mock_getitems")
+def test_cifar10_through_tfds_mock_data(tmp_path):
+    config = tiny_config(dataset="cifar10", data_dir=str(tmp_path / "tfds"), download=False)
+    with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = cifar.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["steps"] == 8
+    assert [r["examples"] for r in _rows(tmp_path / "run") if r["split"] == "test"] == [48, 48]
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, n_batches):
+    real = data.train_batches
+
+    def dying(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == n_batches:
+                raise _Killed
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", dying)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("kill_at", [5])
+def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
+    config = tiny_config()
+    cifar.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    with monkeypatch.context() as m:
+        _kill_after(m, kill_at)
+        with pytest.raises(_Killed):
+            cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    with checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 3  # the kill lost steps 4 and 5
+    cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+    straight = [(r["split"], r["step"]) for r in _rows(tmp_path / "straight")]
+    resumed = [(r["split"], r["step"]) for r in _rows(tmp_path / "resumed")]
+    assert resumed == straight  # rows of the lost steps were dropped, none doubled
+
+
+def test_init_from_source_run_with_other_class_count(tmp_path, capsys):
+    source = tiny_config(synthetic_num_classes=20, freeze="none", num_train_steps=4)
+    cifar.train_and_evaluate(source, str(tmp_path / "source"))
+    source_params = _params(tmp_path / "source")["params"]
+
+    target = tiny_config(init_from=str(tmp_path / "source"), freeze="all-but:head")
+    cifar.train_and_evaluate(target, str(tmp_path / "target"))
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'source'} (step 4); re-initialised: head" in out
+    target_params = _params(tmp_path / "target")["params"]
+    assert target_params["head"]["Dense_0"]["kernel"].shape == (32, 10)
+    for group in ("stem", "stage1", "stage2", "stage3", "stage4"):
+        _assert_trees_equal(source_params[group], target_params[group])
+
+
+def _run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "cifar.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--freeze=stage9", "--config.dataset=synthetic"],
+            "Valid groups: stem, stage1, stage2, stage3, stage4, head",
+        ),
+        (
+            ["--config.dataset=imagenet"],
+            "Unknown dataset 'imagenet'; valid: cifar10, cifar100, synthetic",
+        ),
+        (["--config.model=vgg"], "Unknown model 'vgg'; valid: resnet18, resnet34, resnet50"),
+        (
+            ["--config.init_from=does/not/exist"],
+            "does not exist; give the workdir of an earlier run",
+        ),
+        (["--config.nope=1"], "Bad config override '--config.nope=1'"),
+        (["--config.freeze_method=half"], "Unknown freeze_method 'half'; valid: zero, lr0"),
+        (
+            [
+                "--config.dataset=cifar10",
+                "--config.download=False",
+                "--config.width=4",
+                "--config.data_dir=empty_tfds",
+            ],
+            "--config.dataset=synthetic",
+        ),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
+    proc = _run_cli(f"--workdir={tmp_path / 'run'}", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in proc.stderr, proc.stderr[-2000:]
