@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.schedule = ""  # an unfreezing schedule, e.g. 'gradual'; overrides `freeze`
     config.freeze_method = "zero"  # zero | lr0
     config.train_bn = False  # keep BatchNorm training inside frozen stages (fastai)
-    config.lr_multipliers = ""  # '' | 'ulmfit' | 'ulmfit:2.6' | 'geometric:1e-5' (lo/hi ratio)
+    # '' | 'ulmfit' | 'ulmfit:2.6' | 'geometric:1e-2' (stem/head ratio) | 'stem=0.1,stage1=0.3'
+    config.lr_multipliers = ""
     config.cache_frozen_features = False
 
     # Optimisation.

@@ -194,14 +194,20 @@ def _with_multipliers(
     schedule: schedules.FreezeSchedule, text: str, groups: list[str]
 ) -> schedules.FreezeSchedule:
     kind, _, arg = text.partition(":")
-    if kind == "ulmfit":
+    if "=" in text:  # explicit: 'stem=0.01,stage1=0.1'
+        try:
+            pairs = [item.split("=", 1) for item in text.split(",")]
+            mults = {group.strip(): float(value) for group, value in pairs}
+        except ValueError as e:
+            raise UsageError(f"Bad lr_multipliers {text!r}: use 'group=factor,...'.") from e
+    elif kind == "ulmfit":
         mults = lr.ulmfit_multipliers(groups, float(arg) if arg else 2.6)
     elif kind == "geometric":
         mults = lr.geometric_multipliers(groups, float(arg or 1e-2), 1.0)
     else:
         raise UsageError(
             f"Unknown lr_multipliers {text!r}; valid: '', 'ulmfit', 'ulmfit:<factor>', "
-            "'geometric:<lo/hi ratio>'."
+            "'geometric:<lo/hi ratio>', 'group=factor,...'."
         )
     phases = tuple(
         dataclasses.replace(p, lr_multipliers=tuple(mults.items())) for p in schedule.phases
@@ -400,9 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return data.normalize(images)
 
     def build(phase: schedules.Phase) -> train.TrainSteps:
-        opt = base_opt
-        if phase.lr_multipliers:
-            opt = optax.chain(opt, lr.scale_by_group(dict(phase.lr_multipliers)))
+        # Always chained, so the optimizer state keeps its structure across
+        # phases with and without multipliers and carries over intact.
+        opt = optax.chain(base_opt, lr.scale_by_group(dict(phase.lr_multipliers)))
         return train.make_steps(
             model,
             opt,

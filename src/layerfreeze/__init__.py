@@ -11,21 +11,41 @@ from layerfreeze._freeze import METHODS, freeze
 from layerfreeze._labels import freeze_labels, frozen_bn_groups, frozen_mask, label_fn
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
+from layerfreeze._transfer import transfer_opt_state
+from layerfreeze.lr import geometric_multipliers, scale_by_group, ulmfit_multipliers
+from layerfreeze.schedules import (
+    FreezeSchedule,
+    Phase,
+    fine_tune,
+    freeze_to,
+    gradual_unfreezing,
+    parse_schedule,
+)
 
 __all__ = [
     "FROZEN",
     "METHODS",
     "TRAINABLE",
+    "FreezeSchedule",
     "FreezeSpec",
     "FreezeSummary",
+    "Phase",
     "Rule",
     "as_spec",
     "freeze",
     "freeze_labels",
     "frozen_bn_groups",
+    "fine_tune",
+    "freeze_to",
     "frozen_mask",
+    "geometric_multipliers",
+    "gradual_unfreezing",
     "label_fn",
+    "parse_schedule",
+    "scale_by_group",
     "summary",
+    "transfer_opt_state",
+    "ulmfit_multipliers",
 ]
 
 __version__ = "0.1.0"

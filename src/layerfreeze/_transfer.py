@@ -50,7 +50,7 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
         ordered = [candidates[branch]] if branch in candidates else []
         ordered += [v for b, v in candidates.items() if b != branch]
         for value in ordered:
-            same_dtype = np.result_type(value) == np.result_type(fresh)
+            same_dtype = _dtype(value) == _dtype(fresh)
             if np.shape(value) == np.shape(fresh) and same_dtype:
                 return value
         return fresh
@@ -71,3 +71,7 @@ def _split_branch(keypath: Any) -> tuple[str | None, str]:
     ):
         return names[1], _paths.path_str(names[2:])
     return None, _paths.path_str(names)
+
+
+def _dtype(x: Any) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)

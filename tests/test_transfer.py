@@ -1,0 +1,78 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import layerfreeze as lf
+from layerfreeze._transfer import transfer_opt_state
+
+
+def _params():
+    return {"stem": {"w": jnp.ones(3)}, "stage4": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(2)}}
+
+
+def _steps(tx, state, params, n=3):
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    for _ in range(n):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _adam(state, branch):
+    return state.inner_states[branch].inner_state[0][0]
+
+
+def test_zero_keeps_state_of_still_trainable_and_starts_new_ones_fresh():
+    params = _params()
+    old_tx = lf.freeze(optax.adam(0.1), "stem,stage4")
+    params, old = _steps(old_tx, old_tx.init(params), params)
+    new_tx = lf.freeze(optax.adam(0.1), "stem")
+    new = transfer_opt_state(old, new_tx.init(params))
+    adam_old, adam_new = _adam(old, "trainable"), _adam(new, "trainable")
+    assert int(adam_new.count) == 3
+    np.testing.assert_array_equal(adam_new.mu["head"]["w"], adam_old.mu["head"]["w"])
+    np.testing.assert_array_equal(adam_new.nu["head"]["w"], adam_old.nu["head"]["w"])
+    np.testing.assert_array_equal(adam_new.mu["stage4"]["w"], np.zeros(3))
+    # The transferred state works with the new transformation.
+    _steps(new_tx, new, params, n=1)
+
+
+def test_lr0_carries_warm_moments_of_newly_unfrozen_leaves():
+    params = _params()
+    old_tx = lf.freeze(optax.adam(0.1), "stem,stage4", method="lr0")
+    params, old = _steps(old_tx, old_tx.init(params), params)
+    new = transfer_opt_state(old, lf.freeze(optax.adam(0.1), "stem", method="lr0").init(params))
+    warm = _adam(old, "frozen").mu["stage4"]["w"]
+    assert np.all(np.asarray(warm) != 0)
+    np.testing.assert_array_equal(_adam(new, "trainable").mu["stage4"]["w"], warm)
+    np.testing.assert_array_equal(
+        _adam(new, "frozen").mu["stem"]["w"], _adam(old, "frozen").mu["stem"]["w"]
+    )
+
+
+@pytest.mark.parametrize("method", lf.METHODS)
+def test_refreezing_drops_or_parks_state(method):
+    params = _params()
+    old_tx = lf.freeze(optax.adam(0.1), "none", method=method)
+    params, old = _steps(old_tx, old_tx.init(params), params)
+    new = transfer_opt_state(old, lf.freeze(optax.adam(0.1), "stage4", method=method).init(params))
+    if method == "lr0":  # kept, in the frozen branch
+        np.testing.assert_array_equal(
+            _adam(new, "frozen").mu["stage4"]["w"], _adam(old, "trainable").mu["stage4"]["w"]
+        )
+    else:
+        assert "stage4" not in _adam(new, "trainable").mu or isinstance(
+            _adam(new, "trainable").mu["stage4"]["w"], optax.MaskedNode
+        )
+
+
+def test_same_spec_is_identity():
+    params = _params()
+    tx = lf.freeze(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.1)), "stem")
+    _, old = _steps(tx, tx.init(params), params)
+    new = transfer_opt_state(old, tx.init(params))
+    assert jax.tree.structure(new) == jax.tree.structure(old)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+        np.testing.assert_array_equal(a, b)
