@@ -429,3 +429,14 @@ def test_resumed_run_ends_bitwise_identical(ckpt_dir):
     for _ in range(2):
         state = train_step(state)
     assert_bitwise_equal(state, uninterrupted)
+
+
+def test_restore_arrays_takes_entries_without_a_target(ckpt_dir):
+    state = _state()
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(7, state, metadata={})
+        got = ckpt.restore_arrays(("params",))
+        assert set(got) == {"params"}
+        assert_bitwise_equal(got["params"], jax.device_get(state["params"]))
+        with pytest.raises(KeyError, match=r"no entries \['nope'\]; it has \["):
+            ckpt.restore_arrays(("params", "nope"))
