@@ -141,3 +141,25 @@ def test_bad_spec_fails_at_init():
         ValueError, match=r"'stage9' matches no parameter\. Groups that exist: head, stage1"
     ):
         tx.init(_params())
+
+
+def test_ready_labels_or_mask_instead_of_a_spec():
+    params = _params()
+    mask = lf.frozen_mask(params, "stem,stage1")
+    for labels in (mask, lf.freeze_labels(params, "stem,stage1")):
+        new, _ = _train(lf.freeze(optax.adamw(1e-2), labels=labels), params, steps=3)
+        _assert_frozen_exactly(params, new, {"stem", "stage1"})
+
+
+def test_labels_with_the_wrong_structure_are_explained():
+    params = _params()
+    labels = lf.freeze_labels(params, "stem")
+    del labels["stage2"]
+    tx = lf.freeze(optax.sgd(1.0), labels=labels)
+    with pytest.raises(ValueError, match=r"missing from labels: \['stage2/kernel'\]"):
+        tx.init(params)
+    with pytest.raises(ValueError, match="not both"):
+        lf.freeze(optax.sgd(1.0), "stem", labels=labels)
+    bad = jax.tree.map(lambda _: "sometimes", params)
+    with pytest.raises(ValueError, match="Label 'sometimes' is not valid"):
+        lf.freeze(optax.sgd(1.0), labels=bad)

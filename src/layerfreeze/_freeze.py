@@ -1,7 +1,10 @@
 """`freeze(optimizer, spec)`: an optax optimizer that never moves frozen leaves."""
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
+import jax
+import numpy as np
 import optax
 
 from layerfreeze import _labels, _spec
@@ -20,9 +23,10 @@ def check_method(method: str) -> None:
 
 def freeze(
     optimizer: optax.GradientTransformation,
-    spec: _spec.SpecLike,
+    spec: _spec.SpecLike = None,
     *,
     method: Method = "zero",
+    labels: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps `optimizer` so that the leaves frozen by `spec` never change.
 
@@ -50,6 +54,10 @@ def freeze(
         `"stem,stage1"`. Resolved against the params at `init` and the updates
         at `update`, so a rule that matches nothing fails at `init`.
       method: `"zero"` or `"lr0"`.
+      labels: instead of `spec`, a ready pytree shaped like the params whose
+        leaves are `"frozen"`/`"trainable"` or bools (True = frozen), e.g. a
+        mask from elsewhere. Its structure is checked against the params at
+        `init` and the updates at `update`.
 
     Returns:
       An `optax.GradientTransformationExtraArgs`.
@@ -63,7 +71,12 @@ def freeze(
     Array([0., 0.], dtype=float32)
     """
     check_method(method)
-    spec = _spec.as_spec(spec)
+    if labels is not None:
+        if spec is not None:
+            raise ValueError("Pass either a freeze spec or `labels`, not both.")
+        label_fn = _fixed_labels(labels)
+    else:
+        label_fn = _labels.label_fn(_spec.as_spec(spec))
     # Both branches wrap `optimizer` at the same position, so a leaf's state
     # has the same path inside either branch; unfreezing moves it across.
     trainable_tx = optax.chain(optimizer, optax.identity())
@@ -73,5 +86,25 @@ def freeze(
         frozen_tx = optax.chain(optimizer, optax.set_to_zero())
     return optax.partition(
         {_spec.TRAINABLE: trainable_tx, _spec.FROZEN: frozen_tx},
-        _labels.label_fn(spec),
+        label_fn,
     )
+
+
+def _fixed_labels(labels: Any) -> Callable[[Any], Any]:
+    def as_label(leaf: Any) -> str:
+        if isinstance(leaf, bool | np.bool_):
+            return _spec.FROZEN if leaf else _spec.TRAINABLE
+        if leaf in (_spec.FROZEN, _spec.TRAINABLE):
+            return leaf
+        raise ValueError(
+            f"Label {leaf!r} is not valid; labels are 'frozen', 'trainable', or bools "
+            "(True = frozen)."
+        )
+
+    normalised = jax.tree.map(as_label, labels)
+
+    def label_fn(params: Any) -> Any:
+        _labels.check_same_structure(normalised, params)
+        return normalised
+
+    return label_fn
