@@ -32,7 +32,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import layerfreeze as lf  # noqa: E402
-from layerfreeze import checkpoint, data, lr, models, schedules, train  # noqa: E402
+from layerfreeze import checkpoint, data, features, lr, models, schedules, train  # noqa: E402
 from layerfreeze._transfer import transfer_opt_state  # noqa: E402
 
 
@@ -280,6 +280,83 @@ def _local(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.array_split(v, n)[i] for k, v in arrays.items()}
 
 
+def _check_feature_caching(
+    config: ml_collections.ConfigDict,
+    schedule: schedules.FreezeSchedule,
+    prefixes: list[str | None],
+) -> None:
+    """Refuses `cache_frozen_features` where cached features would change the run."""
+    if config.augment:
+        raise UsageError(
+            "config.cache_frozen_features=True computes each training image's features "
+            "once, so they would ignore the random crops and flips of config.augment=True; "
+            "pass --config.augment=False to cache without augmentation (or turn caching "
+            "off with --config.cache_frozen_features=False)."
+        )
+    if config.freeze_method != "zero":
+        raise UsageError(
+            f"config.cache_frozen_features=True needs config.freeze_method='zero'; "
+            f"{config.freeze_method!r} computes the frozen groups' gradients, which cached "
+            "features skip."
+        )
+    if not any(prefixes):
+        specs = " / ".join(p.spec.describe() for p in schedule.phases)
+        why = (
+            "config.train_bn=True keeps BatchNorm training in frozen groups"
+            if config.train_bn
+            else "the stem is trainable"
+        )
+        raise UsageError(
+            f"config.cache_frozen_features=True, but freeze spec {specs!r} leaves no frozen "
+            f"prefix whose output could be cached ({why}). Freeze the groups from the stem "
+            "on, e.g. --freeze=all-but:head, or turn caching off."
+        )
+
+
+class _FeatureCache:
+    """Train-set features up to the current phase's frozen prefix, kept on the host.
+
+    Recomputed from the current state whenever the prefix changes: the groups
+    of a prefix stay bit-identical while it lasts, but a phase in between may
+    have trained them. Derived data: never checkpointed, recomputed on resume.
+    """
+
+    def __init__(self, model: models.ResNet, images: np.ndarray, batch_size: int):
+        self.model, self.images, self.batch_size = model, images, batch_size
+        self.prefix: str | None = None
+        self.features: np.ndarray | None = None
+
+    def update(self, prefix: str | None, state: train.TrainState) -> None:
+        if prefix == self.prefix:
+            return
+        self.prefix, self.features = prefix, None
+        if prefix is None:
+            print("training on images: this phase leaves no frozen prefix to cache")
+            return
+        start = time.perf_counter()
+        variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        self.features = features.compute_features(
+            self.model,
+            variables,
+            self.images,
+            upto=prefix,
+            preprocess=data.normalize,
+            batch_size=self.batch_size,
+            pool=prefix == "stage4",  # the head reads only the spatial mean
+        )
+        seconds = time.perf_counter() - start
+        mib = self.features.nbytes / 2**20
+        logging.info("Cached %s features %s in %.2fs.", prefix, self.features.shape, seconds)
+        print(
+            f"cached features after {prefix}: shape {self.features.shape} float32 "
+            f"({mib:.1f} MiB) in {seconds:.2f}s"
+        )
+
+
+def _identity(rng: jax.Array, x: jax.Array) -> jax.Array:
+    return x
+
+
 # --------------------------------------------------------------------------- #
 # Metrics output
 # --------------------------------------------------------------------------- #
@@ -383,6 +460,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         except ValueError as e:
             raise UsageError(str(e)) from e
 
+    def feature_prefix(phase: schedules.Phase) -> str | None:
+        """The group whose cached output this phase trains from (None: images)."""
+        if not config.cache_frozen_features:
+            return None
+        spec = phase.spec.replace(train_bn=config.train_bn)
+        return features.frozen_prefix(shapes["params"], spec, models.GROUPS[:-1])
+
+    prefixes = [feature_prefix(p) for p in schedule.phases]  # per phase index
+    if config.cache_frozen_features:
+        _check_feature_caching(config, schedule, prefixes)
+
     dataset = load_data(config)
     spe = data.steps_per_epoch(dataset.num_train, config.batch_size)
     total_steps = (
@@ -415,9 +503,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             phase.spec.replace(train_bn=config.train_bn),
             variables["params"],
             method=config.freeze_method,
-            preprocess=preprocess,
+            preprocess=preprocess if feature_prefix(phase) is None else _identity,
             preprocess_eval=data.normalize,
             mesh=mesh,
+            start_after=feature_prefix(phase),
         )
 
     phases = _Phases(build)
@@ -453,6 +542,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(lf.summary(state.params, steps.spec, state.opt_state, order=models.GROUPS))
 
     writer = MetricsWriter(workdir_path / "metrics.jsonl", start_step)
+    feature_cache = (
+        _FeatureCache(model, dataset.train_images, config.batch_size)
+        if config.cache_frozen_features
+        else None
+    )
     progress = _progress(config.progress, start_step, total_steps)
     window: dict[str, list[float]] = {}
     window_start = time.perf_counter()
@@ -522,7 +616,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "accuracy": None,
                 }
             )
-        sharded = train.shard_batch(mesh, _local({"image": batch.images, "label": batch.labels}))
+        image = batch.images
+        if feature_cache is not None:
+            feature_cache.update(prefixes[current], state)
+            if feature_cache.features is not None:
+                idx = data.batch_indices(config.seed, step, dataset.num_train, config.batch_size)
+                image = feature_cache.features[idx]
+        sharded = train.shard_batch(mesh, _local({"image": image, "label": batch.labels}))
         state, metrics = steps.train_step(state, sharded)
         window_examples += config.batch_size
         for k, v in metrics.items():

@@ -99,7 +99,7 @@ class TrainSteps:
             params=params,
             batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
             opt_state=self.tx.init(params),
-            rng=_raw_key(rng),
+            rng=jnp.array(_raw_key(rng)),
         )
 
 
@@ -115,6 +115,7 @@ def make_steps(
     grad_norm: bool = True,
     mesh: Mesh | None = None,
     donate: bool = True,
+    start_after: str | None = None,
 ) -> TrainSteps:
     """Builds the frozen-aware optimizer and the jitted train and eval steps.
 
@@ -139,15 +140,30 @@ def make_steps(
       mesh: a mesh with a `data` axis: batches are split over it and the state
         is replicated. None: whatever device the inputs live on.
       donate: donate the state to the train step (its buffers are reused).
+      start_after: train on cached features: batches carry in `"image"` the
+        output of this group (see `layerfreeze.features`), and the train step
+        calls `model.apply(..., start_after=start_after)`. Every group up to
+        and including it must be frozen with its BatchNorm frozen
+        (`features.frozen_prefix`); pass `preprocess=lambda rng, x: x`. The
+        eval step still runs the whole model on images. Only with method
+        `"zero"`: `"lr0"` computes the frozen gradients on purpose, and the
+        groups skipped here have none.
 
     Returns:
       `TrainSteps`.
+
+    Raises:
+      ValueError: `start_after` names a group that is not frozen with its
+        BatchNorm, or is given with method `"lr0"`.
     """
     _freeze.check_method(method)
     spec = _spec.as_spec(spec)
     resolved = spec.resolve(params)
     mask = jax.tree.unflatten(jax.tree.structure(params), list(resolved.values()))
     frozen_bn = _labels.frozen_bn_groups(params, spec)
+    if start_after is not None:
+        _check_start_after(start_after, frozen_bn, spec, method)
+    apply_kwargs = {} if start_after is None else {"start_after": start_after}
     tx = _freeze.freeze(optimizer, spec, method=method)
     preprocess = preprocess or (lambda rng, x: x.astype(jnp.float32))
     preprocess_eval = preprocess_eval or (lambda x: x.astype(jnp.float32))
@@ -167,6 +183,7 @@ def make_steps(
             frozen_bn=frozen_bn,
             mutable=["batch_stats"],
             rngs={"dropout": dropout_rng},
+            **apply_kwargs,
         )
         logits = logits.astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -280,6 +297,24 @@ def shard_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Ar
 def replicate(mesh: Mesh, tree: Any) -> Any:
     """Places `tree` on every device of `mesh`."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def _check_start_after(
+    start_after: str, frozen_bn: frozenset[str], spec: _spec.FreezeSpec, method: str
+) -> None:
+    if method != "zero":
+        raise ValueError(
+            f"start_after={start_after!r} (cached features) needs method 'zero'; got "
+            f"{method!r}, which computes gradients of the frozen groups that cached "
+            "features skip."
+        )
+    if start_after not in frozen_bn:
+        raise ValueError(
+            f"start_after={start_after!r}, but under freeze spec {spec.describe()!r} that "
+            "group is not entirely frozen with its BatchNorm on running statistics, so its "
+            f"output is not fixed; groups that are: {sorted(frozen_bn)}. "
+            "layerfreeze.features.frozen_prefix finds the last one that can be skipped."
+        )
 
 
 def _split(params: Any, mask: Any) -> tuple[Any, Any]:

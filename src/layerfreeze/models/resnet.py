@@ -246,14 +246,18 @@ class ResNet(nn.Module):
             raise ValueError(f"head_dropout must be in [0, 1); got {self.head_dropout!r}.")
         super().__post_init__()
 
-    @nn.compact
     def __call__(
-        self, x: jnp.ndarray, *, train: bool, frozen_bn: Collection[str] = ()
+        self,
+        x: jnp.ndarray,
+        *,
+        train: bool,
+        frozen_bn: Collection[str] = (),
+        start_after: str | None = None,
     ) -> jnp.ndarray:
         """Returns float32 logits of shape ``(batch, num_classes)``.
 
         Args:
-            x: Images, NHWC.
+            x: Images, NHWC; with ``start_after``, the output of that group instead.
             train: Training mode: BatchNorm normalises with batch statistics and updates
                 its running statistics (apply with ``mutable=["batch_stats"]``), and the
                 MLP head's dropout is active (pass a ``"dropout"`` rng).
@@ -261,21 +265,87 @@ class ResNet(nn.Module):
                 running statistics even when ``train=True``, so their ``batch_stats`` stay
                 bit-identical. A static Python collection: inside ``jax.jit`` close over it
                 or mark it static. ``"head"`` is accepted and has no BatchNorm.
+            start_after: Skip the groups up to and including this one (any group but
+                ``"head"``): ``x`` is then that group's output, e.g. features cached with
+                :meth:`features`. With ``"stage4"``, ``x`` may also be the
+                ``[batch, channels]`` spatial mean the head reads
+                (``features(..., pool=True)``). Skipped groups are not run and their
+                variables are left untouched; initialise without ``start_after`` so that
+                every group is created.
 
         Raises:
-            ValueError: If ``frozen_bn`` names a group that does not exist.
+            ValueError: If ``frozen_bn`` or ``start_after`` names a group that does not
+                exist, or ``start_after`` is ``"head"``.
             TypeError: If ``frozen_bn`` is a single string instead of a collection.
         """
         frozen = _check_frozen_bn(frozen_bn)
+        first = 0
+        if start_after is not None:
+            _check_group("start_after", start_after, GROUPS[:-1])
+            first = GROUPS.index(start_after) + 1
+        return self._forward(x, train=train, frozen=frozen, first=first, last=len(GROUPS) - 1)
+
+    def features(self, x: jnp.ndarray, *, upto: str, pool: bool = False) -> jnp.ndarray:
+        """Output of group ``upto`` in eval mode (BatchNorm on running statistics).
+
+        Runs the groups from ``"stem"`` up to and including ``upto``. When those groups are
+        frozen and their BatchNorm too, this output depends only on the input: it can be
+        computed once per example and fed back with ``start_after=upto``.
+
+        Args:
+            x: Images, NHWC.
+            upto: The last group to run, one of :data:`GROUPS` (``"head"`` gives logits).
+            pool: Return the spatial mean of ``stage4``'s output, ``[batch, channels]``,
+                which is all the head reads (16x smaller than the 4x4 map of a CIFAR
+                ResNet). Only with ``upto="stage4"``.
+
+        Returns:
+            The group's output in the compute ``dtype`` (float32 logits for ``"head"``).
+
+        Raises:
+            ValueError: If ``upto`` is not one of :data:`GROUPS`, or ``pool`` is set with
+                a group other than ``"stage4"``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> model = ResNet(stage_sizes=(1, 1, 1, 1), num_classes=10, stem="cifar", width=8)
+            >>> x = jnp.ones((2, 16, 16, 3))
+            >>> variables = model.init(jax.random.key(0), x, train=False)
+            >>> feats = model.apply(variables, x, upto="stage2", method=ResNet.features)
+            >>> feats.shape
+            (2, 8, 8, 16)
+            >>> logits = model.apply(variables, feats, train=False, start_after="stage2")
+            >>> bool(jnp.allclose(logits, model.apply(variables, x, train=False), atol=1e-5))
+            True
+        """
+        _check_group("upto", upto, GROUPS)
+        if pool and upto != "stage4":
+            raise ValueError(
+                f"pool=True is only valid with upto='stage4' (the head's input); got {upto!r}."
+            )
+        x = self._forward(x, train=False, frozen=frozenset(), first=0, last=GROUPS.index(upto))
+        return jnp.mean(x, axis=(1, 2)) if pool else x
+
+    @nn.compact
+    def _forward(
+        self, x: jnp.ndarray, *, train: bool, frozen: frozenset[str], first: int, last: int
+    ) -> jnp.ndarray:
+        """Runs the groups ``GROUPS[first : last + 1]``; the head returns float32 logits."""
 
         def running(group: str) -> bool:
             return not train or group in frozen
 
+        def runs(group: str) -> bool:
+            return first <= GROUPS.index(group) <= last
+
         x = jnp.asarray(x, self.dtype)
-        x = _Stem(self.stem, self.width, self.dtype, self.param_dtype, name="stem")(
-            x, use_running_average=running("stem")
-        )
+        if runs("stem"):
+            x = _Stem(self.stem, self.width, self.dtype, self.param_dtype, name="stem")(
+                x, use_running_average=running("stem")
+            )
         for i, (group, num_blocks) in enumerate(zip(_STAGES, self.stage_sizes, strict=True)):
+            if not runs(group):
+                continue
             x = _Stage(
                 self.block,
                 num_blocks,
@@ -285,7 +355,10 @@ class ResNet(nn.Module):
                 self.param_dtype,
                 name=group,
             )(x, use_running_average=running(group))
-        x = jnp.mean(x, axis=(1, 2))
+        if not runs("head"):
+            return x
+        if x.ndim == 4:  # a 2-D input is stage4's spatial mean already (pooled features)
+            x = jnp.mean(x, axis=(1, 2))
         x = _Head(
             self.head,
             self.num_classes,
@@ -296,6 +369,11 @@ class ResNet(nn.Module):
             name="head",
         )(x, train=train)
         return jnp.asarray(x, jnp.float32)
+
+
+def _check_group(what: str, group: Any, valid: tuple[str, ...]) -> None:
+    if not isinstance(group, str) or group not in valid:
+        raise ValueError(f"{what} must be one of {list(valid)}; got {group!r}.")
 
 
 def _check_frozen_bn(frozen_bn: Collection[str]) -> frozenset[str]:

@@ -1,0 +1,338 @@
+"""Frozen-feature caching: the model's skip, the prefix rule, the train step, the experiment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_cifar_experiment import (
+    _assert_trees_equal,
+    _kill_after,
+    _Killed,
+    _params,
+    _rows,
+    tiny_config,
+)
+
+import layerfreeze as lf
+from experiments import cifar
+from layerfreeze import data, features, train
+from layerfreeze.models import GROUPS, ResNet, resnet18
+
+PREFIX_GROUPS = GROUPS[:-1]  # a ResNet can start after any group but the head
+
+
+def _model(**kw):
+    return resnet18(10, stem="cifar", width=4, **kw)
+
+
+def _variables(model, size=16):
+    return model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False)
+
+
+def _images(n=6, size=16, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (n, size, size, 3)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- #
+# Model: features + start_after == the whole model
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("group", PREFIX_GROUPS)
+def test_cached_prefix_then_rest_equals_full_model(group):
+    model = _model(head="mlp", head_dropout=0.3)
+    variables = _variables(model)
+    x = data.normalize(_images())
+    prefix = GROUPS[: GROUPS.index(group) + 1]
+    rngs = {"dropout": jax.random.key(3)}
+
+    feats = model.apply(variables, x, upto=group, method=ResNet.features)
+    cached, cached_updates = model.apply(
+        variables,
+        feats,
+        train=True,
+        frozen_bn=prefix,
+        start_after=group,
+        mutable=["batch_stats"],
+        rngs=rngs,
+    )
+    full, full_updates = model.apply(
+        variables, x, train=True, frozen_bn=prefix, mutable=["batch_stats"], rngs=rngs
+    )
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-6)
+    # The skipped groups' statistics come back untouched, the rest updated alike.
+    assert sorted(cached_updates["batch_stats"]) == sorted(full_updates["batch_stats"])
+    for g in prefix:
+        _assert_trees_equal(cached_updates["batch_stats"][g], variables["batch_stats"][g])
+    for a, b in zip(jax.tree.leaves(cached_updates), jax.tree.leaves(full_updates), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_stage4_features_feed_the_head():
+    model = _model()
+    variables = _variables(model)
+    x = data.normalize(_images())
+    pooled = model.apply(variables, x, upto="stage4", pool=True, method=ResNet.features)
+    assert pooled.shape == (6, 32)
+    logits = model.apply(variables, pooled, train=True, frozen_bn=GROUPS, start_after="stage4")
+    np.testing.assert_allclose(
+        logits, model.apply(variables, x, train=True, frozen_bn=GROUPS), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_init_still_creates_every_group():
+    model = _model()
+    variables = _variables(model)
+    assert sorted(variables["params"]) == sorted(GROUPS)
+    assert sorted(variables["batch_stats"]) == sorted(GROUPS[:-1])
+    logits = model.apply(variables, _images().astype(np.float32), upto="head", method="features")
+    assert logits.shape == (6, 10) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"start_after": "head"}, r"start_after must be one of \['stem', .*'stage4'\]"),
+        ({"start_after": "stage9"}, r"start_after must be one of \['stem', 'stage1'"),
+    ],
+)
+def test_start_after_rejects_bad_groups(kwargs, match):
+    model = _model()
+    variables = _variables(model)
+    with pytest.raises(ValueError, match=match):
+        model.apply(variables, jnp.zeros((1, 2, 2, 32)), train=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"upto": "body"}, r"upto must be one of \['stem', .*'head'\]; got 'body'"),
+        ({"upto": "stage2", "pool": True}, "pool=True is only valid with upto='stage4'"),
+    ],
+)
+def test_features_rejects_bad_arguments(kwargs, match):
+    model = _model()
+    variables = _variables(model)
+    with pytest.raises(ValueError, match=match):
+        model.apply(variables, jnp.zeros((1, 16, 16, 3)), method=ResNet.features, **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# frozen_prefix
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("stem,stage1", "stage1"),
+        ("stage1", None),
+        ("all-but:head", "stage4"),
+        ("stem,stage2", "stem"),
+        ("all", "stage4"),
+        ("none", None),
+    ],
+)
+def test_frozen_prefix(spec, expected):
+    params = _variables(_model())["params"]
+    assert features.frozen_prefix(params, spec, PREFIX_GROUPS) == expected
+
+
+def test_frozen_prefix_is_none_when_batchnorm_trains():
+    params = _variables(_model())["params"]
+    spec = lf.as_spec("all-but:head").replace(train_bn=True)
+    assert features.frozen_prefix(params, spec, PREFIX_GROUPS) is None
+
+
+def test_frozen_prefix_rejects_unknown_groups():
+    params = _variables(_model())["params"]
+    with pytest.raises(ValueError, match=r"groups \['body'\] are not top-level keys"):
+        features.frozen_prefix(params, "stem", ["stem", "body"])
+
+
+# --------------------------------------------------------------------------- #
+# compute_features
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(("group", "pool"), [("stage2", False), ("stage4", True)])
+def test_compute_features_matches_one_big_batch(group, pool):
+    model = _model()
+    variables = _variables(model)
+    images = _images(n=7)
+    got = features.compute_features(
+        model,
+        variables,
+        images,
+        upto=group,
+        preprocess=data.normalize,
+        batch_size=3,  # 7 = 3 + 3 + 1 padded
+        pool=pool,
+    )
+    want = model.apply(variables, data.normalize(images), upto=group, pool=pool, method="features")
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compute_features_rejects_bad_batch_size():
+    model = _model()
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        features.compute_features(
+            model,
+            _variables(model),
+            _images(),
+            upto="stem",
+            preprocess=data.normalize,
+            batch_size=0,
+        )
+
+
+# --------------------------------------------------------------------------- #
+# make_steps(start_after=...)
+# --------------------------------------------------------------------------- #
+
+
+def test_train_step_on_cached_features_matches_train_step_on_images():
+    model = _model()
+    variables = _variables(model)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    spec = "stem,stage1,stage2"
+    plain = train.make_steps(model, optimizer, spec, variables["params"])
+    cached = train.make_steps(
+        model,
+        optimizer,
+        spec,
+        variables["params"],
+        start_after="stage2",
+        preprocess=lambda rng, x: x,
+    )
+    images = _images(n=12)
+    labels = np.arange(12, dtype=np.int32) % 10
+    feats = features.compute_features(
+        model,
+        variables,
+        images,
+        upto="stage2",
+        preprocess=lambda x: x.astype(jnp.float32),
+        batch_size=5,
+    )
+    a = plain.init_state(variables, jax.random.key(1))
+    b = cached.init_state(variables, jax.random.key(1))
+    for i in range(3):
+        idx = np.arange(4) + 4 * i
+        a, ma = plain.train_step(a, {"image": images[idx], "label": labels[idx]})
+        b, mb = cached.train_step(b, {"image": feats[idx], "label": labels[idx]})
+        for k in ("loss", "accuracy", "grad_norm"):
+            np.testing.assert_allclose(mb[k], ma[k], rtol=1e-5, err_msg=k)
+    for x, y in zip(jax.tree.leaves(b.params), jax.tree.leaves(a.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    # The eval step still reads images through the whole model.
+    batch = {"image": images[:4], "label": labels[:4]}
+    np.testing.assert_allclose(
+        cached.eval_step(b, batch)["loss"], plain.eval_step(a, batch)["loss"], rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "match"),
+    [
+        ("stem", {"start_after": "stage1"}, "group is not entirely frozen"),
+        ("stem,stage1", {"start_after": "stage1", "method": "lr0"}, "needs method 'zero'"),
+    ],
+)
+def test_make_steps_refuses_an_unfrozen_start(spec, kwargs, match):
+    model = _model()
+    params = _variables(model)["params"]
+    with pytest.raises(ValueError, match=match):
+        train.make_steps(model, optax.sgd(0.1), spec, params, **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# experiments/cifar.py with cache_frozen_features
+# --------------------------------------------------------------------------- #
+
+
+def _train_losses(workdir):
+    return [(r["step"], r["loss"]) for r in _rows(workdir) if r["split"] == "train"]
+
+
+def _assert_same_run(cached_dir, plain_dir):
+    cached, plain = _train_losses(cached_dir), _train_losses(plain_dir)
+    assert [s for s, _ in cached] == [s for s, _ in plain]
+    np.testing.assert_allclose([v for _, v in cached], [v for _, v in plain], rtol=1e-5)
+    a, b = _params(cached_dir)["params"], _params(plain_dir)["params"]
+    for x, y in zip(jax.tree.leaves(a["head"]), jax.tree.leaves(b["head"]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_head_only_run_equals_uncached_run(tmp_path, capsys):
+    config = tiny_config(freeze="all-but:head", augment=False, eval_every=100)
+    cifar.train_and_evaluate(config, str(tmp_path / "plain"))
+    capsys.readouterr()
+    config.cache_frozen_features = True
+    result = cifar.train_and_evaluate(config, str(tmp_path / "cached"))
+    out = capsys.readouterr().out
+    assert "cached features after stage4: shape (64, 32) float32" in out
+    assert result["steps"] == 8 and result["compilations"] == 1
+    _assert_same_run(tmp_path / "cached", tmp_path / "plain")
+    # The frozen backbone is bit-identical in both runs.
+    a, b = _params(tmp_path / "cached"), _params(tmp_path / "plain")
+    for group in GROUPS[:-1]:
+        _assert_trees_equal(a["params"][group], b["params"][group])
+        _assert_trees_equal(a["batch_stats"][group], b["batch_stats"][group])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "caches"),
+    [
+        ("unfreeze:0=head,1=stage4,2=stage3", 3),  # the prefix shrinks: recomputed per phase
+        ("explicit:0=all-but:head;1=none;2=all-but:head", 2),  # images, then recomputed
+    ],
+)
+def test_cached_schedule_equals_uncached_schedule(tmp_path, capsys, schedule, caches):
+    config = tiny_config(
+        schedule=schedule, augment=False, num_train_steps=12, eval_every=100, checkpoint_every=100
+    )
+    cifar.train_and_evaluate(config, str(tmp_path / "plain"))
+    capsys.readouterr()
+    config.cache_frozen_features = True
+    cifar.train_and_evaluate(config, str(tmp_path / "cached"))
+    out = capsys.readouterr().out
+    assert out.count("cached features after") == caches
+    _assert_same_run(tmp_path / "cached", tmp_path / "plain")
+
+
+def test_cached_run_resumes_bitwise(tmp_path, monkeypatch):
+    config = tiny_config(freeze="all-but:head", augment=False, cache_frozen_features=True)
+    cifar.train_and_evaluate(config, str(tmp_path / "straight"))
+    with monkeypatch.context() as m:
+        _kill_after(m, 5)
+        with pytest.raises(_Killed):
+            cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+
+
+def test_caching_refuses_augmentation(tmp_path):
+    config = tiny_config(freeze="all-but:head", cache_frozen_features=True)
+    assert config.augment
+    with pytest.raises(cifar.UsageError, match="ignore the random crops and flips") as info:
+        cifar.train_and_evaluate(config, str(tmp_path))
+    assert "pass --config.augment=False to cache without augmentation" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"freeze": "stage1"}, r"freeze spec 'stage1' leaves no frozen prefix"),
+        ({"freeze": "none"}, r"freeze spec 'none' leaves no frozen prefix"),
+        ({"freeze": "all-but:head", "train_bn": True}, r"train_bn=True keeps BatchNorm"),
+        ({"freeze": "all-but:head", "freeze_method": "lr0"}, r"needs config.freeze_method='zero'"),
+    ],
+)
+def test_caching_refuses_runs_without_a_fixed_prefix(tmp_path, overrides, match):
+    config = tiny_config(augment=False, cache_frozen_features=True, **overrides)
+    with pytest.raises(cifar.UsageError, match=match):
+        cifar.train_and_evaluate(config, str(tmp_path))
