@@ -1,0 +1,114 @@
+"""`benchmarks/freeze_cost.py` on a tiny ResNet-18: rows, ratios, JSON, bad input."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "freeze_cost.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("freeze_cost", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+freeze_cost = _load()
+
+
+FREEZES = ("none", "stem,stage1,stage2", "all-but:head")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    # Width 8 at 16x16. Compiling dominates (seconds per step function even
+    # this small), so two frozen specs and method zero only.
+    return freeze_cost.measure_model(
+        "resnet18",
+        batch_size=4,
+        image_size=16,
+        width=8,
+        freezes=FREEZES,
+        methods=("zero",),
+        steps=2,
+        warmup=1,
+        log=lambda msg: None,
+    )
+
+
+def test_rows_cover_every_config(rows):
+    configs = [(r["freeze"], r["method"]) for r in rows]
+    assert configs == [(f, "zero") for f in FREEZES]
+
+
+def test_json_has_the_documented_keys(rows, tmp_path):
+    path = tmp_path / "rows.json"
+    freeze_cost.write_json(str(path), rows)
+    loaded = json.loads(path.read_text())
+    assert len(loaded) == len(rows)
+    for row in loaded:
+        assert set(freeze_cost.ROW_KEYS) <= set(row)
+        assert row["step_ms"] > 0
+
+
+def test_all_trainable_is_the_baseline(rows):
+    (full,) = [r for r in rows if r["freeze"] == "none" and r["method"] == "zero"]
+    assert full["flops_ratio_full"] == 1.0
+    assert full["step_ratio_full"] == 1.0
+
+
+def test_zero_method_matches_the_ideal_step(rows):
+    full = rows[0]
+    frozen_zero = [r for r in rows if r["method"] == "zero" and r["freeze"] != "none"]
+    assert frozen_zero
+    for row in frozen_zero:
+        assert row["flops_ratio_ideal"] <= freeze_cost.IDEAL_TOLERANCE, row
+        assert row["flops"] < full["flops"], row
+        assert row["opt_state_bytes"] < full["opt_state_bytes"], row
+    assert freeze_cost.ideal_warnings(rows) == []
+
+
+def test_table_and_markdown_name_every_row(rows, tmp_path):
+    table = freeze_cost.format_table(rows)
+    assert "xideal" in table and "all-but:head" in table
+    path = tmp_path / "results.md"
+    freeze_cost.write_markdown(str(path), rows, "python benchmarks/freeze_cost.py --quick")
+    text = path.read_text()
+    assert "Machine:" in text and "--quick" in text
+    assert text.count("| resnet18 |") == len(rows)
+
+
+def test_warning_when_frozen_work_survives(rows):
+    bad = [dict(rows[1], flops_ratio_ideal=1.5)]
+    (line,) = freeze_cost.ideal_warnings(bad)
+    assert line.startswith("WARNING") and "stem,stage1,stage2" in line
+
+
+def test_unknown_model_is_an_error(capsys):
+    with pytest.raises(ValueError, match="resnet18, resnet50"):
+        freeze_cost.measure_model("vgg16")
+    with pytest.raises(SystemExit) as exit_info:
+        freeze_cost.main(["--models", "resnet18,vgg16"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "'vgg16'" in err and "resnet18, resnet50" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtype", "float16"], "float32, bfloat16"),
+        (["--steps", "0"], "--steps"),
+        (["--models", ""], "resnet18, resnet50"),
+    ],
+)
+def test_bad_arguments_exit_nonzero(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        freeze_cost.main(argv)
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
