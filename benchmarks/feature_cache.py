@@ -24,10 +24,7 @@ Commands:
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,21 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# Run as a script, this file's folder is on sys.path.
+from freeze_cost import machine_description
+
 from layerfreeze import data, features, train
 from layerfreeze.models import GROUPS, resnet18
 
 SPEC = "all-but:head"
 TARGET_RATIO = 0.10  # later cached epoch / uncached epoch, on CPU
-
-
-def machine_description() -> str:
-    """Platform, CPU count, accelerator kind, jax version and date."""
-    device = jax.devices()[0]
-    return (
-        f"{platform.platform()}, {os.cpu_count()} CPUs, {len(jax.devices())}x "
-        f"{device.device_kind} ({device.platform}), jax {jax.__version__}, "
-        f"{datetime.date.today().isoformat()}"
-    )
 
 
 def _identity(rng: jax.Array, x: jax.Array) -> jax.Array:

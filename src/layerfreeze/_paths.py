@@ -10,7 +10,7 @@ __all__ = ["keypath_names", "leaf_paths", "path_str", "top_level_groups"]
 _SEPARATOR = "/"
 
 
-def keypath_names(keypath: Sequence[Any]) -> tuple[str, ...]:
+def keypath_names(keypath: Sequence[Any], *, drop_value: bool = True) -> tuple[str, ...]:
     """Turns a JAX key path into the names of its parts.
 
     Flax NNX variables flatten to their array under a trailing `.value`
@@ -18,6 +18,7 @@ def keypath_names(keypath: Sequence[Any]) -> tuple[str, ...]:
 
     Args:
       keypath: a key path as given by `jax.tree_util.tree_flatten_with_path`.
+      drop_value: drop a trailing `.value` attribute (NNX variables).
 
     Returns:
       The names of the path's parts, e.g. `("stage1", "Block_0", "kernel")`.
@@ -38,7 +39,7 @@ def keypath_names(keypath: Sequence[Any]) -> tuple[str, ...]:
             names.append(str(key.key))
         else:
             names.append(str(key))
-    if len(keypath) > 1 and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
+    if drop_value and len(keypath) > 1 and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
         if keypath[-1].name == "value":
             names.pop()
     return tuple(names)

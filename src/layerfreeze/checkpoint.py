@@ -40,6 +40,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from layerfreeze import _paths
+
 __all__ = ["Checkpointer"]
 
 PyTree = Any
@@ -372,19 +374,7 @@ def _abstract(leaf: Any) -> Any:
 def _path_str(path: tuple[Any, ...]) -> str:
     # Orbax stores NamedTuples as dicts of their fields and tuples as lists, so name
     # every key kind by its bare name or index to compare the two trees.
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return _paths.path_str(_paths.keypath_names(path, drop_value=False))
 
 
 def _stored_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype] | None:
