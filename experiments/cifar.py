@@ -369,7 +369,13 @@ class MetricsWriter:
         self.path = path
         if path.exists():  # drop rows a dead run wrote after its last checkpoint
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r["step"] <= resume_step]
+            # A phase row at the resume step is written again when the loop
+            # crosses that boundary anew.
+            kept = [
+                r
+                for r in rows
+                if r["step"] < resume_step or (r["step"] == resume_step and r["split"] != "phase")
+            ]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict[str, Any]) -> None:

@@ -77,6 +77,11 @@ def test_resume_across_a_phase_boundary_is_bitwise_identical(
     assert resumed["phase"] == straight["phase"] == 2
     # params, batch_stats and the optimizer state (Adam moments, counts).
     _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+    events = [
+        [(r["split"], r["step"], r["phase"]) for r in _rows(tmp_path / d)]
+        for d in ("straight", "resumed")
+    ]
+    assert events[0] == events[1]
 
 
 @pytest.mark.parametrize(
