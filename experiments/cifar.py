@@ -606,7 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             opt_state = transfer_opt_state(state.opt_state, new_steps.tx.init(state.params))
             state = train.replicate(mesh, state.replace(opt_state=opt_state))
             print(
-                f"step {step}: phase {wanted} ({schedule.phases[wanted].describe()}), "
+                f"step {step}: phase {wanted} ({schedule.phases[wanted].describe(schedule.unit)}), "
                 f"trainable params {steps.trainable_params:,} -> {new_steps.trainable_params:,}"
             )
             current, steps = wanted, new_steps
