@@ -13,7 +13,10 @@ Offline (synthetic data, runs through all six phases):
       --config.dataset=synthetic
 
 `metrics.jsonl` rows carry `phase` and `trainable_params`; the trainable count
-grows at epochs 1, 2, 3, 4 and 5 (synthetic: from 5,130 to 11,173,962).
+grows at epochs 1, 2, 3, 4 and 5. Synthetic (16 steps an epoch): 5,130 ->
+8,398,858 -> 10,498,570 -> 11,024,138 -> 11,172,106 -> 11,173,962 at steps 16,
+32, 48, 64 and 80; six compilations; final test accuracy 1.0; 7.5 minutes on a
+2-core CPU.
 """
 
 import ml_collections
@@ -29,4 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.synthetic_train_size = 2048
     config.learning_rate = 1e-3
     config.eval_every = 10_000  # evaluate at the end only
+    config.log_every = 8
     return config

@@ -24,4 +24,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 4.0
     config.synthetic_train_size = 2048
     config.learning_rate = 2e-3
+    config.log_every = 8
     return config
