@@ -236,17 +236,12 @@ def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> 
                 loaded = ckpt.restore_arrays(("params", "batch_stats"))
             except FileNotFoundError as e:
                 raise UsageError(str(e)) from e
-        note = f"run {source} (step {_latest(ckpt_dir)})"
+            note = f"run {source} (step {ckpt.latest_step()})"
     params, reinit = _merge_groups(variables["params"], loaded["params"], "params")
     stats, _ = _merge_groups(variables["batch_stats"], loaded.get("batch_stats", {}), "batch_stats")
     if reinit:
         note += f"; re-initialised: {', '.join(reinit)} (shapes differ: class count)"
     return {"params": params, "batch_stats": stats}, note
-
-
-def _latest(ckpt_dir: pathlib.Path) -> int | None:
-    with checkpoint.Checkpointer(ckpt_dir) as ckpt:
-        return ckpt.latest_step()
 
 
 def _merge_groups(fresh: dict, loaded: dict, what: str) -> tuple[dict, list[str]]:
