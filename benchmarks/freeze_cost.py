@@ -169,13 +169,14 @@ def make_ideal_step(
         images = batch["image"].astype(jnp.float32)
 
         def loss_fn(trainable):
-            logits, updates = model.apply(
-                {"params": {**frozen, **trainable}, "batch_stats": batch_stats},
-                images,
-                train=True,
-                frozen_bn=frozen_groups,
-                mutable=["batch_stats"],
-            )
+            merged = {**frozen, **trainable}
+            with layerfreeze.frozen_batchnorm(merged, freeze):
+                logits, updates = model.apply(
+                    {"params": merged, "batch_stats": batch_stats},
+                    images,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
             loss = optax.softmax_cross_entropy_with_integer_labels(
                 logits.astype(jnp.float32), batch["label"]
             ).mean()

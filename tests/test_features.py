@@ -48,18 +48,18 @@ def test_cached_prefix_then_rest_equals_full_model(group):
     rngs = {"dropout": jax.random.key(3)}
 
     feats = model.apply(variables, x, upto=group, method=ResNet.features)
-    cached, cached_updates = model.apply(
-        variables,
-        feats,
-        train=True,
-        frozen_bn=prefix,
-        start_after=group,
-        mutable=["batch_stats"],
-        rngs=rngs,
-    )
-    full, full_updates = model.apply(
-        variables, x, train=True, frozen_bn=prefix, mutable=["batch_stats"], rngs=rngs
-    )
+    with lf.frozen_batchnorm(variables["params"], ",".join(prefix)):
+        cached, cached_updates = model.apply(
+            variables,
+            feats,
+            train=True,
+            start_after=group,
+            mutable=["batch_stats"],
+            rngs=rngs,
+        )
+        full, full_updates = model.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs=rngs
+        )
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-6)
     # The skipped groups' statistics come back untouched, the rest updated alike.
     assert sorted(cached_updates["batch_stats"]) == sorted(full_updates["batch_stats"])
@@ -75,10 +75,10 @@ def test_pooled_stage4_features_feed_the_head():
     x = data.normalize(_images())
     pooled = model.apply(variables, x, upto="stage4", pool=True, method=ResNet.features)
     assert pooled.shape == (6, 32)
-    logits = model.apply(variables, pooled, train=True, frozen_bn=GROUPS, start_after="stage4")
-    np.testing.assert_allclose(
-        logits, model.apply(variables, x, train=True, frozen_bn=GROUPS), rtol=1e-5, atol=1e-6
-    )
+    with lf.frozen_batchnorm(variables["params"], "all"):
+        logits = model.apply(variables, pooled, train=True, start_after="stage4")
+        full = model.apply(variables, x, train=True)
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-6)
 
 
 def test_init_still_creates_every_group():

@@ -7,8 +7,11 @@
 2
 """
 
+from layerfreeze._batchnorm import frozen_batchnorm
 from layerfreeze._freeze import METHODS, freeze
+from layerfreeze._grad import grad, value_and_grad
 from layerfreeze._labels import freeze_labels, frozen_bn_groups, frozen_mask, label_fn
+from layerfreeze._nnx import nnx_filter, nnx_train_mode
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
@@ -34,18 +37,23 @@ __all__ = [
     "as_spec",
     "freeze",
     "freeze_labels",
+    "frozen_batchnorm",
     "frozen_bn_groups",
     "fine_tune",
     "freeze_to",
     "frozen_mask",
     "geometric_multipliers",
+    "grad",
     "gradual_unfreezing",
     "label_fn",
+    "nnx_filter",
+    "nnx_train_mode",
     "parse_schedule",
     "scale_by_group",
     "summary",
     "transfer_opt_state",
     "ulmfit_multipliers",
+    "value_and_grad",
 ]
 
 __version__ = "0.1.0"

@@ -259,6 +259,21 @@ class FreezeSpec:
             )
         return result
 
+    def frozen_at(self, path: str) -> bool:
+        """Whether the first rule matching `path` (else the default) freezes it.
+
+        One path on its own: no rule is required to match, and `strict` does
+        not apply. Use `resolve` for a whole pytree.
+
+        >>> FreezeSpec.parse("stem").frozen_at("stem/BatchNorm_0")
+        True
+        """
+        state = next((r.state for r in self.rules if r.matches(path)), self.default)
+        frozen = state == FROZEN
+        if frozen and self.train_bn and re.fullmatch(self.bn_pattern, path):
+            return False
+        return frozen
+
     def describe(self) -> str:
         """A short string that `FreezeSpec.parse` turns back into this spec's rules."""
         rules = self.rules

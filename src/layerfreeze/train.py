@@ -1,12 +1,19 @@
-"""Jitted train and eval steps that differentiate only the trainable parameters.
+"""Jitted train and eval steps for any Flax model, differentiating only what trains.
 
 XLA drops the backward work of frozen layers only when nothing live consumes
 their gradients; a global-norm clip, a gradient-norm metric or a gradient
 accumulator over the full gradient brings it all back. The steps built here
-take the gradient of the trainable partition only, so the frozen backward work
-is gone by construction, whatever the optimizer chains. Under method `lr0` the
-frozen gradients are computed on purpose: they keep the frozen leaves'
-optimizer state warm.
+take the gradient of the trainable partition only (`layerfreeze.value_and_grad`),
+so the frozen backward work is gone by construction, whatever the optimizer
+chains. Under method `lr0` the frozen gradients are computed on purpose: they
+keep the frozen leaves' optimizer state warm.
+
+The model is any linen module (written like Flax's examples, BatchNorm passed
+`use_running_average` at call time or fixed at construction), any NNX module,
+or none at all (a loss function of the params). BatchNorm layers whose
+parameters are frozen run on their running statistics (`layerfreeze.frozen_batchnorm`,
+`layerfreeze.nnx_train_mode`). The loss is any function of the model's outputs
+and the batch; softmax cross-entropy over integer labels is the default.
 
 The train step is pure, `(state, batch) -> (state, metrics)`, jitted, donates
 its state, and runs data parallel over a `jax.sharding.Mesh` when given one.
@@ -17,26 +24,32 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from layerfreeze import _freeze, _labels, _spec
+from layerfreeze import _batchnorm, _freeze, _grad, _labels, _nnx, _spec
 
 __all__ = [
+    "LossFn",
     "TrainState",
     "TrainSteps",
+    "classification_loss",
     "make_mesh",
     "make_steps",
     "replicate",
     "shard_batch",
 ]
 
-Batch = Mapping[str, Any]
-Preprocess = Callable[[jax.Array, jax.Array], jax.Array]
+Batch = Any
+Preprocess = Callable[[jax.Array, Any], Any]
+LossFn = Callable[[Any, Batch], Any]
+"""`(outputs, batch) -> loss` or `(loss, {name: scalar metric})`; the loss a float scalar."""
 
 
 @flax.struct.dataclass
@@ -45,8 +58,12 @@ class TrainState:
 
     Attributes:
       step: the number of steps taken (int32 scalar).
-      params: the model parameters, frozen ones included.
-      batch_stats: BatchNorm running statistics (an empty dict if none).
+      params: the model parameters, frozen ones included (an `nnx.State` of
+        the `nnx.Param`s for an NNX model).
+      batch_stats: the model's other state: BatchNorm running statistics of
+        a linen model (an empty dict if none); for an NNX model, every
+        variable that is not an `nnx.Param` (BatchNorm statistics, RNG
+        streams).
       opt_state: the state of the frozen-aware optimizer (`TrainSteps.tx`).
       rng: the run's base PRNG key (raw uint32 key data); each step folds in
         its step number, so a resumed run draws the same randomness.
@@ -71,47 +88,77 @@ class TrainSteps:
       spec: the resolved freeze spec.
       method: `"zero"` or `"lr0"`.
       tx: `layerfreeze.freeze(optimizer, spec, method=method)`.
-      frozen_bn: top-level groups whose BatchNorm runs on running statistics.
       trainable_params: how many parameters train under `spec`.
       train_step: jitted `(TrainState, batch) -> (TrainState, metrics)`;
-        donates the state.
-      eval_step: jitted `(TrainState, batch) -> metrics` with summed `loss`,
-        `correct` and `count` (so padded batches average exactly).
+        donates the state. Metrics: `loss`, the loss function's metrics
+        (`accuracy` for the default loss), `grad_norm`.
+      eval_step: jitted `(TrainState, batch) -> metrics`, sums over the batch
+        and a `count`, so that summing over batches and dividing by the
+        summed count gives exact means. The default loss reports summed
+        `loss` and `correct` and honours a `"mask"` entry of the batch
+        (padded examples weigh 0); a custom loss reports its mean loss and
+        metrics times the batch size.
+      init_state: `(variables, rng) -> TrainState`; see `TrainSteps.init_state`.
     """
 
     spec: _spec.FreezeSpec
     method: str
     tx: optax.GradientTransformation
-    frozen_bn: frozenset[str]
     trainable_params: int
     train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]]
+    _split_variables: Callable[[Any], tuple[Any, Any]] = dataclasses.field(repr=False)
 
-    def init_state(self, variables: Mapping[str, Any], rng: jax.Array) -> TrainState:
-        """A fresh `TrainState` from model variables (`params`, `batch_stats`).
+    def init_state(self, variables: Any, rng: jax.Array) -> TrainState:
+        """A fresh `TrainState`.
+
+        Args:
+          variables: a linen model's variables (`{"params": ..., "batch_stats":
+            ...}`), an NNX model, or (no model) the params.
+          rng: a PRNG key.
 
         The arrays are copied: the train step donates its state, and the
-        caller's `variables` must survive that.
+        caller's variables must survive that.
         """
-        params = jax.tree.map(jnp.array, variables["params"])
+        params, batch_stats = self._split_variables(variables)
+        params = jax.tree.map(jnp.array, params)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
+            batch_stats=jax.tree.map(jnp.array, batch_stats),
             opt_state=self.tx.init(params),
             rng=jnp.array(_raw_key(rng)),
         )
 
 
+def classification_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
+    """Softmax cross-entropy with the integer labels `batch["label"]`, and accuracy.
+
+    >>> import jax.numpy as jnp
+    >>> loss, metrics = classification_loss(jnp.array([[2.0, 0.0]]), {"label": jnp.array([0])})
+    >>> round(float(loss), 4), float(metrics["accuracy"])
+    (0.1269, 1.0)
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    labels = batch["label"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
 def make_steps(
-    model: flax.linen.Module,
+    model: nn.Module | nnx.Module | None,
     optimizer: optax.GradientTransformation,
     spec: _spec.SpecLike,
-    params: Any,
+    params: Any = None,
     *,
+    loss_fn: Callable[..., Any] | None = None,
+    inputs: str | Callable[[Batch], Any] = "image",
+    train_kwargs: Mapping[str, Any] | None = None,
+    eval_kwargs: Mapping[str, Any] | None = None,
     method: _freeze.Method = "zero",
+    running_stats: _spec.SpecLike | None = None,
     preprocess: Preprocess | None = None,
-    preprocess_eval: Callable[[jax.Array], jax.Array] | None = None,
+    preprocess_eval: Callable[[Any], Any] | None = None,
     grad_norm: bool = True,
     mesh: Mesh | None = None,
     donate: bool = True,
@@ -119,110 +166,139 @@ def make_steps(
 ) -> TrainSteps:
     """Builds the frozen-aware optimizer and the jitted train and eval steps.
 
-    The model is a Flax linen module called as
-    `model.apply(variables, images, train=..., frozen_bn=groups, ...)` (the
-    ResNets of `layerfreeze.models`), returning logits. BatchNorm in the groups
-    that `spec` freezes entirely runs on its running statistics, so their
-    `batch_stats` stay bit-identical (`train_bn=True` in the spec turns that
-    off).
+    The model is one of:
+
+    * a linen module, applied as `model.apply(variables, x, **train_kwargs)`
+      with `x` the batch's inputs (`train_kwargs` defaults to
+      `{"train": True}`, `eval_kwargs` to `{"train": False}`; pass `{}` for a
+      module without a `train` argument). Its `batch_stats` are updated, and
+      every `nn.BatchNorm` whose parameters `spec` freezes runs on its running
+      statistics (`layerfreeze.frozen_batchnorm`), at any depth.
+    * an NNX module, called as `model(x)` in train mode, with frozen
+      `nnx.BatchNorm`s on running statistics (`layerfreeze.nnx_train_mode`),
+      and in eval mode by the eval step. The model is not changed.
+    * None: `loss_fn(params, batch, rng)` is the whole loss.
 
     Args:
-      model: the Flax module.
+      model: the model, see above.
       optimizer: any optax transformation; it is wrapped with
         `layerfreeze.freeze(optimizer, spec, method=method)`.
       spec: what to freeze.
-      params: the parameters (or their shapes), to resolve `spec` once.
+      params: the parameters (or their shapes), to resolve `spec` once; for
+        an NNX model, leave it out.
+      loss_fn: `(outputs, batch) -> loss` or `(loss, {name: metric})`
+        (default `classification_loss`); with no model,
+        `(params, batch, rng) -> loss` or `(loss, metrics)`. The loss must
+        be a float scalar.
+      inputs: the batch key of the model's input, or `batch -> input`.
+      train_kwargs: extra keyword arguments of a linen apply in training.
+      eval_kwargs: extra keyword arguments of a linen apply in evaluation.
       method: `"zero"` (frozen gradients never computed) or `"lr0"`.
-      preprocess: `(rng, images) -> float images`, applied inside the jitted
-        train step (augmentation, normalisation). Defaults to a float cast.
-      preprocess_eval: `images -> float images` for the eval step.
+      running_stats: override which BatchNorm layers run on running
+        statistics: a spec over BatchNorm module paths (see
+        `layerfreeze.frozen_batchnorm`). Default: those whose parameters
+        are frozen (none under `train_bn=True`).
+      preprocess: `(rng, inputs) -> inputs`, applied inside the jitted train
+        step (augmentation, normalisation). Default: none.
+      preprocess_eval: `inputs -> inputs` for the eval step.
       grad_norm: report the global norm of the trainable gradients.
       mesh: a mesh with a `data` axis: batches are split over it and the state
         is replicated. None: whatever device the inputs live on.
       donate: donate the state to the train step (its buffers are reused).
-      start_after: train on cached features: batches carry in `"image"` the
-        output of this group (see `layerfreeze.features`), and the train step
-        calls `model.apply(..., start_after=start_after)`. Every group up to
-        and including it must be frozen with its BatchNorm frozen
-        (`features.frozen_prefix`); pass `preprocess=lambda rng, x: x`. The
-        eval step still runs the whole model on images. Only with method
-        `"zero"`: `"lr0"` computes the frozen gradients on purpose, and the
-        groups skipped here have none.
+      start_after: (the bundled ResNets) train on cached features: batches
+        carry in `"image"` the output of this group (see
+        `layerfreeze.features`), and the train step applies the model with
+        `start_after=start_after`. Every group up to and including it must be
+        frozen with its BatchNorm frozen (`features.frozen_prefix`). Only with
+        method `"zero"`.
 
     Returns:
       `TrainSteps`.
 
     Raises:
       ValueError: `start_after` names a group that is not frozen with its
-        BatchNorm, or is given with method `"lr0"`.
+        BatchNorm, or is given with method `"lr0"`; an NNX model without
+        parameters; `params` missing for a linen model.
+      TypeError: `model` is not a linen or NNX module or None.
     """
     _freeze.check_method(method)
     spec = _spec.as_spec(spec)
+    if isinstance(model, nnx.Module):
+        if params is not None:
+            raise ValueError(
+                "make_steps takes the parameters from an NNX model; leave `params` out."
+            )
+        params = _nnx.as_params(model)
+    elif model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"make_steps takes a flax.linen.Module, a flax.nnx.Module or None (a loss of the "
+            f"params), got {type(model).__name__}."
+        )
+    if params is None:
+        raise ValueError("make_steps needs `params` (or their shapes) for a linen model or None.")
     resolved = spec.resolve(params)
     mask = jax.tree.unflatten(jax.tree.structure(params), list(resolved.values()))
-    frozen_bn = _labels.frozen_bn_groups(params, spec)
     if start_after is not None:
-        _check_start_after(start_after, frozen_bn, spec, method)
-    apply_kwargs = {} if start_after is None else {"start_after": start_after}
+        _check_start_after(start_after, params, spec, method, running_stats)
     tx = _freeze.freeze(optimizer, spec, method=method)
-    preprocess = preprocess or (lambda rng, x: x.astype(jnp.float32))
-    preprocess_eval = preprocess_eval or (lambda x: x.astype(jnp.float32))
     trainable_count = sum(
         int(np.prod(np.shape(leaf)))
         for leaf, f in zip(jax.tree.leaves(params), resolved.values(), strict=True)
         if not f
     )
-    differentiate_all = method == "lr0"
+    default_loss = loss_fn is None
+    if model is None and default_loss:
+        raise ValueError("With no model, pass loss_fn(params, batch, rng) -> loss.")
+    loss_fn = loss_fn or classification_loss
+    get_inputs = inputs if callable(inputs) else (lambda batch: batch[inputs])
+    preprocess = preprocess or (lambda rng, x: x)
+    preprocess_eval = preprocess_eval or (lambda x: x)
 
-    def loss_fn(params, batch_stats, images, labels, dropout_rng):
-        variables = {"params": params, "batch_stats": batch_stats}
-        logits, updates = model.apply(
-            variables,
-            images,
-            train=True,
-            frozen_bn=frozen_bn,
-            mutable=["batch_stats"],
-            rngs={"dropout": dropout_rng},
-            **apply_kwargs,
+    if model is None:
+        forward = _FullLoss(loss_fn)
+    elif isinstance(model, nnx.Module):
+        forward = _NNXForward(model, spec, running_stats)
+    else:
+        extra = {} if start_after is None else {"start_after": start_after}
+        forward = _LinenForward(
+            model,
+            _batchnorm.BatchNormPolicy(params, spec, running_stats=running_stats),
+            {"train": True, **extra} if train_kwargs is None else {**train_kwargs, **extra},
+            {"train": False} if eval_kwargs is None else dict(eval_kwargs),
         )
-        logits = logits.astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return loss, (updates.get("batch_stats", batch_stats), accuracy)
+
+    def objective(params, batch_stats, batch, rng):
+        aug_rng, model_rng = jax.random.split(rng)
+        if model is None:
+            out = loss_fn(params, batch, model_rng)
+            new_batch_stats = batch_stats
+        else:
+            x = preprocess(aug_rng, get_inputs(batch))
+            outputs, new_batch_stats = forward.train(params, batch_stats, x, model_rng)
+            out = loss_fn(outputs, batch)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        _grad.check_scalar(loss, "loss_fn")
+        return loss, (new_batch_stats, dict(metrics))
 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        aug_rng, dropout_rng = jax.random.split(rng)
-        images = preprocess(aug_rng, batch["image"])
-        labels = batch["label"]
-        if differentiate_all:
-            (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, state.batch_stats, images, labels, dropout_rng
+        if method == "lr0":
+            (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+                state.params, state.batch_stats, batch, rng
             )
-            trainable_grads = jax.tree.map(lambda f, g: None if f else g, mask, grads)
+            trainable_grads = _grad.split(grads, mask)[0]
         else:
-            trainable, frozen = _split(state.params, mask)
-
-            def partial_loss(trainable):
-                return loss_fn(
-                    _merge(mask, trainable, frozen),
-                    state.batch_stats,
-                    images,
-                    labels,
-                    dropout_rng,
-                )
-
-            (loss, (batch_stats, acc)), trainable_grads = jax.value_and_grad(
-                partial_loss, has_aux=True
+            trainable, frozen = _grad.split(state.params, mask)
+            (loss, (batch_stats, metrics)), trainable_grads = jax.value_and_grad(
+                lambda t: objective(_grad.merge(mask, t, frozen), state.batch_stats, batch, rng),
+                has_aux=True,
             )(trainable)
             # Frozen leaves get constant zeros that `set_to_zero` discards, so
             # nothing ever asks XLA for their gradients.
-            grads = jax.tree.map(
-                lambda f, p, g: jnp.zeros_like(p) if f else g, mask, state.params, trainable_grads
-            )
+            grads = _grad.fill_frozen(mask, state.params, trainable_grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "accuracy": acc}
+        metrics = {"loss": loss, **metrics}
         if grad_norm:
             metrics["grad_norm"] = optax.tree.norm(trainable_grads)
         new_state = state.replace(
@@ -231,21 +307,22 @@ def make_steps(
         return new_state, metrics
 
     def eval_step(state: TrainState, batch: Batch):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        logits = model.apply(variables, preprocess_eval(batch["image"]), train=False)
-        logits = logits.astype(jnp.float32)
-        labels = batch["label"]
-        weight = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return {
-            "loss": jnp.sum(loss * weight),
-            "correct": jnp.sum(correct * weight),
-            "count": jnp.sum(weight),
-        }
+        if model is None:
+            out = loss_fn(state.params, batch, jax.random.key(0))
+        else:
+            outputs = forward.eval(
+                state.params, state.batch_stats, preprocess_eval(get_inputs(batch))
+            )
+            if default_loss:
+                return _classification_sums(outputs, batch)
+            out = loss_fn(outputs, batch)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        count = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
+        sums = {"loss": loss, **metrics}
+        return {**{k: jnp.asarray(v, jnp.float32) * count for k, v in sums.items()}, "count": count}
 
     jit_kwargs: dict[str, Any] = {}
-    eval_kwargs: dict[str, Any] = {}
+    eval_kwargs_jit: dict[str, Any] = {}
     if mesh is not None:
         replicated = NamedSharding(mesh, P())
         data = NamedSharding(mesh, P("data"))
@@ -253,16 +330,110 @@ def make_steps(
             "in_shardings": (replicated, data),
             "out_shardings": (replicated, replicated),
         }
-        eval_kwargs = {"in_shardings": (replicated, data), "out_shardings": replicated}
+        eval_kwargs_jit = {"in_shardings": (replicated, data), "out_shardings": replicated}
     return TrainSteps(
         spec=spec,
         method=method,
         tx=tx,
-        frozen_bn=frozen_bn,
         trainable_params=trainable_count,
         train_step=jax.jit(train_step, donate_argnums=(0,) if donate else (), **jit_kwargs),
-        eval_step=jax.jit(eval_step, **eval_kwargs),
+        eval_step=jax.jit(eval_step, **eval_kwargs_jit),
+        _split_variables=forward.split_variables,
     )
+
+
+class _LinenForward:
+    """A linen module in train mode (frozen BatchNorm on running statistics) and eval mode."""
+
+    def __init__(self, model, policy, train_kwargs, eval_kwargs):
+        self.model, self.policy = model, policy
+        self.train_kwargs, self.eval_kwargs = train_kwargs, eval_kwargs
+
+    def train(self, params, batch_stats, x, rng):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        with _batchnorm.use_policy(self.policy):
+            out = self.model.apply(
+                variables,
+                x,
+                mutable=["batch_stats"] if batch_stats else False,
+                rngs={"dropout": rng},
+                **self.train_kwargs,
+            )
+        if not batch_stats:
+            return out, batch_stats
+        outputs, updates = out
+        return outputs, updates.get("batch_stats", batch_stats)
+
+    def eval(self, params, batch_stats, x):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return self.model.apply(variables, x, **self.eval_kwargs)
+
+    @staticmethod
+    def split_variables(variables):
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise TypeError(
+                "init_state takes a linen model's variables, a mapping with 'params' (and "
+                f"'batch_stats' if it has BatchNorm); got {type(variables).__name__}."
+            )
+        return variables["params"], variables.get("batch_stats", {})
+
+
+class _NNXForward:
+    """An NNX module as two pure functions: train mode (per the spec) and eval mode."""
+
+    def __init__(self, model, spec, running_stats):
+        train_model = nnx.clone(model)
+        _nnx.nnx_train_mode(train_model, spec, running_stats=running_stats)
+        eval_model = nnx.clone(model)
+        eval_model.eval()
+        self.train_graphdef = nnx.graphdef(train_model)
+        self.eval_graphdef = nnx.graphdef(eval_model)
+
+    def train(self, params, rest, x, rng):
+        del rng  # an NNX model carries its own RNG streams, in `rest`
+        model = nnx.merge(self.train_graphdef, params, rest)
+        outputs = model(x)
+        return outputs, nnx.split(model, nnx.Param, ...)[2]
+
+    def eval(self, params, rest, x):
+        return nnx.merge(self.eval_graphdef, params, rest)(x)
+
+    @staticmethod
+    def split_variables(model):
+        if not isinstance(model, nnx.Module):
+            raise TypeError(
+                f"init_state of NNX steps takes the NNX model, got {type(model).__name__}."
+            )
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return params, rest
+
+
+class _FullLoss:
+    """No model: the loss function sees the params directly."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+
+    @staticmethod
+    def split_variables(params):
+        return params, {}
+
+
+def _classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    logits = jnp.asarray(logits, jnp.float32)
+    labels = batch["label"]
+    weight = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {
+        "loss": jnp.sum(loss * weight),
+        "correct": jnp.sum(correct * weight),
+        "count": jnp.sum(weight),
+    }
 
 
 def make_mesh(devices: Any = None) -> Mesh:
@@ -300,7 +471,11 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 
 
 def _check_start_after(
-    start_after: str, frozen_bn: frozenset[str], spec: _spec.FreezeSpec, method: str
+    start_after: str,
+    params: Any,
+    spec: _spec.FreezeSpec,
+    method: str,
+    running_stats: _spec.SpecLike | None,
 ) -> None:
     if method != "zero":
         raise ValueError(
@@ -308,6 +483,12 @@ def _check_start_after(
             f"{method!r}, which computes gradients of the frozen groups that cached "
             "features skip."
         )
+    if running_stats is not None:
+        raise ValueError(
+            f"start_after={start_after!r} (cached features) follows the spec's BatchNorm "
+            "policy; it cannot be combined with running_stats."
+        )
+    frozen_bn = _labels.frozen_bn_groups(params, spec)
     if start_after not in frozen_bn:
         raise ValueError(
             f"start_after={start_after!r}, but under freeze spec {spec.describe()!r} that "
@@ -315,16 +496,6 @@ def _check_start_after(
             f"output is not fixed; groups that are: {sorted(frozen_bn)}. "
             "layerfreeze.features.frozen_prefix finds the last one that can be skipped."
         )
-
-
-def _split(params: Any, mask: Any) -> tuple[Any, Any]:
-    trainable = jax.tree.map(lambda f, p: None if f else p, mask, params)
-    frozen = jax.tree.map(lambda f, p: p if f else None, mask, params)
-    return trainable, frozen
-
-
-def _merge(mask: Any, trainable: Any, frozen: Any) -> Any:
-    return jax.tree.map(lambda f, t, z: z if f else t, mask, trainable, frozen)
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:

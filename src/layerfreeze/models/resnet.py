@@ -21,7 +21,6 @@ symmetrically, like PyTorch; ``"SAME"`` would pad stride-2 convolutions asymmetr
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
 from typing import Any
 
 import jax.numpy as jnp
@@ -212,9 +211,7 @@ class ResNet(nn.Module):
         True
         >>> sorted(variables["batch_stats"]["stage1"]["Block_0"])
         ['BatchNorm_0', 'BatchNorm_1']
-        >>> logits, updates = model.apply(
-        ...     variables, x, train=True, frozen_bn=("stem", "stage1"), mutable=["batch_stats"]
-        ... )
+        >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
         >>> logits.shape
         (2, 10)
     """
@@ -251,7 +248,6 @@ class ResNet(nn.Module):
         x: jnp.ndarray,
         *,
         train: bool,
-        frozen_bn: Collection[str] = (),
         start_after: str | None = None,
     ) -> jnp.ndarray:
         """Returns float32 logits of shape ``(batch, num_classes)``.
@@ -260,11 +256,10 @@ class ResNet(nn.Module):
             x: Images, NHWC; with ``start_after``, the output of that group instead.
             train: Training mode: BatchNorm normalises with batch statistics and updates
                 its running statistics (apply with ``mutable=["batch_stats"]``), and the
-                MLP head's dropout is active (pass a ``"dropout"`` rng).
-            frozen_bn: Names of groups (see :data:`GROUPS`) whose BatchNorm layers use their
-                running statistics even when ``train=True``, so their ``batch_stats`` stay
-                bit-identical. A static Python collection: inside ``jax.jit`` close over it
-                or mark it static. ``"head"`` is accepted and has no BatchNorm.
+                MLP head's dropout is active (pass a ``"dropout"`` rng). To keep the
+                BatchNorm of frozen groups on their running statistics, apply inside
+                :func:`layerfreeze.frozen_batchnorm` (:func:`layerfreeze.train.make_steps`
+                does).
             start_after: Skip the groups up to and including this one (any group but
                 ``"head"``): ``x`` is then that group's output, e.g. features cached with
                 :meth:`features`. With ``"stage4"``, ``x`` may also be the
@@ -274,16 +269,14 @@ class ResNet(nn.Module):
                 every group is created.
 
         Raises:
-            ValueError: If ``frozen_bn`` or ``start_after`` names a group that does not
-                exist, or ``start_after`` is ``"head"``.
-            TypeError: If ``frozen_bn`` is a single string instead of a collection.
+            ValueError: If ``start_after`` names a group that does not exist, or is
+                ``"head"``.
         """
-        frozen = _check_frozen_bn(frozen_bn)
         first = 0
         if start_after is not None:
             _check_group("start_after", start_after, GROUPS[:-1])
             first = GROUPS.index(start_after) + 1
-        return self._forward(x, train=train, frozen=frozen, first=first, last=len(GROUPS) - 1)
+        return self._forward(x, train=train, first=first, last=len(GROUPS) - 1)
 
     def features(self, x: jnp.ndarray, *, upto: str, pool: bool = False) -> jnp.ndarray:
         """Output of group ``upto`` in eval mode (BatchNorm on running statistics).
@@ -323,17 +316,12 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"pool=True is only valid with upto='stage4' (the head's input); got {upto!r}."
             )
-        x = self._forward(x, train=False, frozen=frozenset(), first=0, last=GROUPS.index(upto))
+        x = self._forward(x, train=False, first=0, last=GROUPS.index(upto))
         return jnp.mean(x, axis=(1, 2)) if pool else x
 
     @nn.compact
-    def _forward(
-        self, x: jnp.ndarray, *, train: bool, frozen: frozenset[str], first: int, last: int
-    ) -> jnp.ndarray:
+    def _forward(self, x: jnp.ndarray, *, train: bool, first: int, last: int) -> jnp.ndarray:
         """Runs the groups ``GROUPS[first : last + 1]``; the head returns float32 logits."""
-
-        def running(group: str) -> bool:
-            return not train or group in frozen
 
         def runs(group: str) -> bool:
             return first <= GROUPS.index(group) <= last
@@ -341,7 +329,7 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         if runs("stem"):
             x = _Stem(self.stem, self.width, self.dtype, self.param_dtype, name="stem")(
-                x, use_running_average=running("stem")
+                x, use_running_average=not train
             )
         for i, (group, num_blocks) in enumerate(zip(_STAGES, self.stage_sizes, strict=True)):
             if not runs(group):
@@ -354,7 +342,7 @@ class ResNet(nn.Module):
                 self.dtype,
                 self.param_dtype,
                 name=group,
-            )(x, use_running_average=running(group))
+            )(x, use_running_average=not train)
         if not runs("head"):
             return x
         if x.ndim == 4:  # a 2-D input is stage4's spatial mean already (pooled features)
@@ -374,20 +362,6 @@ class ResNet(nn.Module):
 def _check_group(what: str, group: Any, valid: tuple[str, ...]) -> None:
     if not isinstance(group, str) or group not in valid:
         raise ValueError(f"{what} must be one of {list(valid)}; got {group!r}.")
-
-
-def _check_frozen_bn(frozen_bn: Collection[str]) -> frozenset[str]:
-    if isinstance(frozen_bn, str):
-        raise TypeError(
-            f"frozen_bn must be a collection of group names such as ({frozen_bn!r},), not the "
-            f"string {frozen_bn!r}; valid groups are {list(GROUPS)}."
-        )
-    unknown = [g for g in frozen_bn if g not in GROUPS]
-    if unknown:
-        raise ValueError(
-            f"frozen_bn names unknown group(s) {unknown}; valid groups are {list(GROUPS)}."
-        )
-    return frozenset(frozen_bn)
 
 
 def resnet18(num_classes: int, **kw: Any) -> ResNet:
