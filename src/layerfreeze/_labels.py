@@ -5,7 +5,7 @@ from typing import Any
 
 import jax
 
-from layerfreeze import _paths, _spec
+from layerfreeze import _nnx, _paths, _spec
 
 __all__ = [
     "check_same_structure",
@@ -24,7 +24,10 @@ def frozen_mask(params: Any, spec: _spec.SpecLike) -> Any:
 
     >>> frozen_mask({"stem": {"w": 1.0}, "head": {"w": 1.0}}, "stem")
     {'head': {'w': False}, 'stem': {'w': True}}
+
+    An NNX model stands for its parameters, `nnx.state(model, nnx.Param)`.
     """
+    params = _nnx.as_params(params)
     resolved = _spec.as_spec(spec).resolve(params)
     flat = iter(resolved.values())
     return jax.tree.map(lambda _: next(flat), params)
@@ -69,7 +72,7 @@ def frozen_bn_groups(params: Any, spec: _spec.SpecLike) -> frozenset[str]:
     spec = _spec.as_spec(spec)
     if spec.train_bn:
         return frozenset()
-    resolved = spec.resolve(params)
+    resolved = spec.resolve(_nnx.as_params(params))
     all_frozen: dict[str, bool] = {}
     for path, frozen in resolved.items():
         group = path.split("/", 1)[0]

@@ -6,8 +6,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
-from layerfreeze import _paths, _spec
+from layerfreeze import _nnx, _paths, _spec
 
 __all__ = ["FreezeSummary", "GroupSummary", "summary", "tree_bytes", "opt_state_bytes_by_path"]
 
@@ -136,11 +137,11 @@ def summary(
     """Summarises `params` under `spec`, per top-level group.
 
     Args:
-      params: the parameter pytree.
+      params: the parameter pytree, or an NNX model (its `nnx.Param`s).
       spec: the freeze spec (anything `layerfreeze.FreezeSpec` accepts).
-      opt_state: optionally the optimizer state, to count its bytes per group.
-        State leaves that belong to no parameter (step counts) are shown as
-        `(shared)`.
+      opt_state: optionally the optimizer state (or an `nnx.Optimizer`), to
+        count its bytes per group. State leaves that belong to no parameter
+        (step counts) are shown as `(shared)`.
       order: the order of the groups in the table, e.g. a model's
         `GROUPS`; groups it does not name come last. Default: the order of the
         keys of `params` when it is a mapping.
@@ -154,6 +155,9 @@ def summary(
     (2, 5)
     """
     spec = _spec.as_spec(spec)
+    params = _nnx.as_params(params)
+    if isinstance(opt_state, nnx.Optimizer):
+        opt_state = nnx.state(opt_state, nnx.OptState)
     resolved = spec.resolve(params)
     leaves = jax.tree.leaves(params)
     per_group: dict[str, list[int]] = {}

@@ -395,7 +395,9 @@ class _NNXForward:
 
     def train(self, params, rest, x, rng):
         del rng  # an NNX model carries its own RNG streams, in `rest`
-        model = nnx.merge(self.train_graphdef, params, rest)
+        # Fresh Variables, owned by the current trace (the step's `rest` was
+        # made by an outer one, and NNX refuses to mutate across traces).
+        model = nnx.merge(self.train_graphdef, params, jax.tree.map(lambda v: v, rest))
         outputs = model(x)
         return outputs, nnx.split(model, nnx.Param, ...)[2]
 
