@@ -99,7 +99,12 @@ def test_decided_per_batchnorm_module(spec, frozen_norms):
 def test_train_bn_keeps_every_batchnorm_training():
     model = FlaxExampleResNet()
     variables = _init(model, train=False)
-    changed, policy = _changed_stats(model, variables, lf.FreezeSpec.parse("all", train_bn=True))
+    spec = lf.FreezeSpec.parse("all", train_bn=True)
+    # `bn_init` is no name the default bn_pattern knows: found by type instead.
+    with pytest.raises(ValueError, match=r"train_bn=True, but the BatchNorm layer 'bn_init'"):
+        _changed_stats(model, variables, spec)
+    spec = spec.replace(bn_modules=lf.batchnorm_modules(variables))
+    changed, policy = _changed_stats(model, variables, spec)
     assert all(changed.values()) and not any(policy.seen.values())
 
 

@@ -101,9 +101,11 @@ def test_frozen_params_and_statistics_bit_identical_over_20_steps(kind):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_train_bn_trains_batchnorm_inside_frozen_layers(kind):
-    spec = lf.FreezeSpec.parse(
-        KINDS[kind][1], train_bn=True, bn_pattern=r"(.*/)?[^/]*(bn|norm)[^/]*/(scale|bias)"
-    )
+    spec = lf.FreezeSpec.parse(KINDS[kind][1], train_bn=True)
+    if kind != "nnx":  # linen: BatchNorm by type from the variables' statistics
+        model = KINDS[kind][0]()
+        variables = model.init(jax.random.key(0), IMAGES[:2], train=False)
+        spec = spec.replace(bn_modules=lf.batchnorm_modules(variables))
     _, steps, state, batch, frozen = _build(kind, spec)
     stats0 = _leaves(state.batch_stats)
     params0 = _leaves(state.params)
@@ -182,6 +184,28 @@ def test_compiled_flops_equal_the_hand_written_ideal(kind):
         ideal = _linen_ideal_flops(model, variables, spec, batch, loss_fn)
     assert abs(ours / ideal - 1) <= 0.01, (ours, ideal)
     assert ours < 0.9 * full, (ours, full)
+
+
+def test_train_bn_with_batchnorm_the_spec_cannot_name_is_an_error():
+    # `norm1` matches no default bn_pattern: training would silently keep its
+    # scale frozen while its statistics move; it is an error naming the fix.
+    spec = lf.FreezeSpec.parse("encoder", train_bn=True)
+    _, steps, state, batch, _ = _build("deep_norm_regression", spec)
+    with pytest.raises(
+        ValueError, match=r"train_bn=True, but .*'encoder/unit_a/norm1'.*bn_modules"
+    ):
+        steps.train_step(state, batch)
+
+
+def test_batchnorm_modules():
+    model = DeepNormNet()
+    variables = model.init(jax.random.key(0), IMAGES[:2], train=False)
+    assert lf.batchnorm_modules(variables) == tuple(
+        f"{s}/{u}/norm1" for s in ("encoder", "middle") for u in ("unit_a", "unit_b")
+    )
+    assert lf.batchnorm_modules(NNXNet(nnx.Rngs(0))) == ("body_bn", "stem_bn")
+    with pytest.raises(TypeError, match=r"NNX model or a linen model's variables"):
+        lf.batchnorm_modules(variables["params"])
 
 
 def test_eval_step_of_a_custom_loss_sums_over_batches():

@@ -7,7 +7,7 @@
 2
 """
 
-from layerfreeze._batchnorm import frozen_batchnorm
+from layerfreeze._batchnorm import batchnorm_modules, frozen_batchnorm
 from layerfreeze._freeze import METHODS, freeze
 from layerfreeze._grad import grad, value_and_grad
 from layerfreeze._labels import freeze_labels, frozen_bn_groups, frozen_mask, label_fn
@@ -35,6 +35,7 @@ __all__ = [
     "Phase",
     "Rule",
     "as_spec",
+    "batchnorm_modules",
     "freeze",
     "freeze_labels",
     "frozen_batchnorm",

@@ -24,10 +24,55 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 
-from layerfreeze import _spec
+from layerfreeze import _paths, _spec
 
-__all__ = ["BatchNormPolicy", "frozen_batchnorm", "use_policy"]
+__all__ = ["BatchNormPolicy", "batchnorm_modules", "frozen_batchnorm", "use_policy"]
+
+
+def batchnorm_modules(tree: Any) -> tuple[str, ...]:
+    """The paths of a model's BatchNorm modules, found by type or by their statistics.
+
+    Args:
+      tree: an NNX model (its `nnx.BatchNorm` modules, subclasses included),
+        or a linen model's variables (the modules that keep `mean` and `var`
+        in `batch_stats`).
+
+    Returns:
+      Module paths such as `encoder/unit_a/norm1`, sorted; for a spec's
+      `bn_modules`, so that `train_bn=True` finds BatchNorm whatever its name.
+
+    >>> import jax.numpy as jnp
+    >>> batchnorm_modules({"params": {}, "batch_stats": {
+    ...     "enc": {"norm1": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}}})
+    ('enc/norm1',)
+    """
+    if isinstance(tree, nnx.Module):
+        return tuple(
+            sorted(
+                _paths.path_str([str(p) for p in path])
+                for path, module in nnx.iter_modules(tree)
+                if isinstance(module, nnx.BatchNorm)
+            )
+        )
+    if not isinstance(tree, Mapping) or "batch_stats" not in tree:
+        raise TypeError(
+            "batchnorm_modules takes an NNX model or a linen model's variables (a mapping "
+            f"with 'batch_stats'); got {type(tree).__name__}."
+        )
+    stats: dict[str, set[str]] = {}
+    for path in _paths.leaf_paths(tree["batch_stats"]):
+        module, _, name = path.rpartition("/")
+        stats.setdefault(module, set()).add(name)
+    return tuple(sorted(m for m, names in stats.items() if {"mean", "var"} <= names))
+
+
+def with_bn_modules(spec: _spec.FreezeSpec, modules: tuple[str, ...]) -> _spec.FreezeSpec:
+    """`spec` with `modules` added to its `bn_modules` when it uses `train_bn`."""
+    if not spec.train_bn:
+        return spec
+    return spec.replace(bn_modules=tuple(dict.fromkeys(spec.bn_modules + modules)))
 
 
 class BatchNormPolicy:
@@ -67,10 +112,17 @@ class BatchNormPolicy:
     def _decide(self, module_path: str) -> bool:
         if self.running_stats is not None:
             return self.running_stats.frozen_at(module_path)
-        if self.spec.train_bn:
-            return False
         prefix = module_path + "/"
         own = [frozen for path, frozen in self.resolved.items() if path.startswith(prefix)]
+        if self.spec.train_bn:
+            if any(own):
+                raise ValueError(
+                    f"train_bn=True, but the BatchNorm layer {module_path!r} has frozen "
+                    "parameters: its path matches neither the spec's bn_pattern nor its "
+                    "bn_modules. Name BatchNorm layers by type with "
+                    "spec.replace(bn_modules=layerfreeze.batchnorm_modules(variables))."
+                )
+            return False
         if own:
             return all(own)
         # No scale and no bias: the layer follows the rule that covers its path.

@@ -72,7 +72,8 @@ def nnx_filter(model: nnx.Module, spec: _spec.SpecLike) -> Callable[[Any, Any], 
     >>> _ = optimizer.update(model, grads)
     """
     params = as_params(model)
-    resolved = _spec.as_spec(spec).resolve(params)
+    spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), _batchnorm.batchnorm_modules(model))
+    resolved = spec.resolve(params)
     trainable = frozenset(path for path, frozen in resolved.items() if not frozen)
 
     def is_trainable(path: Any, value: Any) -> bool:
@@ -89,7 +90,8 @@ def nnx_train_mode(
 ) -> dict[str, bool]:
     """`model.train()`, except that BatchNorm layers frozen by `spec` use running statistics.
 
-    Every `nnx.BatchNorm` whose own scale and bias `spec` freezes gets
+    Every `nnx.BatchNorm` (found by type, whatever its name) whose own scale
+    and bias `spec` freezes gets
     `use_running_average=True`, so its statistics stay bit-identical while it
     is frozen; all others train (`use_running_average=False`), as do dropout
     layers. Call it again when the frozen set changes (an unfrozen BatchNorm
@@ -116,6 +118,7 @@ def nnx_train_mode(
     >>> nnx_train_mode(Net(nnx.Rngs(0)), "stem,stem_bn")
     {'head_bn': False, 'stem_bn': True}
     """
+    spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), _batchnorm.batchnorm_modules(model))
     policy = _batchnorm.BatchNormPolicy(as_params(model), spec, running_stats=running_stats)
     model.train()
     modes = {}

@@ -125,6 +125,11 @@ class FreezeSpec:
         through and through: no updates and running statistics unchanged.
       bn_pattern: regex (full match) naming BatchNorm scale/bias leaves for
         `train_bn`.
+      bn_modules: paths of BatchNorm modules (`encoder/unit_a/norm1`) whose
+        `scale` and `bias` count as BatchNorm parameters for `train_bn`, in
+        addition to `bn_pattern`: BatchNorm found by type, whatever its name
+        (`layerfreeze.batchnorm_modules(variables)` lists them; NNX models are
+        handled by type automatically).
 
     >>> spec = FreezeSpec.parse("stem,stage1")
     >>> spec.resolve({"stem": {"w": 0}, "stage1": {"w": 0}, "head": {"w": 0}})
@@ -136,6 +141,7 @@ class FreezeSpec:
     strict: bool = False
     train_bn: bool = False
     bn_pattern: str = DEFAULT_BN_PATTERN
+    bn_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         rules = []
@@ -157,6 +163,12 @@ class FreezeSpec:
         if self.default not in _STATES:
             raise ValueError(f"default must be one of {_STATES}, got {self.default!r}.")
         re.compile(self.bn_pattern)
+        if isinstance(self.bn_modules, str):
+            raise TypeError(
+                "bn_modules must be a sequence of module paths, not the string "
+                f"{self.bn_modules!r}."
+            )
+        object.__setattr__(self, "bn_modules", tuple(self.bn_modules))
 
     # Construction ---------------------------------------------------------
 
@@ -239,7 +251,7 @@ class FreezeSpec:
                     uncovered.append(path)
                 state = self.default
             frozen = state == FROZEN
-            if frozen and self.train_bn and bn.fullmatch(path):
+            if frozen and self.train_bn and (bn.fullmatch(path) or self._in_bn_module(path)):
                 frozen = False
             result[path] = frozen
         for rule, hit in zip(self.rules, matched, strict=True):
@@ -270,9 +282,14 @@ class FreezeSpec:
         """
         state = next((r.state for r in self.rules if r.matches(path)), self.default)
         frozen = state == FROZEN
-        if frozen and self.train_bn and re.fullmatch(self.bn_pattern, path):
-            return False
+        if frozen and self.train_bn:
+            if re.fullmatch(self.bn_pattern, path) or self._in_bn_module(path):
+                return False
         return frozen
+
+    def _in_bn_module(self, path: str) -> bool:
+        module, _, name = path.rpartition("/")
+        return name in ("scale", "bias") and module in self.bn_modules
 
     def describe(self) -> str:
         """A short string that `FreezeSpec.parse` turns back into this spec's rules."""

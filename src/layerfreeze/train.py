@@ -229,6 +229,7 @@ def make_steps(
                 "make_steps takes the parameters from an NNX model; leave `params` out."
             )
         params = _nnx.as_params(model)
+        spec = _batchnorm.with_bn_modules(spec, _batchnorm.batchnorm_modules(model))
     elif model is not None and not isinstance(model, nn.Module):
         raise TypeError(
             f"make_steps takes a flax.linen.Module, a flax.nnx.Module or None (a loss of the "
