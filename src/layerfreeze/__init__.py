@@ -8,7 +8,13 @@
 """
 
 from layerfreeze._freeze import METHODS, freeze
-from layerfreeze._labels import freeze_labels, frozen_bn_groups, frozen_mask, label_fn
+from layerfreeze._labels import (
+    freeze_labels,
+    frozen_bn_groups,
+    frozen_mask,
+    label_fn,
+    trainable_since,
+)
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
@@ -44,6 +50,7 @@ __all__ = [
     "parse_schedule",
     "scale_by_group",
     "summary",
+    "trainable_since",
     "transfer_opt_state",
     "ulmfit_multipliers",
 ]
