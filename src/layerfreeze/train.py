@@ -13,7 +13,7 @@ its state, and runs data parallel over a `jax.sharding.Mesh` when given one.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -116,6 +116,7 @@ def make_steps(
     mesh: Mesh | None = None,
     donate: bool = True,
     start_after: str | None = None,
+    previous: Sequence[_spec.SpecLike] = (),
 ) -> TrainSteps:
     """Builds the frozen-aware optimizer and the jitted train and eval steps.
 
@@ -148,6 +149,9 @@ def make_steps(
         eval step still runs the whole model on images. Only with method
         `"zero"`: `"lr0"` computes the frozen gradients on purpose, and the
         groups skipped here have none.
+      previous: the specs of the earlier phases, oldest first, passed to
+        `layerfreeze.freeze` (e.g. `schedule.previous_specs(i)`), so leaves
+        unfrozen by this phase start with fresh optimizer step counts.
 
     Returns:
       `TrainSteps`.
@@ -164,7 +168,7 @@ def make_steps(
     if start_after is not None:
         _check_start_after(start_after, frozen_bn, spec, method)
     apply_kwargs = {} if start_after is None else {"start_after": start_after}
-    tx = _freeze.freeze(optimizer, spec, method=method)
+    tx = _freeze.freeze(optimizer, spec, method=method, previous=previous)
     preprocess = preprocess or (lambda rng, x: x.astype(jnp.float32))
     preprocess_eval = preprocess_eval or (lambda x: x.astype(jnp.float32))
     trainable_count = sum(
