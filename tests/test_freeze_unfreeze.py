@@ -1,10 +1,14 @@
 """Unfreezing under `freeze(..., previous=...)`: newly trainable leaves start fresh."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
+from flax.core import FrozenDict
 
 import layerfreeze as lf
 from layerfreeze import _paths
@@ -257,6 +261,44 @@ def test_extra_cohorts_add_no_compiled_work():
     one, three = flops(()), flops(["a,b", "a"])
     assert one > 64 * 64 * 3 * 10
     assert three <= 1.01 * one
+
+
+class _Net(nnx.Module):
+    def __init__(self):
+        self.stem = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+        self.head = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+
+
+CONTAINERS = {
+    "FrozenDict": lambda: FrozenDict({"stem": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(2)}}),
+    "OrderedDict": lambda: collections.OrderedDict(
+        stem={"w": jnp.ones(3)}, head={"w": jnp.ones(2)}
+    ),
+    "nnx.State": lambda: nnx.state(_Net(), nnx.Param),
+}
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_cohorts_work_on_any_params_container(container):
+    params = CONTAINERS[container]()
+    tx = lf.freeze(optax.adam(0.1), "stem")
+    state = tx.init(params)
+    for _ in range(3):
+        state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)[1]
+    grads = jax.tree.map(lambda p: jnp.full_like(p, -0.5), params)
+    tx = lf.freeze(optax.adam(0.1), "none", previous=["stem"])
+    state = lf.transfer_opt_state(state, tx.init(params))
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    fresh = optax.adam(0.1)
+    want, _ = fresh.update(grads, fresh.init(params), params)
+    for path, got, ref in zip(
+        _paths.leaf_paths(params), jax.tree.leaves(updates), jax.tree.leaves(want), strict=True
+    ):
+        if path.startswith("stem"):
+            np.testing.assert_allclose(got, ref, rtol=1e-6, err_msg=path)
+        else:  # its moments remember three steps of the opposite sign
+            assert not np.allclose(got, ref, rtol=0.1), path
 
 
 @pytest.mark.parametrize(

@@ -308,7 +308,9 @@ def _combine(states: Mapping[int, Any], cohorts: list[int], treedef: Any) -> Any
         ]
         return type(base)(parts)
     if isinstance(base, dict):
-        return {k: _combine({c: s[k] for c, s in states.items()}, cohorts, treedef) for k in base}
+        return _dict_map(
+            base, lambda k, _: _combine({c: s[k] for c, s in states.items()}, cohorts, treedef)
+        )
     return base
 
 
@@ -352,8 +354,17 @@ def _map_bias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(node, tuple | list):
         return type(node)(_map_bias_counts(v, fn) for v in node)
     if isinstance(node, dict):
-        return {k: _map_bias_counts(v, fn) for k, v in node.items()}
+        return _dict_map(node, lambda _, v: _map_bias_counts(v, fn))
     return node
+
+
+def _dict_map(node: dict, fn: Callable[[Any, Any], Any]) -> dict:
+    # A copy keeps the dict's own type (OrderedDict, ...): a pytree's type is
+    # part of its structure.
+    new = node.copy()
+    for key, value in node.items():
+        new[key] = fn(key, value)
+    return new
 
 
 def _is_namedtuple(node: Any) -> bool:
