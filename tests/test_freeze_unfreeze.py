@@ -320,6 +320,12 @@ def test_previous_must_be_a_sequence_of_specs(previous):
         lf.freeze(optax.adam(0.1), "none", previous=previous)
 
 
+def test_previous_specs_with_labels_are_refused():
+    labels = lf.frozen_mask(_params(), "none")
+    with pytest.raises(ValueError, match=r"not valid \(in previous\)"):
+        lf.freeze(optax.adam(0.1), labels=labels, previous=["stem"])
+
+
 def test_a_previous_rule_matching_nothing_fails_at_init():
     tx = lf.freeze(optax.adam(0.1), "none", previous=["stage9"])
     with pytest.raises(ValueError, match="stage9"):

@@ -151,7 +151,8 @@ def freeze(
     if labels is not None:
         if spec is not None:
             raise ValueError("Pass either a freeze spec or `labels`, not both.")
-        history = [_fixed_frozen(p) for p in previous] + [_fixed_frozen(labels)]
+        history = [_fixed_frozen(p, "previous") for p in previous]
+        history.append(_fixed_frozen(labels, "labels"))
     else:
         history = [_spec_frozen(_spec.as_spec(s)) for s in previous]
         history.append(_spec_frozen(_spec.as_spec(spec)))
@@ -202,15 +203,16 @@ def _spec_frozen(spec: _spec.FreezeSpec) -> Callable[[Any], list[bool]]:
     return lambda tree: list(spec.resolve(tree).values())
 
 
-def _fixed_frozen(labels: Any) -> Callable[[Any], list[bool]]:
+def _fixed_frozen(labels: Any, where: str) -> Callable[[Any], list[bool]]:
     def as_label(leaf: Any) -> str:
         if isinstance(leaf, bool | np.bool_):
             return _spec.FROZEN if leaf else _spec.TRAINABLE
         if leaf in (_spec.FROZEN, _spec.TRAINABLE):
             return leaf
         raise ValueError(
-            f"Label {leaf!r} is not valid; labels are 'frozen', 'trainable', or bools "
-            "(True = frozen)."
+            f"Label {leaf!r} is not valid (in {where}); labels are 'frozen', 'trainable', or "
+            "bools (True = frozen). With `labels`, each entry of `previous` is a label "
+            "pytree too."
         )
 
     normalised = jax.tree.map(as_label, labels)
