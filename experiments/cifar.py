@@ -33,7 +33,6 @@ from ml_collections import config_flags  # noqa: E402
 
 import layerfreeze as lf  # noqa: E402
 from layerfreeze import checkpoint, data, features, lr, models, schedules, train  # noqa: E402
-from layerfreeze._transfer import transfer_opt_state  # noqa: E402
 
 
 def _config_fields(argv: list[str]) -> list[str]:
@@ -416,16 +415,17 @@ def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
 
 @dataclasses.dataclass
 class _Phases:
-    """Compiled steps per distinct phase: built once, reused if a phase repeats."""
+    """Compiled steps per phase index: built once, reused by a phase with the same key."""
 
-    build: Callable[[schedules.Phase], train.TrainSteps]
+    build: Callable[[int], train.TrainSteps]
+    key: Callable[[int], Any]
     cache: dict[Any, train.TrainSteps] = dataclasses.field(default_factory=dict)
 
-    def get(self, phase: schedules.Phase) -> train.TrainSteps:
-        key = (phase.spec, phase.lr_multipliers)
+    def get(self, index: int) -> train.TrainSteps:
+        key = self.key(index)
         if key not in self.cache:
-            logging.info("Building train step for phase %s (%d so far).", phase, len(self.cache))
-            self.cache[key] = self.build(phase)
+            logging.info("Building train step for phase %d (%d so far).", index, len(self.cache))
+            self.cache[key] = self.build(index)
         return self.cache[key]
 
     @property
@@ -494,23 +494,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             images = data.augment(rng, images)
         return data.normalize(images)
 
-    def build(phase: schedules.Phase) -> train.TrainSteps:
+    def trained_specs(index: int) -> list[lf.FreezeSpec]:
+        """The specs of phases 0..index as trained (with `train_bn`)."""
+        history = (*schedule.previous_specs(index), schedule.phases[index].spec)
+        return [spec.replace(train_bn=config.train_bn) for spec in history]
+
+    def build(index: int) -> train.TrainSteps:
+        phase = schedule.phases[index]
+        *previous, spec = trained_specs(index)
         # Always chained, so the optimizer state keeps its structure across
         # phases with and without multipliers and carries over intact.
         opt = optax.chain(base_opt, lr.scale_by_group(dict(phase.lr_multipliers)))
         return train.make_steps(
             model,
             opt,
-            phase.spec.replace(train_bn=config.train_bn),
+            spec,
             variables["params"],
             method=config.freeze_method,
             preprocess=preprocess if feature_prefix(phase) is None else _identity,
             preprocess_eval=data.normalize,
             mesh=mesh,
             start_after=feature_prefix(phase),
+            previous=previous,
         )
 
-    phases = _Phases(build)
+    def step_key(index: int) -> Any:
+        # A repeated phase reuses its step unless, under method zero, its
+        # history puts some leaves in a different unfreezing cohort.
+        phase = schedule.phases[index]
+        cohorts: Any = ()
+        if config.freeze_method == "zero":
+            *previous, spec = trained_specs(index)
+            cohorts = tuple(lf.trainable_since(shapes["params"], spec, previous).items())
+        return (phase.spec, phase.lr_multipliers, cohorts)
+
+    phases = _Phases(build, step_key)
 
     def phase_index(step: int) -> int:
         t = step // spe if schedule.unit == "epoch" else step
@@ -523,7 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step:
         meta = ckpt.restore_metadata()
         current = int(meta["phase"])
-        steps = phases.get(schedule.phases[current])
+        steps = phases.get(current)
         target = steps.init_state(variables, rng).as_dict()
         restored, _ = ckpt.restore(target)
         state = train.TrainState(**restored)
@@ -531,7 +549,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         print(f"Resuming from step {start_step} (phase {current}).")
     else:
         current = phase_index(0)
-        steps = phases.get(schedule.phases[current])
+        steps = phases.get(current)
         state = steps.init_state(variables, rng)
     state = train.replicate(mesh, state)
 
@@ -597,8 +615,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step = batch.step
         wanted = phase_index(step)
         if wanted != current:
-            new_steps = phases.get(schedule.phases[wanted])
-            opt_state = transfer_opt_state(state.opt_state, new_steps.tx.init(state.params))
+            new_steps = phases.get(wanted)
+            opt_state = lf.transfer_opt_state(state.opt_state, new_steps.tx.init(state.params))
             state = train.replicate(mesh, state.replace(opt_state=opt_state))
             print(
                 f"step {step}: phase {wanted} ({schedule.phases[wanted].describe(schedule.unit)}), "

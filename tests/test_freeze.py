@@ -102,7 +102,7 @@ def test_lr0_keeps_state_for_every_leaf():
     params = _params()
     new, state = _train(lf.freeze(optax.adam(1e-2), "stem", method="lr0"), params, steps=3)
     np.testing.assert_array_equal(new["stem"]["kernel"], params["stem"]["kernel"])
-    frozen_mu = state.inner_states["frozen"].inner_state[0][0].mu["stem"]["kernel"]
+    frozen_mu = state.inner_states["frozen"].inner_state[0].inner_state[0].mu["stem"]["kernel"]
     assert np.all(np.asarray(frozen_mu) != 0), "frozen moments should be warm under lr0"
     total = lf.summary(params, "stem", state).opt_state_bytes
     assert total >= 2 * lf.summary(params, "stem").total_bytes

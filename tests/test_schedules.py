@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import layerfreeze as lf
 from layerfreeze import FreezeSpec
 from layerfreeze import schedules as S
 
@@ -140,6 +141,25 @@ def test_phase_at_boundaries():
     assert s.phase_index(3.0) == 1
     assert [s.is_boundary(t) for t in (0, 2, 3, 10)] == [True, False, True, True]
     assert list(s) == list(s.phases)
+
+
+def test_previous_specs_are_the_earlier_phases_specs():
+    s = S.explicit({0: "all", 3: "stem,stage1", 10: "none"})
+    assert s.previous_specs(0) == ()
+    assert s.previous_specs(2) == (s.phases[0].spec, s.phases[1].spec)
+    for bad in (3, -1):
+        with pytest.raises(IndexError, match=r"phases 0\.\.2"):
+            s.previous_specs(bad)
+    with pytest.raises(TypeError, match="integer"):
+        s.previous_specs(1.5)
+
+
+def test_previous_specs_give_each_unfrozen_group_its_phase():
+    s = S.gradual_unfreezing(GROUPS, every=2)
+    last = len(s) - 1
+    since = lf.trainable_since(PARAMS, s.phases[last].spec, s.previous_specs(last))
+    by_group = {path.split("/")[0]: i for path, i in since.items()}
+    assert by_group == {"head": 0, "stage4": 1, "stage3": 2, "stage2": 3, "stage1": 4, "stem": 5}
 
 
 def test_phase_at_rejects_negative_and_non_numbers():

@@ -21,7 +21,7 @@ def _steps(tx, state, params, n=3):
 
 
 def _adam(state, branch):
-    return state.inner_states[branch].inner_state[0][0]
+    return state.inner_states[branch].inner_state[0].inner_state[0]
 
 
 def test_zero_keeps_state_of_still_trainable_and_starts_new_ones_fresh():

@@ -47,11 +47,23 @@ def test_a_repeated_phase_reuses_its_compiled_step(tmp_path):
     assert result["phase"] == 2
 
 
+def test_a_repeated_phase_that_unfreezes_gets_its_own_step(tmp_path):
+    # Phase 2 repeats phase 0's spec, but its body is newly unfrozen: under
+    # method zero those leaves count their own steps, so the step differs.
+    config = tiny_config(
+        schedule="explicit:0=none;1=all-but:head;2=none", num_train_steps=12, eval_every=100
+    )
+    assert cifar.train_and_evaluate(config, str(tmp_path / "zero"))["compilations"] == 3
+    config.freeze_method = "lr0"
+    assert cifar.train_and_evaluate(config, str(tmp_path / "lr0"))["compilations"] == 2
+
+
 @pytest.mark.parametrize(
     ("method", "checkpoint_every", "kill_at", "resumes_in_phase"),
     [
         ("zero", 4, 5, 0),  # last checkpoint just before the boundary
         ("lr0", 5, 6, 1),  # last checkpoint right after the boundary
+        ("zero", 9, 9, 2),  # restores the step counts of two unfreezing cohorts
     ],
 )
 def test_resume_across_a_phase_boundary_is_bitwise_identical(

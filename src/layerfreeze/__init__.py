@@ -10,7 +10,13 @@
 from layerfreeze._batchnorm import batchnorm_modules, frozen_batchnorm
 from layerfreeze._freeze import METHODS, freeze
 from layerfreeze._grad import grad, value_and_grad
-from layerfreeze._labels import freeze_labels, frozen_bn_groups, frozen_mask, label_fn
+from layerfreeze._labels import (
+    freeze_labels,
+    frozen_bn_groups,
+    frozen_mask,
+    label_fn,
+    trainable_since,
+)
 from layerfreeze._nnx import nnx_filter, nnx_train_mode
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
@@ -52,6 +58,7 @@ __all__ = [
     "parse_schedule",
     "scale_by_group",
     "summary",
+    "trainable_since",
     "transfer_opt_state",
     "ulmfit_multipliers",
     "value_and_grad",

@@ -1,6 +1,6 @@
 """Label and mask pytrees for `optax.partition`, `optax.masked` and friends."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -8,11 +8,14 @@ import jax
 from layerfreeze import _nnx, _paths, _spec
 
 __all__ = [
+    "check_previous",
     "check_same_structure",
     "freeze_labels",
     "frozen_bn_groups",
     "frozen_mask",
     "label_fn",
+    "since_from_history",
+    "trainable_since",
 ]
 
 
@@ -56,6 +59,60 @@ def label_fn(spec: _spec.SpecLike) -> Callable[[Any], Any]:
     """
     spec = _spec.as_spec(spec)
     return lambda params: freeze_labels(params, spec)
+
+
+def trainable_since(
+    params: Any, spec: _spec.SpecLike, previous: Sequence[_spec.SpecLike] = ()
+) -> dict[str, int | None]:
+    """Maps each leaf path to the phase since which the leaf has trained.
+
+    `previous` holds the freeze specs of the earlier phases, oldest first, and
+    `spec` the current one. A trainable leaf's answer is the index in
+    `(*previous, spec)` where its last unbroken run of trainable phases
+    begins: 0 if it has trained in every phase given. Frozen leaves map to
+    None. Leaves with the same answer form a *cohort*: under
+    `layerfreeze.freeze(..., previous=previous)` each cohort counts its own
+    optimizer steps (Adam's bias correction).
+
+    >>> params = {"stem": {"w": 0.0}, "stage1": {"w": 0.0}, "head": {"w": 0.0}}
+    >>> trainable_since(params, "none", previous=["stem,stage1", "stem"])
+    {'head/w': 0, 'stage1/w': 1, 'stem/w': 2}
+    >>> trainable_since(params, "stem", previous=["none"])
+    {'head/w': 0, 'stage1/w': 0, 'stem/w': None}
+    """
+    specs = [_spec.as_spec(s) for s in check_previous(previous)] + [_spec.as_spec(spec)]
+    rows = [list(s.resolve(params).values()) for s in specs]
+    return dict(zip(_paths.leaf_paths(params), since_from_history(rows), strict=True))
+
+
+def check_previous(previous: Any) -> tuple[Any, ...]:
+    """Returns `previous` as a tuple, or raises a TypeError if it is no sequence of specs."""
+    if isinstance(previous, str | bytes | Mapping) or not isinstance(previous, Sequence):
+        raise TypeError(
+            "previous must be a sequence of the earlier phases' freeze specs, oldest first "
+            f"(e.g. ['all-but:head', 'all-but:head,stage4']); got {type(previous).__name__}: "
+            f"{previous!r}."
+        )
+    return tuple(previous)
+
+
+def since_from_history(frozen_rows: Sequence[Sequence[bool]]) -> list[int | None]:
+    """Per leaf, where its trailing run of trainable phases begins (None: frozen now).
+
+    Args:
+      frozen_rows: one row per phase, oldest first; each row holds one bool per
+        leaf (True = frozen). The last row is the current phase.
+    """
+    since: list[int | None] = []
+    for column in zip(*frozen_rows, strict=True):
+        if column[-1]:
+            since.append(None)
+            continue
+        start = len(column) - 1
+        while start > 0 and not column[start - 1]:
+            start -= 1
+        since.append(start)
+    return since
 
 
 def frozen_bn_groups(params: Any, spec: _spec.SpecLike) -> frozenset[str]:

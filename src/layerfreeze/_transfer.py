@@ -19,10 +19,13 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
     frozen branches, so a state leaf is named by the branch-free part of its
     path (`mu/stage4/.../kernel`, `count`). A leaf of `new_state` takes the old
     value found under that name, looking in its own branch first, then in the
-    other: parameters that stay trainable keep their Adam moments and the step
-    count; under method `lr0` newly unfrozen parameters continue with the
-    moments they kept while frozen; under method `zero` they start from
-    `new_state`'s fresh values (no state was kept for them).
+    other: parameters that stay trainable keep their Adam moments and step
+    counts (a cohort's counts are named after the phase it began,
+    `counts/since_<i>`); under method `lr0` newly unfrozen parameters continue
+    with the moments they kept while frozen and the global step count; under
+    method `zero` they start from `new_state`'s fresh values (no state was
+    kept for them), with fresh step counts when the new phase's `freeze` was
+    given `previous`.
 
     Args:
       old_state: the state before the change.
@@ -35,9 +38,11 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
     >>> params = {"stem": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
     >>> old_tx = lf.freeze(optax.adam(0.1), "stem")
     >>> old = old_tx.update(params, old_tx.init(params), params)[1]
-    >>> new = transfer_opt_state(old, lf.freeze(optax.adam(0.1), "none").init(params))
-    >>> int(new.inner_states["trainable"].inner_state[0][0].count)
-    1
+    >>> new_tx = lf.freeze(optax.adam(0.1), "none", previous=["stem"])
+    >>> new = transfer_opt_state(old, new_tx.init(params))
+    >>> cohorts = new.inner_states["trainable"].inner_state[0]
+    >>> int(cohorts.inner_state[0].count), int(cohorts.counts["since_1"][0])
+    (1, 0)
     """
     old = {}
     for keypath, leaf in _flatten(old_state):

@@ -182,6 +182,26 @@ class FreezeSchedule:
         """The phase in force at `t`: the last one whose start is <= `t`."""
         return self.phases[self.phase_index(t)]
 
+    def previous_specs(self, index: int) -> tuple[_spec.FreezeSpec, ...]:
+        """The freeze specs of the phases before phase `index`, oldest first.
+
+        Build phase `index`'s optimizer with them, so that the leaves it
+        unfreezes start with fresh optimizer step counts:
+        `layerfreeze.freeze(optimizer, schedule.phases[i].spec,
+        previous=schedule.previous_specs(i))`.
+
+        >>> s = explicit({0: "all-but:head", 5: "stem", 9: "none"})
+        >>> [spec.describe() for spec in s.previous_specs(2)]
+        ['all-but:head', 'stem']
+        """
+        index = _index("A phase index", index)
+        if not 0 <= index < len(self.phases):
+            raise IndexError(
+                f"Phase index {index} is out of range; this schedule has phases "
+                f"0..{len(self.phases) - 1}."
+            )
+        return tuple(p.spec for p in self.phases[:index])
+
     def is_boundary(self, t: int) -> bool:
         """Whether a phase starts exactly at `t` (the frozen set may change)."""
         return t in self.boundaries

@@ -20,7 +20,7 @@ its state, and runs data parallel over a `jax.sharding.Mesh` when given one.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -87,7 +87,7 @@ class TrainSteps:
     Attributes:
       spec: the resolved freeze spec.
       method: `"zero"` or `"lr0"`.
-      tx: `layerfreeze.freeze(optimizer, spec, method=method)`.
+      tx: `layerfreeze.freeze(optimizer, spec, method=method, previous=previous)`.
       trainable_params: how many parameters train under `spec`.
       train_step: jitted `(TrainState, batch) -> (TrainState, metrics)`;
         donates the state. Metrics: `loss`, the loss function's metrics
@@ -163,6 +163,7 @@ def make_steps(
     mesh: Mesh | None = None,
     donate: bool = True,
     start_after: str | None = None,
+    previous: Sequence[_spec.SpecLike] = (),
 ) -> TrainSteps:
     """Builds the frozen-aware optimizer and the jitted train and eval steps.
 
@@ -211,6 +212,9 @@ def make_steps(
         `start_after=start_after`. Every group up to and including it must be
         frozen with its BatchNorm frozen (`features.frozen_prefix`). Only with
         method `"zero"`.
+      previous: the specs of the earlier phases, oldest first, passed to
+        `layerfreeze.freeze` (e.g. `schedule.previous_specs(i)`), so leaves
+        unfrozen by this phase start with fresh optimizer step counts.
 
     Returns:
       `TrainSteps`.
@@ -241,7 +245,7 @@ def make_steps(
     mask = jax.tree.unflatten(jax.tree.structure(params), list(resolved.values()))
     if start_after is not None:
         _check_start_after(start_after, params, spec, method, running_stats)
-    tx = _freeze.freeze(optimizer, spec, method=method)
+    tx = _freeze.freeze(optimizer, spec, method=method, previous=previous)
     trainable_count = sum(
         int(np.prod(np.shape(leaf)))
         for leaf, f in zip(jax.tree.leaves(params), resolved.values(), strict=True)
