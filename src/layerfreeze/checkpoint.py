@@ -592,7 +592,8 @@ def _check_state_files(item: Path) -> str:
     if not (item / "manifest.ocdbt").is_file():
         return f"{_STATE}/manifest.ocdbt is missing"
     try:
-        store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item}/"}).result()
+        base = {"driver": "file", "path": f"{item}/"}
+        store = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
         keys = store.list().result()
         # The last byte of each value: its data file must still reach that far.
         reads = [(key, store.read(key, byte_range=slice(-1, None))) for key in keys]
