@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from layerfreeze.checkpoint import Checkpointer
+from layerfreeze import checkpoint
+from layerfreeze.checkpoint import CheckpointDamagedError, Checkpointer
 
 # Orbax names a step being written "<step>" + this suffix until it renames it.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -438,5 +440,204 @@ def test_restore_arrays_takes_entries_without_a_target(ckpt_dir):
         got = ckpt.restore_arrays(("params",))
         assert set(got) == {"params"}
         assert_bitwise_equal(got["params"], jax.device_get(state["params"]))
-        with pytest.raises(KeyError, match=r"no entries \['nope'\]; it has \["):
+        with pytest.raises(ValueError, match=r"no entries \['nope'\]; it has \["):
             ckpt.restore_arrays(("params", "nope"))
+
+
+# Damaged checkpoints: files of a finished step truncated, emptied or deleted later.
+
+
+def _small(seed: int) -> dict:
+    # `w` (2 KiB) is over Orbax's 1 KiB limit for values kept inside the OCDBT
+    # index, so it has a data file of its own.
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {
+            "w": jnp.asarray(rng.standard_normal(512), jnp.float32),
+            "b": jnp.full((3,), float(seed)),
+        },
+        "step": jnp.int32(seed),
+    }
+
+
+def _array_data_file(step_dir: Path) -> Path:
+    # The largest file in an OCDBT data directory (`d/`) holds `w`'s bytes.
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+_DAMAGE = {
+    "array-data-truncated": (_array_data_file, _truncate),
+    "array-data-emptied": (_array_data_file, _empty),
+    "array-data-deleted": (_array_data_file, _delete),
+    "state-METADATA-truncated": (lambda d: d / "state" / "_METADATA", _truncate),
+    "state-METADATA-emptied": (lambda d: d / "state" / "_METADATA", _empty),
+    "state-METADATA-deleted": (lambda d: d / "state" / "_METADATA", _delete),
+    "manifest-truncated": (lambda d: d / "state" / "manifest.ocdbt", _truncate),
+    "manifest-deleted": (lambda d: d / "state" / "manifest.ocdbt", _delete),
+    "array-metadatas-truncated": (
+        lambda d: d / "state" / "array_metadatas" / "process_0",
+        _truncate,
+    ),
+    "json-metadata-truncated": (lambda d: d / "metadata" / "metadata", _truncate),
+    "json-metadata-deleted": (lambda d: d / "metadata" / "metadata", _delete),
+}
+
+
+def _damage(step_dir: Path, kind: str) -> None:
+    find, act = _DAMAGE[kind]
+    path = find(step_dir)
+    assert path.is_file(), sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*"))
+    act(path)
+
+
+def _save_10_and_20(ckpt_dir: Path) -> None:
+    with Checkpointer(ckpt_dir) as ckpt:
+        for step in (10, 20):
+            ckpt.save(step, _small(step), metadata={"step": step})
+
+
+def _listing(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("kind", list(_DAMAGE))
+def test_damaged_latest_step_is_moved_aside_and_the_previous_one_restored(ckpt_dir, kind, caplog):
+    _save_10_and_20(ckpt_dir)
+    _damage(ckpt_dir / "20", kind)
+    with Checkpointer(ckpt_dir) as ckpt:
+        # Plain reads of the damaged step say so, in one clear error.
+        with pytest.raises(CheckpointDamagedError, match=r"step 20 .* is damaged") as info:
+            ckpt.restore(_small(0))
+        assert info.value.step == 20
+        assert info.value.damaged == [(20, info.value.reason)]
+        assert "\n" not in info.value.reason
+        if kind.startswith("json-metadata"):
+            with pytest.raises(CheckpointDamagedError, match="'metadata' item"):
+                ckpt.restore_metadata()
+            assert set(ckpt.restore_arrays(("params",))) == {"params"}
+        else:
+            assert ckpt.restore_metadata() == {"step": 20}
+            with pytest.raises(CheckpointDamagedError, match=r"step 20 .* is damaged"):
+                ckpt.restore_arrays(("params",))
+
+        step, state, metadata, damaged = ckpt.restore_latest_intact(lambda meta: _small(0))
+        assert (step, metadata) == (10, {"step": 10})
+        assert_bitwise_equal(state, _small(10))
+        assert damaged == [(20, info.value.reason)]
+        assert ckpt.damaged_directory == ckpt_dir.with_name("ckpt_damaged")
+        assert (ckpt.damaged_directory / "20").is_dir()
+        assert not (ckpt_dir / "20").exists()
+        assert ckpt.all_steps() == [10]
+        assert ckpt.latest_step() == 10
+        # The run carries on: step 20 is saved again, over nothing.
+        ckpt.save(20, _small(21), metadata={"step": 21})
+        restored, metadata = ckpt.restore(_small(0))
+    assert metadata == {"step": 21}
+    assert_bitwise_equal(restored, _small(21))
+    assert any(
+        r.levelname == "WARNING"
+        and "step 20" in r.getMessage()
+        and "ckpt_damaged" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_every_step_damaged_lists_them_and_where_they_went(ckpt_dir):
+    _save_10_and_20(ckpt_dir)
+    _damage(ckpt_dir / "20", "array-data-truncated")
+    _damage(ckpt_dir / "10", "json-metadata-deleted")
+    with Checkpointer(ckpt_dir) as ckpt:
+        # A step 20 moved aside by an earlier run is kept: this one gets a suffix.
+        (ckpt.damaged_directory / "20").mkdir(parents=True)
+        with pytest.raises(CheckpointDamagedError, match="Every checkpoint") as info:
+            ckpt.restore_latest_intact(lambda meta: _small(0))
+        error = info.value
+        assert [s for s, _ in error.damaged] == [20, 10]
+        assert error.moved_to == {
+            20: ckpt.damaged_directory / "20.1",
+            10: ckpt.damaged_directory / "10",
+        }
+        for step, reason in error.damaged:
+            assert f"step {step}: {reason} (moved to {error.moved_to[step]})" in str(error)
+            assert error.moved_to[step].is_dir()
+        assert ckpt.all_steps() == []
+        # The caller may start afresh in the same directory.
+        ckpt.save(0, _small(0), metadata={"step": 0})
+        assert ckpt.all_steps() == [0]
+
+
+def test_restore_latest_intact_mismatch_is_not_damage(ckpt_dir):
+    _save_10_and_20(ckpt_dir)
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(ValueError, match="does not match the structure"):
+            ckpt.restore_latest_intact(lambda meta: {"params": {"w": jnp.zeros(3)}})
+        assert ckpt.all_steps() == [10, 20]
+    assert not ckpt_dir.with_name("ckpt_damaged").exists()
+
+
+def test_restore_latest_intact_without_checkpoints(ckpt_dir):
+    with Checkpointer(ckpt_dir) as ckpt, pytest.raises(FileNotFoundError, match="No checkpoint"):
+        ckpt.restore_latest_intact(lambda meta: _small(0))
+
+
+def test_container_mismatch_found_by_orbax_is_a_value_error(ckpt_dir):
+    # Same leaf names ("a/0", "a/1"), different containers: only Orbax sees it.
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, {"a": [jnp.ones(2), jnp.zeros(2)]}, metadata={})
+        with pytest.raises(ValueError, match="does not match the structure"):
+            ckpt.restore({"a": {"0": jnp.ones(2), "1": jnp.zeros(2)}})
+
+
+@pytest.mark.parametrize("kind", ["array-data-deleted", "state-METADATA-truncated"])
+def test_restore_arrays_latest_intact_skips_damage_and_moves_nothing(ckpt_dir, kind):
+    _save_10_and_20(ckpt_dir)
+    _damage(ckpt_dir / "20", kind)
+    before = _listing(ckpt_dir)
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(CheckpointDamagedError, match="step 20"):
+            ckpt.restore_arrays(("params",))
+        step, arrays, damaged = ckpt.restore_arrays_latest_intact(("params",))
+        assert ckpt.all_steps() == [10, 20]
+    assert step == 10
+    assert [s for s, _ in damaged] == [20]
+    assert_bitwise_equal(arrays["params"], jax.device_get(_small(10)["params"]))
+    assert _listing(ckpt_dir) == before
+    assert not ckpt_dir.with_name("ckpt_damaged").exists()
+
+
+def test_restore_arrays_latest_intact_all_damaged_or_missing_keys(ckpt_dir):
+    _save_10_and_20(ckpt_dir)
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(ValueError, match=r"step 20 .* no entries \['opt_state'\]"):
+            ckpt.restore_arrays_latest_intact(("params", "opt_state"))
+    for step in ("10", "20"):
+        _damage(ckpt_dir / step, "manifest-deleted")
+    before = _listing(ckpt_dir)
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(CheckpointDamagedError, match="Every checkpoint") as info:
+            ckpt.restore_arrays_latest_intact(("params",))
+        assert [s for s, _ in info.value.damaged] == [20, 10]
+        assert info.value.moved_to == {}
+        assert ckpt.all_steps() == [10, 20]
+    assert _listing(ckpt_dir) == before
+
+
+def test_docstring_examples():
+    result = doctest.testmod(checkpoint)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -1,5 +1,11 @@
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+from flax import linen as nn
 
 import layerfreeze as lf
 
@@ -42,3 +48,107 @@ def test_opt_state_bytes_and_table():
     assert "(shared)" in text
     head_row = next(line for line in text.splitlines() if line.startswith("head"))
     assert head_row.split() == ["head", "90", "360", "B", "trainable", "720", "B"]
+
+
+class _CountedState(NamedTuple):
+    inner_state: Any
+    counts: Any
+
+
+def _counted_freeze(optimizer, spec):
+    """`freeze` with one more level in its trainable branch (per-leaf step counts)."""
+
+    def init(params):
+        counts = jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params)
+        return _CountedState(optimizer.init(params), counts)
+
+    def update(updates, state, params=None):
+        updates, inner = optimizer.update(updates, state.inner_state, params)
+        return updates, _CountedState(inner, jax.tree.map(lambda c: c + 1, state.counts))
+
+    branches = {"trainable": optax.GradientTransformation(init, update)}
+    return optax.partition({**branches, "frozen": optax.set_to_zero()}, lf.label_fn(spec))
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: _counted_freeze(optax.adam(1e-3), "stem,stage1"),
+        lambda: lf.freeze(optax.adam(1e-3), "stem,stage1"),
+        lambda: lf.freeze(optax.adam(1e-3), "stem,stage1", method="lr0"),
+        lambda: lf.freeze(optax.adafactor(1e-3, min_dim_size_to_factor=8), "stem,stage1"),
+        lambda: lf.freeze(optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), "stem,stage1"),
+        lambda: optax.MultiSteps(lf.freeze(optax.sgd(0.1, momentum=0.9), "stem,stage1"), 2),
+        lambda: optax.lbfgs(),
+        lambda: lf.freeze(optax.sgd(0.1), "stem,stage1"),  # no per-parameter state at all
+    ],
+    ids=[
+        "wrapped-branch",
+        "adam",
+        "adam-lr0",
+        "adafactor",
+        "inject-hyperparams",
+        "multisteps",
+        "lbfgs",
+        "sgd",
+    ],
+)
+def test_opt_state_of_many_optimizers_is_accepted(make_tx):
+    params = _params()
+    state = make_tx().init(params)
+    s = lf.summary(params, "stem,stage1", state)
+    assert s.opt_state_bytes == sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+
+
+def _other_params():
+    params = _params()
+    params["head"] = {"kernel": np.zeros((8, 100), np.float32), "bias": np.zeros(100, np.float32)}
+    return params
+
+
+@pytest.mark.parametrize(
+    ("opt_state", "error", "hint"),
+    [
+        ("adam", TypeError, r"an nnx.Optimizer or None; got str\.$"),
+        (optax.sgd(0.1), TypeError, r"ExtraArgs whose leaf init is a function"),
+        ({"a": np.zeros(3), "b": np.ones((2, 2))}, ValueError, "none of its leaves belongs"),
+        (nn.Dense(3), TypeError, r"got Dense\.$"),
+        (_params(), ValueError, "is a parameter tree"),
+    ],
+    ids=["string", "optimizer-not-state", "unrelated-arrays", "model", "params"],
+)
+def test_summary_rejects_what_is_not_an_optimizer_state(opt_state, error, hint):
+    with pytest.raises(error, match=hint):
+        lf.summary(_params(), "stem,stage1", opt_state)
+
+
+def test_summary_rejects_opt_state_of_other_params():
+    state = lf.freeze(optax.adam(1e-3), "stem,stage1").init(_other_params())
+    with pytest.raises(ValueError, match="does not belong to these params") as info:
+        lf.summary(_params(), "stem,stage1", state)
+    assert info.match(r"mu/head/kernel has shape \(8, 100\), which parameter head/kernel")
+    # A state built for params with one more group than these.
+    larger = {**_params(), "extra": {"kernel": np.zeros((2, 2), np.float32)}}
+    state = lf.freeze(optax.adam(1e-3), "stem,stage1").init(larger)
+    with pytest.raises(ValueError, match="mu/extra/kernel sits among per-parameter state"):
+        lf.summary(_params(), "stem,stage1", state)
+
+
+@pytest.mark.parametrize("method", lf.METHODS)
+def test_summary_rejects_opt_state_built_for_another_spec(method):
+    params = _params()
+    state = lf.freeze(optax.adam(1e-3), "stem", method=method).init(params)
+    # stage1 trains in the state's spec but is frozen in the summary's.
+    with pytest.raises(ValueError, match="trainable state for stage1/kernel, which this spec"):
+        lf.summary(params, "stem,stage1", state)
+    if method == "lr0":  # and stem's frozen-branch state contradicts a spec that trains it
+        with pytest.raises(ValueError, match="frozen-branch state for stem/kernel"):
+            lf.summary(params, "none", state)
+
+
+def test_summary_rejects_wrapped_state_built_for_another_spec():
+    params = _params()
+    state = _counted_freeze(optax.adam(1e-3), "stem").init(params)
+    lf.summary(params, "stem", state)
+    with pytest.raises(ValueError, match=r"inner_state/counts/stage1/kernel is trainable state"):
+        lf.summary(params, "stem,stage1", state)

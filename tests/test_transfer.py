@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 import layerfreeze as lf
 from layerfreeze._transfer import transfer_opt_state
@@ -79,3 +80,41 @@ def test_same_spec_is_identity():
     assert jax.tree.structure(new) == jax.tree.structure(old)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _state():
+    params = _params()
+    return lf.freeze(optax.adam(0.1), "stem").init(params)
+
+
+@pytest.mark.parametrize(
+    ("bad", "hint"),
+    [
+        (None, "got None"),
+        ("adam", "got str, which is not a pytree"),
+        (nn.Dense(3), "got Dense, which is not a pytree"),
+        (jnp.ones(3), "which is not a pytree"),
+        ({"stem": {"w": "adam"}}, "got a dict whose leaf stem/w is a str, not an array"),
+        (optax.adam(0.1), "leaf init is a function"),
+    ],
+    ids=["none", "string", "linen-model", "array", "dict-of-strings", "optimizer"],
+)
+@pytest.mark.parametrize("position", ["old_state", "new_state"])
+def test_rejects_what_is_not_an_optimizer_state(bad, hint, position):
+    args = {"old_state": _state(), "new_state": _state(), position: bad}
+    with pytest.raises(TypeError, match=f"{position} must be an optimizer state.*{hint}"):
+        transfer_opt_state(**args)
+
+
+@pytest.mark.parametrize("position", ["old_state", "new_state"])
+def test_rejects_params_in_place_of_a_state(position):
+    args = {"old_state": _state(), "new_state": _state(), position: _params()}
+    with pytest.raises(TypeError, match=r"old_state is a \w+ but new_state is a \w+"):
+        transfer_opt_state(**args)
+
+
+def test_accepts_states_without_array_leaves():
+    params = _params()
+    old = lf.freeze(optax.sgd(0.1), "stem").init(params)
+    new = lf.freeze(optax.sgd(0.1), "stem,stage4").init(params)
+    assert jax.tree.structure(transfer_opt_state(old, new)) == jax.tree.structure(new)

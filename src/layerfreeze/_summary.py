@@ -13,6 +13,8 @@ from layerfreeze import _nnx, _paths, _spec
 __all__ = ["FreezeSummary", "GroupSummary", "summary", "tree_bytes", "opt_state_bytes_by_path"]
 
 _SHARED = "(shared)"
+# Problems listed in an error message before it says "and N more".
+_MAX_LISTED = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +143,24 @@ def summary(
       spec: the freeze spec (anything `layerfreeze.FreezeSpec` accepts).
       opt_state: optionally the optimizer state (or an `nnx.Optimizer`), to
         count its bytes per group. State leaves that belong to no parameter
-        (step counts) are shown as `(shared)`.
+        (step counts) are shown as `(shared)`. It must be the state of these
+        params under this spec; see Raises.
       order: the order of the groups in the table, e.g. a model's
         `GROUPS`; groups it does not name come last. Default: the order of the
         keys of `params` when it is a mapping.
 
     Returns:
       A `FreezeSummary`; `print` it, or read `as_dict()`.
+
+    Raises:
+      TypeError: `opt_state` is not a pytree of arrays (a string, a model, ...).
+      ValueError: `opt_state` does not belong to `params` under `spec`: a leaf
+        whose path ends with a parameter's path has a shape that parameter
+        cannot give, state sits among per-parameter state for a parameter
+        `params` lacks, no leaf belongs to any parameter, `opt_state` is the
+        parameter tree itself, or a `layerfreeze.freeze` state keeps trainable
+        state for a parameter `spec` freezes (or frozen-branch state for one it
+        trains), i.e. it was built for another spec.
 
     >>> import numpy as np
     >>> s = summary({"stem": {"w": np.zeros(3)}, "head": {"w": np.zeros(2)}}, "stem")
@@ -169,6 +182,8 @@ def summary(
         row[2] += 0 if frozen else size
     shared = None
     if opt_state is not None:
+        shapes = {path: tuple(np.shape(leaf)) for path, leaf in zip(resolved, leaves, strict=True)}
+        _check_opt_state(opt_state, shapes, resolved, spec.describe())
         by_path = opt_state_bytes_by_path(opt_state, list(resolved))
         shared = by_path.pop(None, 0)
         for path, nbytes in by_path.items():
@@ -206,17 +221,123 @@ def opt_state_bytes_by_path(opt_state: Any, param_paths: list[str]) -> dict[str 
     scalars) go under the key None.
     """
     known = {tuple(p.split("/")): p for p in param_paths}
-    longest = max((len(k) for k in known), default=0)
     out: dict[str | None, int] = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        names = _paths.keypath_names(keypath)
-        owner = None
-        for n in range(min(longest, len(names)), 0, -1):
-            owner = known.get(names[-n:])
-            if owner is not None:
-                break
+        owner, _ = _owner(_paths.keypath_names(keypath), known)
         out[owner] = out.get(owner, 0) + _size(leaf)[1]
     return out
+
+
+def _owner(names: tuple[str, ...], known: dict[tuple[str, ...], str]) -> tuple[str | None, int]:
+    """The parameter whose path ends `names` (the longest such), and its length."""
+    for n in range(len(names), 0, -1):
+        owner = known.get(names[-n:])
+        if owner is not None:
+            return owner, n
+    return None, 0
+
+
+def _check_opt_state(
+    opt_state: Any, shapes: dict[str, tuple[int, ...]], frozen: dict[str, bool], spec: str
+) -> None:
+    """Raises unless `opt_state` looks like an optimizer state of these params.
+
+    Robust to how optimizers nest their state (chains, wrappers, `MultiSteps`,
+    `partition`) and to extra scalar leaves (counts, hyperparameters): only
+    leaves whose path ends with a parameter's path are held to that parameter.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    for keypath, leaf in flat:
+        if not _is_array_like(leaf):
+            got = type(opt_state).__name__
+            if keypath:
+                where = _paths.path_str(_paths.keypath_names(keypath))
+                got += f" whose leaf {where} is a {type(leaf).__name__}, not an array"
+            raise TypeError(
+                "opt_state must be the optimizer state of `params` (e.g. `tx.init(params)`), "
+                f"an nnx.Optimizer or None; got {got}."
+            )
+    known = {tuple(p.split("/")): p for p in shapes}
+    owned, unowned = [], []
+    for keypath, leaf in flat:
+        names = _paths.keypath_names(keypath)
+        owner, n = _owner(names, known)
+        if owner is None:
+            unowned.append((names, leaf))
+        else:
+            owned.append((names, n, owner, leaf))
+    problems = []
+    if any(n == len(names) for names, n, _, _ in owned):
+        problems.append(
+            "it is a parameter tree (its leaves are named exactly like the parameters), "
+            "not an optimizer state"
+        )
+    for names, n, owner, leaf in owned:
+        path, shape = _paths.path_str(names), tuple(np.shape(leaf))
+        if not _derived_shape(shape, shapes[owner]):
+            problems.append(
+                f"{path} has shape {shape}, which parameter {owner} of shape "
+                f"{shapes[owner]} cannot give"
+            )
+        branch = _branch(names[: len(names) - n])
+        if branch == _spec.TRAINABLE and frozen[owner]:
+            problems.append(f"{path} is trainable state for {owner}, which this spec freezes")
+        elif branch == _spec.FROZEN and not frozen[owner]:
+            problems.append(f"{path} is frozen-branch state for {owner}, which this spec trains")
+    # Where per-parameter trees sit (Adam's `mu`, ...): any other leaf there
+    # is state for a parameter these params do not have.
+    roots = {names[: len(names) - n] for names, n, _, _ in owned if n < len(names)}
+    for names, _ in unowned:
+        if any(names[: len(root)] == root for root in roots):
+            problems.append(
+                f"{_paths.path_str(names)} sits among per-parameter state but names no "
+                "parameter of `params`"
+            )
+    if not owned and any(np.ndim(leaf) > 0 for _, leaf in unowned):
+        example = next(iter(shapes), "")
+        problems.append(
+            "none of its leaves belongs to a parameter (no leaf path ends with a "
+            f"parameter path such as {example!r})"
+        )
+    if problems:
+        listed = "\n".join(f"  {p}" for p in problems[:_MAX_LISTED])
+        if len(problems) > _MAX_LISTED:
+            listed += f"\n  and {len(problems) - _MAX_LISTED} more"
+        raise ValueError(
+            f"opt_state does not belong to these params under freeze spec {spec!r}:\n"
+            f"{listed}\nPass the state of the optimizer that trains these params with this "
+            "spec, e.g. `layerfreeze.freeze(optimizer, spec).init(params)`."
+        )
+
+
+def _is_array_like(leaf: Any) -> bool:
+    if isinstance(leaf, bool | int | float | complex):
+        return True
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
+
+def _derived_shape(shape: tuple[int, ...], param: tuple[int, ...]) -> bool:
+    """Whether an optimizer keeps state of `shape` for a parameter of shape `param`.
+
+    The parameter's own shape (Adam's moments), a scalar or size-1 stand-in
+    (per-parameter counts, Adafactor's unfactored rows), the shape with some
+    dimensions dropped (Adafactor's factored moments) or with leading ones added
+    (L-BFGS's memory).
+    """
+    if shape in (param, (), (1,)):
+        return True
+    if len(shape) > len(param):
+        return shape[len(shape) - len(param) :] == param
+    dims = iter(param)
+    return all(any(d == p for p in dims) for d in shape)
+
+
+def _branch(prefix: tuple[str, ...]) -> str | None:
+    """The `partition` branch (`trainable` or `frozen`) a state path runs through."""
+    for i, name in enumerate(prefix[:-1]):
+        if name == "inner_states" and prefix[i + 1] in (_spec.TRAINABLE, _spec.FROZEN):
+            return prefix[i + 1]
+    return None
 
 
 def _size(leaf: Any) -> tuple[int, int]:

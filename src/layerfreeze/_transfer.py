@@ -34,6 +34,11 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
     Returns:
       `new_state` with carried-over leaves replaced by the old values.
 
+    Raises:
+      TypeError: either argument is not an optimizer state (None, a string, a
+        model: anything that is not a pytree of arrays), or the two are
+        different kinds of state (e.g. a parameter dict and a `freeze` state).
+
     >>> import jax.numpy as jnp, optax, layerfreeze as lf
     >>> params = {"stem": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
     >>> old_tx = lf.freeze(optax.adam(0.1), "stem")
@@ -44,6 +49,14 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
     >>> int(cohorts.inner_state[0].count), int(cohorts.counts["since_1"][0])
     (1, 0)
     """
+    _check_state("old_state", old_state)
+    _check_state("new_state", new_state)
+    if type(old_state) is not type(new_state):
+        raise TypeError(
+            f"old_state is a {type(old_state).__name__} but new_state is a "
+            f"{type(new_state).__name__}; both must be states of the same optimizer, "
+            "e.g. `layerfreeze.freeze(optimizer, spec).init(params)` under two specs."
+        )
     old = {}
     for keypath, leaf in _flatten(old_state):
         branch, name = _split_branch(keypath)
@@ -80,3 +93,20 @@ def _split_branch(keypath: Any) -> tuple[str | None, str]:
 
 def _dtype(x: Any) -> np.dtype:
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
+def _check_state(name: str, state: Any) -> None:
+    """Raises a TypeError unless `state` is a pytree whose leaves are all arrays."""
+    expected = f"{name} must be an optimizer state (e.g. `tx.init(params)`)"
+    if state is None:
+        raise TypeError(f"{expected}; got None.")
+    flat = _flatten(state)
+    if len(flat) == 1 and not flat[0][0]:  # `state` is itself a leaf
+        raise TypeError(f"{expected}; got {type(state).__name__}, which is not a pytree.")
+    for keypath, leaf in flat:
+        if not (isinstance(leaf, bool | int | float) or hasattr(leaf, "dtype")):
+            where = _paths.path_str(_paths.keypath_names(keypath))
+            raise TypeError(
+                f"{expected}; got a {type(state).__name__} whose leaf {where} is a "
+                f"{type(leaf).__name__}, not an array."
+            )

@@ -23,15 +23,24 @@ Pruning old steps (``max_to_keep``) happens only after the new step is renamed i
 place, so the newest checkpoint is never touched; a process killed while pruning
 can leave an *older* step half deleted (Orbax deletes it file by file).
 One process writes a directory at a time.
+
+Damage: a step whose files were later truncated, emptied or deleted (a full disk,
+a copy cut short, a person tidying up) cannot be read. Every read of such a step
+raises :class:`CheckpointDamagedError` naming the step and what failed, rather
+than an Orbax or TensorStore error; a structure mismatch with the caller's target is
+not damage and stays a ``ValueError``. :meth:`Checkpointer.restore_latest_intact`
+moves damaged steps aside to ``<directory>_damaged/`` (never deletes them) and
+falls back to the newest intact step.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import operator
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -39,17 +48,49 @@ from typing import Any, Self
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from layerfreeze import _paths
 
-__all__ = ["Checkpointer"]
+__all__ = ["CheckpointDamagedError", "Checkpointer"]
 
 PyTree = Any
+
+_log = logging.getLogger(__name__)
 
 _STATE = "state"
 _METADATA = "metadata"
 # Mismatches listed per kind in an error message before it says "and N more".
 _MAX_LISTED = 5
+# How much of a low-level error message a damage reason quotes.
+_MAX_REASON = 200
+# What Orbax says when the containers of `target` differ from the saved tree in
+# a way our own comparison of leaf paths cannot see (a dict where a list was
+# saved, an empty node present on one side only): a mismatch, not damage.
+_ORBAX_STRUCTURE_MISMATCH = "structures do not match"
+
+
+class CheckpointDamagedError(Exception):
+    """A saved step cannot be read: one of its files is missing, truncated or corrupt.
+
+    Attributes:
+        step: The damaged step (the newest one when several are listed).
+        reason: One line saying what could not be read, for ``step``.
+        damaged: Every damaged step found, as ``(step, reason)``, newest first.
+        moved_to: Where each damaged step was moved, by step; empty when nothing
+            was moved.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        damaged: Sequence[tuple[int, str]],
+        moved_to: Mapping[int, Path] | None = None,
+    ):
+        super().__init__(message)
+        self.damaged = list(damaged)
+        self.step, self.reason = self.damaged[0]
+        self.moved_to = dict(moved_to or {})
 
 
 class Checkpointer:
@@ -197,34 +238,93 @@ class Checkpointer:
             ValueError: If the saved state does not match ``target`` (missing or
                 unexpected leaves, different containers, shapes or dtypes, typed
                 versus raw PRNG keys).
+            CheckpointDamagedError: If a file of the step is missing, truncated
+                or corrupt (see :meth:`restore_latest_intact`).
         """
         step = self._resolve_step(step)
-        saved = self._manager.item_metadata(step)[_STATE]
-        if saved is None:
-            raise ValueError(
-                f"Step {step} in {self._directory} has no {_STATE!r} item; it was not "
-                "written by layerfreeze.Checkpointer."
-            )
-        mismatch = _describe_mismatch(saved.tree, target)
+        saved = self._saved_tree(step)
+        mismatch = _describe_mismatch(saved, target)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
-        try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        _STATE: ocp.args.StandardRestore(jax.tree.map(_abstract, target)),
-                        _METADATA: ocp.args.JsonRestore(),
-                    }
-                ),
-            )
-        except ValueError as e:
-            raise self._mismatch_error(step, str(e)) from e
-        state = restored[_STATE]
+        metadata = self._read_metadata(step)
+        state = self._read_state(step, jax.tree.map(_abstract, target))
         mismatch = _describe_restored_mismatch(state, target)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
-        return state, dict(restored[_METADATA])
+        return state, metadata
+
+    def restore_latest_intact(
+        self, make_target: Callable[[dict[str, Any]], PyTree]
+    ) -> tuple[int, PyTree, dict[str, Any], list[tuple[int, str]]]:
+        """Restores the newest step that can be read, moving damaged ones aside.
+
+        Steps are tried newest first. A damaged step (see
+        :class:`CheckpointDamagedError`) is moved, not deleted, to
+        ``<directory>_damaged/<step>`` (:attr:`damaged_directory`; a numeric
+        suffix is added if that name is taken), a warning is logged, and the
+        next older step is tried. The steps left in :attr:`directory` are then
+        all readable, so :meth:`latest_step` and :meth:`save` carry on from the
+        restored one.
+
+        Args:
+            make_target: Called with a step's metadata, returns the ``target`` of
+                :meth:`restore` for it (e.g. the state of the phase it names).
+
+        Returns:
+            ``(step, state, metadata, damaged)``: the restored step, its state and
+            metadata as :meth:`restore` gives them, and ``(step, reason)`` for
+            each damaged step moved aside, newest first (empty if none).
+
+        Raises:
+            FileNotFoundError: If the directory holds no checkpoint at all.
+            CheckpointDamagedError: If every step is damaged; all of them have
+                been moved aside and the message lists them and where they went.
+                The directory now holds no checkpoint: start afresh or stop.
+            ValueError: If an intact step does not match its target (nothing is
+                moved: a mismatch is not damage).
+
+        Example:
+            >>> import tempfile
+            >>> import jax.numpy as jnp
+            >>> with Checkpointer(tempfile.mkdtemp()) as ckpt:
+            ...     ckpt.save(10, {"w": jnp.ones(2)}, metadata={"size": 2})
+            ...     step, state, meta, damaged = ckpt.restore_latest_intact(
+            ...         lambda meta: {"w": jnp.zeros(meta["size"])}
+            ...     )
+            >>> step, state["w"].tolist(), damaged
+            (10, [1.0, 1.0], [])
+        """
+        damaged: list[tuple[int, str]] = []
+        moved: dict[int, Path] = {}
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoint found in {self._directory}: it holds no finished step."
+            )
+        for step in reversed(steps):
+            try:
+                state, metadata = self.restore(make_target(self._read_metadata(step)), step=step)
+            except CheckpointDamagedError as e:
+                moved[step] = self._move_aside(step)
+                damaged.append((step, e.reason))
+                _log.warning(
+                    "Checkpoint step %d in %s is damaged (%s); moved it to %s and trying "
+                    "the next older step.",
+                    step,
+                    self._directory,
+                    e.reason,
+                    moved[step],
+                )
+                continue
+            return step, state, metadata, damaged
+        listed = "\n".join(f"  step {s}: {r} (moved to {moved[s]})" for s, r in damaged)
+        raise CheckpointDamagedError(
+            f"Every checkpoint in {self._directory} is damaged; each was moved aside and "
+            f"the directory now holds none:\n{listed}\nStart afresh, or repair a step and "
+            "move it back.",
+            damaged,
+            moved,
+        )
 
     def restore_arrays(self, keys: tuple[str, ...], *, step: int | None = None) -> dict[str, Any]:
         """Restores some top-level entries of a saved dict state, as saved.
@@ -243,15 +343,16 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: If there is no checkpoint (or not that step).
-            KeyError: If the saved state lacks one of `keys`; the message lists
+            ValueError: If the saved state lacks one of `keys`; the message lists
                 the keys it has.
+            CheckpointDamagedError: If a file of the step is missing, truncated
+                or corrupt.
         """
         step = self._resolve_step(step)
-        saved = self._manager.item_metadata(step)[_STATE]
-        tree = getattr(saved, "tree", None)
+        tree = self._saved_tree(step)
         if not isinstance(tree, Mapping) or any(k not in tree for k in keys):
             have = sorted(tree) if isinstance(tree, Mapping) else []
-            raise KeyError(
+            raise ValueError(
                 f"The checkpoint at step {step} in {self._directory} has no entries "
                 f"{[k for k in keys if k not in have]}; it has {have}."
             )
@@ -262,10 +363,55 @@ class Checkpointer:
             tree,
             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
         )
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+        restored = self._read_state(step, target)
+        return {k: restored[k] for k in keys}
+
+    def restore_arrays_latest_intact(
+        self, keys: tuple[str, ...]
+    ) -> tuple[int, dict[str, Any], list[tuple[int, str]]]:
+        """:meth:`restore_arrays` of the newest step that can be read.
+
+        For reading another run's checkpoints (`init_from`): damaged steps are
+        skipped and reported, and nothing in the directory is moved or changed.
+
+        Args:
+            keys: top-level keys of the saved state, e.g. `("params", "batch_stats")`.
+
+        Returns:
+            ``(step, arrays, damaged)``: the step read, what :meth:`restore_arrays`
+            gives for it, and ``(step, reason)`` for each newer damaged step
+            skipped, newest first.
+
+        Raises:
+            FileNotFoundError: If the directory holds no checkpoint.
+            CheckpointDamagedError: If every step is damaged; the message lists
+                them.
+            ValueError: If the newest intact step lacks one of `keys`.
+        """
+        damaged: list[tuple[int, str]] = []
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoint found in {self._directory}: it holds no finished step."
+            )
+        for step in reversed(steps):
+            try:
+                arrays = self.restore_arrays(keys, step=step)
+            except CheckpointDamagedError as e:
+                damaged.append((step, e.reason))
+                _log.warning(
+                    "Checkpoint step %d in %s is damaged (%s); skipping it.",
+                    step,
+                    self._directory,
+                    e.reason,
+                )
+                continue
+            return step, arrays, damaged
+        listed = "\n".join(f"  step {s}: {r}" for s, r in damaged)
+        raise CheckpointDamagedError(
+            f"Every checkpoint in {self._directory} is damaged (left in place):\n{listed}",
+            damaged,
         )
-        return {k: restored[_STATE][k] for k in keys}
 
     def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
         """Reads only the JSON metadata of a step, without touching its arrays.
@@ -282,12 +428,15 @@ class Checkpointer:
         Raises:
             FileNotFoundError: If the directory holds no checkpoint, or not the
                 requested ``step``.
+            CheckpointDamagedError: If the step's metadata file is missing,
+                truncated or corrupt.
         """
-        step = self._resolve_step(step)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
-        )
-        return dict(restored[_METADATA])
+        return self._read_metadata(self._resolve_step(step))
+
+    @property
+    def damaged_directory(self) -> Path:
+        """Where :meth:`restore_latest_intact` moves damaged steps: ``<directory>_damaged``."""
+        return self._directory.with_name(self._directory.name + "_damaged")
 
     def close(self) -> None:
         """Waits for pending work and releases Orbax resources. Idempotent."""
@@ -324,11 +473,136 @@ class Checkpointer:
             )
         return step
 
+    def _saved_tree(self, step: int) -> PyTree:
+        """The saved state's tree of leaf metadata, once its files are checked."""
+        try:
+            item = self._step_path(step) / _STATE
+        except ValueError as e:  # Orbax no longer finds the step's directory.
+            raise self._damaged(step, "its directory is gone", e) from e
+        problem = _check_state_files(item)
+        if problem:
+            raise self._damaged(step, problem)
+        try:
+            saved = self._manager.item_metadata(step)[_STATE]
+        except Exception as e:
+            raise self._damaged(step, f"cannot read the layout of its {_STATE!r} item", e) from e
+        tree = getattr(saved, "tree", None)
+        if tree is None:
+            raise self._damaged(
+                step, f"its {_STATE!r} item is missing or has no layout file (_METADATA)"
+            )
+        return tree
+
+    def _read_metadata(self, step: int) -> dict[str, Any]:
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
+            )[_METADATA]
+        except Exception as e:
+            raise self._damaged(step, f"cannot read its {_METADATA!r} item", e) from e
+        if not isinstance(restored, Mapping):
+            raise self._damaged(
+                step, f"its {_METADATA!r} item holds {type(restored).__name__}, not a JSON object"
+            )
+        return dict(restored)
+
+    def _read_state(self, step: int, target: PyTree) -> PyTree:
+        try:
+            return self._manager.restore(
+                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+            )[_STATE]
+        except ValueError as e:
+            if _ORBAX_STRUCTURE_MISMATCH in str(e):
+                raise self._mismatch_error(step, str(e)) from e
+            raise self._damaged(step, f"cannot read its {_STATE!r} item", e) from e
+        except Exception as e:
+            raise self._damaged(step, f"cannot read its {_STATE!r} item", e) from e
+
+    def _damaged(
+        self, step: int, what: str, error: BaseException | None = None
+    ) -> CheckpointDamagedError:
+        reason = f"{what}: {_one_line(error)}" if error is not None else what
+        return CheckpointDamagedError(
+            f"The checkpoint at step {step} in {self._directory} is damaged: {reason}.",
+            [(step, reason)],
+        )
+
+    def _step_path(self, step: int) -> Path:
+        return Path(
+            ocp.path.step.find_step_path(
+                self._directory, ocp.path.step.standard_name_format(), step=step
+            )
+        )
+
+    def _move_aside(self, step: int) -> Path:
+        source = self._step_path(step)
+        self.damaged_directory.mkdir(parents=True, exist_ok=True)
+        dest = self.damaged_directory / source.name
+        suffix = 1
+        while dest.exists():
+            dest = self.damaged_directory / f"{source.name}.{suffix}"
+            suffix += 1
+        # A sibling of the directory, so normally the same filesystem: a rename.
+        shutil.move(source, dest)
+        # Orbax caches the list of steps; make it forget the one just moved.
+        self._manager.reload()
+        return dest
+
     def _mismatch_error(self, step: int, details: str) -> ValueError:
         return ValueError(
             f"The checkpoint at step {step} in {self._directory} does not match the "
             f"structure of `target`:\n{details}"
         )
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error, without TensorStore's spec dump, kept short."""
+    # Orbax wraps a failed array read in an Exception whose message is mostly the
+    # TensorStore spec; the cause says what actually failed.
+    while error.__cause__ is not None and "See full TensorStore details" in str(error):
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec", 1)[0].rstrip(".") if lines else ""
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_state_files(item: Path) -> str:
+    """Reads what Orbax needs from a saved ``state`` item; '' if it is all there.
+
+    Orbax (0.12) reads a step's arrays concurrently and, when one read fails,
+    closes its event loop with the others still pending: they later print
+    "Exception ignored" tracebacks at unpredictable times. Checking the files
+    first, with synchronous TensorStore reads of one byte per stored value, finds
+    truncated, emptied and deleted files before Orbax reads any of them.
+    """
+    layout = None
+    for path in [item / "_METADATA", *sorted((item / "array_metadatas").glob("*"))]:
+        name = f"{_STATE}/{path.relative_to(item)}"
+        try:
+            parsed = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (OSError, ValueError) as e:
+            return f"{name} is unreadable: {_one_line(e)}"
+        layout = parsed if layout is None else layout
+    if not isinstance(layout, dict) or not layout.get("use_ocdbt", True):
+        return ""  # Not a layout this check knows; Orbax reads it and tells.
+    if not (item / "manifest.ocdbt").is_file():
+        return f"{_STATE}/manifest.ocdbt is missing"
+    try:
+        base = {"driver": "file", "path": f"{item}/"}
+        store = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+        keys = store.list().result()
+        # The last byte of each value: its data file must still reach that far.
+        reads = [(key, store.read(key, byte_range=slice(-1, None))) for key in keys]
+        for key, read in reads:
+            if len(read.result().value) != 1:
+                return f"the data of {key.decode()!r} is missing from {_STATE}/"
+    except ValueError as e:
+        return f"cannot read {_STATE}/: {_one_line(e)}"
+    return ""
 
 
 def _remove_unfinished_steps(directory: Path) -> None:
