@@ -16,7 +16,6 @@ import math
 import pathlib
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -232,10 +231,16 @@ def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> 
             )
         with checkpoint.Checkpointer(ckpt_dir) as ckpt:
             try:
-                loaded = ckpt.restore_arrays(("params", "batch_stats"))
-            except FileNotFoundError as e:
-                raise UsageError(str(e)) from e
-            note = f"run {source} (step {ckpt.latest_step()})"
+                step, loaded, damaged = ckpt.restore_arrays_latest_intact(("params", "batch_stats"))
+            except (FileNotFoundError, ValueError, checkpoint.CheckpointDamagedError) as e:
+                raise UsageError(f"config.init_from={path!r}: {e}") from e
+            for bad, reason in damaged:
+                print(
+                    f"warning: init_from checkpoint step {bad} is damaged ({reason}); "
+                    f"using step {step}",
+                    file=sys.stderr,
+                )
+            note = f"run {source} (step {step})"
     params, reinit = _merge_groups(variables["params"], loaded["params"], "params")
     stats, _ = _merge_groups(variables["batch_stats"], loaded.get("batch_stats", {}), "batch_stats")
     if reinit:
@@ -413,26 +418,6 @@ def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------- #
 
 
-@dataclasses.dataclass
-class _Phases:
-    """Compiled steps per phase index: built once, reused by a phase with the same key."""
-
-    build: Callable[[int], train.TrainSteps]
-    key: Callable[[int], Any]
-    cache: dict[Any, train.TrainSteps] = dataclasses.field(default_factory=dict)
-
-    def get(self, index: int) -> train.TrainSteps:
-        key = self.key(index)
-        if key not in self.cache:
-            logging.info("Building train step for phase %d (%d so far).", index, len(self.cache))
-            self.cache[key] = self.build(index)
-        return self.cache[key]
-
-    @property
-    def compilations(self) -> int:
-        return len(self.cache)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and evaluates; resumes from the latest checkpoint in `workdir`.
 
@@ -443,9 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate_config(config)
     workdir_path = pathlib.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
-    (workdir_path / "config.json").write_text(config.to_json(indent=2) + "\n")
 
-    schedule = build_schedule(config)
+    schedule = build_schedule(config).replace_specs(train_bn=config.train_bn)
     num_classes = (
         config.synthetic_num_classes
         if config.dataset == "synthetic"
@@ -465,8 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         """The group whose cached output this phase trains from (None: images)."""
         if not config.cache_frozen_features:
             return None
-        spec = phase.spec.replace(train_bn=config.train_bn)
-        return features.frozen_prefix(shapes["params"], spec, models.GROUPS[:-1])
+        return features.frozen_prefix(shapes["params"], phase.spec, models.GROUPS[:-1])
 
     prefixes = [feature_prefix(p) for p in schedule.phases]  # per phase index
     if config.cache_frozen_features:
@@ -494,64 +477,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             images = data.augment(rng, images)
         return data.normalize(images)
 
-    def trained_specs(index: int) -> list[lf.FreezeSpec]:
-        """The specs of phases 0..index as trained (with `train_bn`)."""
-        history = (*schedule.previous_specs(index), schedule.phases[index].spec)
-        return [spec.replace(train_bn=config.train_bn) for spec in history]
-
-    def build(index: int) -> train.TrainSteps:
-        phase = schedule.phases[index]
-        *previous, spec = trained_specs(index)
+    def build(phase: schedules.Phase, previous: tuple[lf.FreezeSpec, ...]) -> train.TrainSteps:
+        prefix = feature_prefix(phase)
         # Always chained, so the optimizer state keeps its structure across
         # phases with and without multipliers and carries over intact.
         opt = optax.chain(base_opt, lr.scale_by_group(dict(phase.lr_multipliers)))
         return train.make_steps(
             model,
             opt,
-            spec,
+            phase.spec,
             variables["params"],
             method=config.freeze_method,
-            preprocess=preprocess if feature_prefix(phase) is None else _identity,
+            preprocess=preprocess if prefix is None else _identity,
             preprocess_eval=data.normalize,
             mesh=mesh,
-            start_after=feature_prefix(phase),
+            start_after=prefix,
             previous=previous,
         )
 
-    def step_key(index: int) -> Any:
-        # A repeated phase reuses its step unless, under method zero, its
-        # history puts some leaves in a different unfreezing cohort.
-        phase = schedule.phases[index]
-        cohorts: Any = ()
-        if config.freeze_method == "zero":
-            *previous, spec = trained_specs(index)
-            cohorts = tuple(lf.trainable_since(shapes["params"], spec, previous).items())
-        return (phase.spec, phase.lr_multipliers, cohorts)
-
-    phases = _Phases(build, step_key)
-
-    def phase_index(step: int) -> int:
-        t = step // spe if schedule.unit == "epoch" else step
-        return schedule.phase_index(t)
+    phases = lf.Phases(
+        schedule,
+        build,
+        params=shapes["params"],
+        steps_per_epoch=spe,
+        method=config.freeze_method,
+        mesh=mesh,
+    )
 
     ckpt = checkpoint.Checkpointer(
         workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
     )
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-        meta = ckpt.restore_metadata()
-        current = int(meta["phase"])
-        steps = phases.get(current)
-        target = steps.init_state(variables, rng).as_dict()
-        restored, _ = ckpt.restore(target)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+
+        def make_target(meta: dict[str, Any]) -> dict[str, Any]:
+            phases.restore(meta)
+            return phases.steps().init_state(variables, rng).as_dict()
+
+        try:
+            start_step, restored, _, damaged = ckpt.restore_latest_intact(make_target)
+        except lf.ResumeMismatchError as e:
+            raise UsageError(f"{e} (workdir {workdir_path})") from e
+        except checkpoint.CheckpointDamagedError as e:
+            raise UsageError(
+                f"{e} Nothing intact is left to resume from; run the same command again to "
+                "start this workdir from scratch."
+            ) from e
+        for step, reason in damaged:
+            print(
+                f"warning: checkpoint step {step} is damaged ({reason}); moved to "
+                f"{ckpt.damaged_directory}, resuming from step {start_step}",
+                file=sys.stderr,
+            )
         state = train.TrainState(**restored)
-        logging.info("Resumed from step %d (phase %d) in %s.", start_step, current, ckpt.directory)
-        print(f"Resuming from step {start_step} (phase {current}).")
+        logging.info(
+            "Resumed from step %d (phase %d) in %s.", start_step, phases.current, ckpt.directory
+        )
+        print(f"Resuming from step {start_step} (phase {phases.current}).")
     else:
-        current = phase_index(0)
-        steps = phases.get(current)
-        state = steps.init_state(variables, rng)
+        state = phases.init_state(variables, rng)
     state = train.replicate(mesh, state)
+    steps = phases.steps()
+    # Only a run that got this far owns the workdir's record of its config.
+    (workdir_path / "config.json").write_text(config.to_json(indent=2) + "\n")
 
     print(
         f"layerfreeze: {config.model} on {config.dataset}, {init_note}, "
@@ -576,12 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(
             step,
             jax.device_get(state.as_dict()),
-            metadata={
-                "phase": current,
-                "spec": steps.spec.describe(),
-                "data_position": step,
-                "epoch": step / spe,
-            },
+            metadata={**phases.metadata(), "data_position": step, "epoch": step / spe},
         )
 
     def evaluate(step: int) -> dict[str, float]:
@@ -599,7 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "loss": totals["loss"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"],
             "trainable_params": steps.trainable_params,
-            "phase": current,
+            "phase": phases.current,
             "examples": int(totals["count"]),
         }
         writer.write(row)
@@ -613,21 +596,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop_step=total_steps,
     ):
         step = batch.step
-        wanted = phase_index(step)
-        if wanted != current:
-            new_steps = phases.get(wanted)
-            opt_state = lf.transfer_opt_state(state.opt_state, new_steps.tx.init(state.params))
-            state = train.replicate(mesh, state.replace(opt_state=opt_state))
-            print(
-                f"step {step}: phase {wanted} ({schedule.phases[wanted].describe(schedule.unit)}), "
-                f"trainable params {steps.trainable_params:,} -> {new_steps.trainable_params:,}"
-            )
-            current, steps = wanted, new_steps
+        steps, state, change = phases.update(step, state)
+        if change is not None:
+            print(change.describe())
             writer.write(
                 {
                     "step": step,
                     "split": "phase",
-                    "phase": current,
+                    "phase": phases.current,
                     "phase_start": True,
                     "spec": steps.spec.describe(),
                     "trainable_params": steps.trainable_params,
@@ -637,7 +613,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         image = batch.images
         if feature_cache is not None:
-            feature_cache.update(prefixes[current], state)
+            feature_cache.update(prefixes[phases.current], state)
             if feature_cache.features is not None:
                 idx = data.batch_indices(config.seed, step, dataset.num_train, config.batch_size)
                 image = feature_cache.features[idx]
@@ -658,7 +634,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "grad_norm": host.get("grad_norm"),
                 "trainable_params": steps.trainable_params,
                 "examples_per_sec": window_examples / max(elapsed, 1e-9),
-                "phase": current,
+                "phase": phases.current,
                 "epoch": done / spe,
             }
             writer.write(row)
@@ -686,7 +662,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "loss": result["loss"],
         "steps": final_step,
         "compilations": phases.compilations,
-        "phase": current,
+        "phase": phases.current,
         "state": state,
     }
 

@@ -22,6 +22,7 @@ from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
 from layerfreeze.lr import geometric_multipliers, scale_by_group, ulmfit_multipliers
+from layerfreeze.phases import PhaseChange, Phases, ResumeMismatchError
 from layerfreeze.schedules import (
     FreezeSchedule,
     Phase,
@@ -39,6 +40,9 @@ __all__ = [
     "FreezeSpec",
     "FreezeSummary",
     "Phase",
+    "PhaseChange",
+    "Phases",
+    "ResumeMismatchError",
     "Rule",
     "as_spec",
     "batchnorm_modules",

@@ -202,6 +202,16 @@ class FreezeSchedule:
             )
         return tuple(p.spec for p in self.phases[:index])
 
+    def replace_specs(self, **changes: Any) -> "FreezeSchedule":
+        """The schedule with every phase's spec `.replace(**changes)`d (e.g. `train_bn=True`).
+
+        >>> s = explicit({0: "all-but:head", 3: "none"}).replace_specs(train_bn=True)
+        >>> [p.spec.train_bn for p in s.phases]
+        [True, True]
+        """
+        phases = tuple(dataclasses.replace(p, spec=p.spec.replace(**changes)) for p in self.phases)
+        return dataclasses.replace(self, phases=phases)
+
     def is_boundary(self, t: int) -> bool:
         """Whether a phase starts exactly at `t` (the frozen set may change)."""
         return t in self.boundaries
