@@ -194,3 +194,35 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_with_another_spec_names_both_and_changes_nothing(tmp_path):
+    cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    record = (tmp_path / "config.json").read_bytes()
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(cifar.UsageError, match=r"spec: checkpoint 'stem,stage1', this run 'stem'"):
+        cifar.train_and_evaluate(tiny_config(num_train_steps=6, freeze="stem"), str(tmp_path))
+    assert (tmp_path / "config.json").read_bytes() == record
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    with pytest.raises(cifar.UsageError, match=r"method: checkpoint 'zero', this run 'lr0'"):
+        cifar.train_and_evaluate(tiny_config(num_train_steps=6, freeze_method="lr0"), str(tmp_path))
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
+    uninterrupted = tmp_path / "uninterrupted"
+    cifar.train_and_evaluate(tiny_config(), str(uninterrupted))
+    run = tmp_path / "run"
+    cifar.train_and_evaluate(tiny_config(num_train_steps=6), str(run))  # steps 3 and 6
+    metadata_files = [
+        p for p in (run / "checkpoints" / "6").rglob("*") if p.is_file() and "metadata" in p.parts
+    ]
+    assert metadata_files
+    metadata_files[0].write_text("{ cut")
+    capsys.readouterr()
+    cifar.train_and_evaluate(tiny_config(), str(run))
+    err = capsys.readouterr().err
+    assert "checkpoint step 6 is damaged" in err and "resuming from step 3" in err
+    assert (run / "checkpoints_damaged" / "6").is_dir()
+    want, got = _params(uninterrupted), _params(run)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
