@@ -67,3 +67,15 @@ def test_own_model_examples_run_and_keep_frozen_parts_fixed():
     assert float(ns["loss"]) > 0
     np.testing.assert_array_equal(net.bn1.mean[...], np.zeros(16))
     assert nnx.state(net, nnx.Param)["head"]["kernel"][...].shape == (16, 10)
+
+
+def test_phases_example_runs_and_unfreezes(capsys):
+    section = README.split("## Gradual unfreezing", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)\n```", section, re.S)[1:]
+    namespace = _own_model_namespace()
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), namespace)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 2", "step 4", "step 6", "step 8"]
+    assert namespace["checkpoint_metadata"]["phase"] == 4
+    assert namespace["phases"].compilations == 5

@@ -26,10 +26,13 @@ from layerfreeze.phases import PhaseChange, Phases, ResumeMismatchError
 from layerfreeze.schedules import (
     FreezeSchedule,
     Phase,
+    constant,
+    explicit,
     fine_tune,
     freeze_to,
     gradual_unfreezing,
     parse_schedule,
+    unfreeze,
 )
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "Rule",
     "as_spec",
     "batchnorm_modules",
+    "constant",
+    "explicit",
     "freeze",
     "freeze_labels",
     "frozen_batchnorm",
@@ -65,6 +70,7 @@ __all__ = [
     "trainable_since",
     "transfer_opt_state",
     "ulmfit_multipliers",
+    "unfreeze",
     "value_and_grad",
 ]
 
