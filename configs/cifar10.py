@@ -55,8 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.learning_rate = 1e-3
     config.momentum = 0.9  # sgd only
     config.weight_decay = 5e-4
-    config.warmup_steps = 100
+    config.warmup_steps = 100  # at most a tenth of the run
     config.clip_norm = 1.0  # 0 = no clipping
+    config.allow_nonfinite = False  # True: keep training through a NaN/inf loss or gradient
     config.batch_size = 128
     config.num_epochs = 10.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
@@ -66,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
     config.eval_every = 500
-    config.log_every = 50
+    config.log_every = 0  # steps between train rows; 0: about 50 rows per run
     config.progress = True
     config.plot = True
     config.seed = 0

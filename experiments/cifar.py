@@ -51,9 +51,31 @@ def _exit_usage(message: str) -> None:
 
 
 def _bad_override(argv: list[str], error: Exception) -> None:
-    arg = next((a for a in argv if a.startswith("--config.")), "--config.*")
-    fields = ", ".join(sorted(_config_fields(argv)))
-    _exit_usage(f"Bad config override {arg!r} ({error}). Valid fields: {fields}.")
+    try:
+        fields = _config_fields(argv)
+    except Exception as e:  # the config file itself cannot be loaded
+        _exit_usage(_config_file_error(argv, e))
+    valid = ", ".join(sorted(fields))
+    overrides = [a for a in argv if a.startswith("--config.")]
+    for arg in overrides:
+        field = arg[len("--config.") :].split("=", 1)[0].split(".", 1)[0]
+        if field not in fields:
+            _exit_usage(f"Unknown config field {field!r} in {arg!r}. Valid fields: {valid}.")
+    named = [a for a in overrides if a[len("--config.") :].split("=", 1)[0] in str(error)]
+    arg = (named or overrides or ["--config.*"])[0]
+    _exit_usage(f"Bad config override {arg!r} ({error}). Valid fields: {valid}.")
+
+
+def _config_file_error(argv: list[str], error: Exception) -> str:
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    path = path or str(_ROOT / "configs" / "cifar10.py")
+    if not pathlib.Path(path).is_file():
+        return f"--config={path!r} does not exist; give a config file such as configs/cifar10.py."
+    if isinstance(error, SyntaxError):
+        return f"--config={path!r} has a syntax error at line {error.lineno}: {error.msg}."
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return f"--config={path!r} defines no get_config(); a config file must define one."
+    return f"--config={path!r} cannot be loaded: {type(error).__name__}: {error}."
 
 
 try:
@@ -102,9 +124,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("dtype", config.dtype, list(DTYPES))
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("freeze_method", config.freeze_method, lf.METHODS)
-    for field in ("batch_size", "checkpoint_every", "eval_every", "log_every"):
+    for field in (
+        "batch_size",
+        "checkpoint_every",
+        "eval_every",
+        "keep_checkpoints",
+        "width",
+        "head_hidden",
+        "synthetic_train_size",
+        "synthetic_test_size",
+    ):
         if int(config[field]) <= 0:
             raise UsageError(f"config.{field} must be > 0, got {config[field]}.")
+    if config.log_every < 0:
+        raise UsageError(
+            f"config.log_every must be >= 0 (0: about 50 rows per run), got {config.log_every}."
+        )
+    if config.synthetic_num_classes < 2:
+        raise UsageError(
+            f"config.synthetic_num_classes must be >= 2, got {config.synthetic_num_classes}."
+        )
+    for field in ("learning_rate", "weight_decay", "clip_norm", "momentum"):
+        value = float(config[field])
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"config.{field} must be a finite number >= 0, got {config[field]}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise UsageError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
     n = jax.device_count()
@@ -118,6 +161,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.init_from={config.init_from!r} does not exist; give the workdir of an "
             "earlier run or a torchvision .pth/.safetensors file."
         )
+
+
+def _check_workdir(path: pathlib.Path) -> None:
+    """Creates the workdir and makes sure this run can write there."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--workdir={str(path)!r} is a file, not a directory; give a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"Cannot write to --workdir={str(path)!r} ({e.strerror or e}); give a writable "
+            "directory."
+        ) from e
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 # --------------------------------------------------------------------------- #
@@ -157,7 +226,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.R
 def build_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    # A warmup longer than a tenth of the run would end a short run at its
+    # peak learning rate, with BatchNorm statistics that lag the weights.
+    warmup = min(config.warmup_steps, total_steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, warmup, max(total_steps, warmup + 1)
     )
@@ -221,6 +292,11 @@ def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> 
             loaded = models.load_torchvision_resnet(source, model)
         except (ValueError, ImportError) as e:
             raise UsageError(f"Cannot import {source}: {e}") from e
+        except Exception as e:  # a damaged or foreign file: pickle, zip, safetensors errors
+            raise UsageError(
+                f"Cannot read {source} as torchvision ResNet weights ({type(e).__name__}: {e}); "
+                "give a .pth state dict or a .safetensors file saved from torchvision."
+            ) from e
         note = f"torchvision weights from {source}"
     else:
         ckpt_dir = source / "checkpoints"
@@ -352,6 +428,46 @@ class _FeatureCache:
         )
 
 
+def _final_test_row(path: pathlib.Path, step: int) -> dict[str, Any] | None:
+    """The test row a finished run wrote at `step`, if its metrics hold one."""
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("split") == "test" and row.get("step") == step:
+            return row
+    return None
+
+
+def _frozen_groups(schedule: schedules.FreezeSchedule, params: Any) -> list[str]:
+    """Top-level groups with a parameter frozen in some phase, in model order."""
+    frozen: set[str] = set()
+    for phase in schedule.phases:
+        for path, is_frozen in phase.spec.resolve(params).items():
+            if is_frozen:
+                frozen.add(path.split("/", 1)[0])
+    return [g for g in models.GROUPS if g in frozen]
+
+
+def _diverged_message(
+    step: int, bad: dict[str, float], last_good: int | None, config: ml_collections.ConfigDict
+) -> str:
+    what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+    kept = (
+        f"checkpoints up to step {last_good} are intact"
+        if last_good is not None
+        else "no checkpoint was written"
+    )
+    return (
+        f"Training diverged at step {step}: {what}. Nothing non-finite was saved; {kept}. "
+        f"Lower config.learning_rate (now {config.learning_rate}) or raise "
+        "config.warmup_steps, or pass --config.allow_nonfinite=True to continue regardless."
+    )
+
+
 def _identity(rng: jax.Array, x: jax.Array) -> jax.Array:
     return x
 
@@ -427,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate_config(config)
     workdir_path = pathlib.Path(workdir)
-    workdir_path.mkdir(parents=True, exist_ok=True)
+    _check_workdir(workdir_path)
 
     schedule = build_schedule(config).replace_specs(train_bn=config.train_bn)
     num_classes = (
@@ -456,12 +572,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _check_feature_caching(config, schedule, prefixes)
 
     dataset = load_data(config)
+    if config.batch_size > dataset.num_train:
+        raise UsageError(
+            f"config.batch_size={config.batch_size} is larger than the training set "
+            f"({dataset.num_train} examples); use a batch size of at most {dataset.num_train}."
+        )
     spe = data.steps_per_epoch(dataset.num_train, config.batch_size)
     total_steps = (
         config.num_train_steps
         if config.num_train_steps > 0
         else max(1, math.ceil(config.num_epochs * spe))
     )
+    # 0: about 50 train rows over the run, so short runs plot a curve too.
+    log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
     variables = jax.jit(lambda r: model.init(r, sample, train=False))(rng)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     init_note = "random init"
@@ -538,8 +661,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = phases.init_state(variables, rng)
     state = train.replicate(mesh, state)
     steps = phases.steps()
+    if start_step >= total_steps:
+        finished = _final_test_row(workdir_path / "metrics.jsonl", start_step)
+        if finished is not None:
+            ckpt.close()
+            print(
+                f"{workdir_path} already finished at step {start_step}: test accuracy "
+                f"{finished['accuracy']:.4f} (loss {finished['loss']:.4f}). Nothing to do; "
+                "give a new --workdir (or more steps) to train again."
+            )
+            return {
+                "accuracy": finished["accuracy"],
+                "loss": finished["loss"],
+                "steps": start_step,
+                "compilations": 0,
+                "phase": phases.current,
+                "state": state,
+            }
+    frozen_random = [] if config.init_from else _frozen_groups(schedule, shapes["params"])
+    if frozen_random:
+        print(
+            f"warning: no config.init_from, so the frozen layers ({', '.join(frozen_random)}) "
+            "keep their random initial weights; transfer learning freezes pretrained layers. "
+            "Pass --config.init_from=<workdir of a source run, or a .pth file>, or "
+            "--freeze=none to train from scratch.",
+            file=sys.stderr,
+        )
     # Only a run that got this far owns the workdir's record of its config.
-    (workdir_path / "config.json").write_text(config.to_json(indent=2) + "\n")
+    record = json.loads(config.to_json())
+    record["frozen_random_init"] = frozen_random
+    (workdir_path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
     print(
         f"layerfreeze: {config.model} on {config.dataset}, {init_note}, "
@@ -559,8 +710,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     window_start = time.perf_counter()
     window_examples = 0
     last_eval: dict[str, float] = {}
+    unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # per step, not yet read back
+
+    def check_finite(check_params: bool = False) -> None:
+        """Stops the run at the first step whose loss or gradient norm is not finite."""
+        if config.allow_nonfinite:
+            unchecked.clear()
+            return
+        for at, values in jax.device_get(unchecked):
+            bad = {k: float(v) for k, v in values.items() if not np.isfinite(v)}
+            if bad:
+                raise Diverged(_diverged_message(at, bad, ckpt.latest_step(), config))
+        unchecked.clear()
+        if check_params and not bool(_all_finite(state.params)):
+            raise Diverged(
+                _diverged_message(int(state.step), {"params": math.nan}, ckpt.latest_step(), config)
+            )
 
     def save(step: int) -> None:
+        check_finite(check_params=True)
         ckpt.save(
             step,
             jax.device_get(state.as_dict()),
@@ -622,8 +790,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         window_examples += config.batch_size
         for k, v in metrics.items():
             window.setdefault(k, []).append(v)
+        unchecked.append((step, {k: metrics[k] for k in ("loss", "grad_norm") if k in metrics}))
         done = step + 1
-        if done % config.log_every == 0 or done == total_steps:
+        if done % log_every == 0 or done == total_steps:
+            check_finite()
             host = {k: float(np.mean(jax.device_get(v))) for k, v in window.items()}
             elapsed = time.perf_counter() - window_start
             row = {
@@ -706,7 +876,15 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config = _CONFIG.value
+    if not flags.FLAGS["verbosity"].present:
+        # The console shows the summary, the progress bar, warnings and the
+        # result; library INFO logs (Orbax, XLA) only with --verbosity=0.
+        logging.set_verbosity(logging.WARNING)
+    try:
+        config = _CONFIG.value
+        config.keys()  # a file that failed to load raises on first use
+    except Exception as e:  # config_flags loads the file lazily
+        _exit_usage(_config_file_error(sys.argv, e))
     if _FREEZE.value is not None:
         config.freeze = _FREEZE.value
     workdir = _WORKDIR.value or default_workdir(config)
@@ -718,6 +896,9 @@ def main(argv: list[str]) -> None:
         train_and_evaluate(config, workdir)
     except UsageError as e:
         _exit_usage(str(e))
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -725,8 +906,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
+        cause = e.__cause__ or e.__context__
+        if any(a.startswith("--config=") for a in argv) and cause is not None:
+            _exit_usage(_config_file_error(argv, cause))
         _exit_usage(str(e))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, OSError) as e:
         _bad_override(argv, e)
     raise AssertionError("unreachable")
 

@@ -175,7 +175,13 @@ def _run_cli(*args, cwd):
             ["--config.init_from=does/not/exist"],
             "does not exist; give the workdir of an earlier run",
         ),
-        (["--config.nope=1"], "Bad config override '--config.nope=1'"),
+        (["--config.nope=1"], "Unknown config field 'nope' in '--config.nope=1'"),
+        (["--config.width=4", "--config.nope=1"], "Unknown config field 'nope'"),
+        (["--config.width=four"], "--config.width=four: invalid literal for int()"),
+        (["--config=missing.py"], "--config='missing.py' does not exist"),
+        (["--config=syntax.py"], "has a syntax error at line 1"),
+        (["--config=noget.py"], "defines no get_config()"),
+        (["--freeze="], "Empty freeze spec. Write 'none'"),
         (["--config.freeze_method=half"], "Unknown freeze_method 'half'; valid: zero, lr0"),
         (
             [
@@ -189,6 +195,8 @@ def _run_cli(*args, cwd):
     ],
 )
 def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "noget.py").write_text("X = 1\n")
     proc = _run_cli(f"--workdir={tmp_path / 'run'}", *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -212,17 +220,78 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys)
     uninterrupted = tmp_path / "uninterrupted"
     cifar.train_and_evaluate(tiny_config(), str(uninterrupted))
     run = tmp_path / "run"
-    cifar.train_and_evaluate(tiny_config(num_train_steps=6), str(run))  # steps 3 and 6
+    cifar.train_and_evaluate(tiny_config(), str(run))  # steps 3, 6 and 8
     metadata_files = [
-        p for p in (run / "checkpoints" / "6").rglob("*") if p.is_file() and "metadata" in p.parts
+        p for p in (run / "checkpoints" / "8").rglob("*") if p.is_file() and "metadata" in p.parts
     ]
     assert metadata_files
     metadata_files[0].write_text("{ cut")
     capsys.readouterr()
     cifar.train_and_evaluate(tiny_config(), str(run))
     err = capsys.readouterr().err
-    assert "checkpoint step 6 is damaged" in err and "resuming from step 3" in err
-    assert (run / "checkpoints_damaged" / "6").is_dir()
+    assert "checkpoint step 8 is damaged" in err and "resuming from step 6" in err
+    assert (run / "checkpoints_damaged" / "8").is_dir()
     want, got = _params(uninterrupted), _params(run)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"keep_checkpoints": 0}, "config.keep_checkpoints must be > 0, got 0"),
+        ({"width": 0}, "config.width must be > 0, got 0"),
+        ({"synthetic_num_classes": 1}, "config.synthetic_num_classes must be >= 2, got 1"),
+        ({"batch_size": 128}, "larger than the training set (64 examples)"),
+        ({"learning_rate": float("nan")}, "config.learning_rate must be a finite number >= 0"),
+        ({"freeze": ""}, "Empty freeze spec. Write 'none' to freeze nothing"),
+        ({"log_every": -1}, "config.log_every must be >= 0"),
+    ],
+)
+def test_bad_values_are_one_clear_error(tmp_path, overrides, message):
+    with pytest.raises(cifar.UsageError) as info:
+        cifar.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+    assert message in str(info.value)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_unusable_workdir_and_weights_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(cifar.UsageError, match=r"is a file, not a directory"):
+        cifar.train_and_evaluate(tiny_config(), str(afile))
+    with pytest.raises(cifar.UsageError, match=r"Cannot write to --workdir"):
+        cifar.train_and_evaluate(tiny_config(), str(afile / "run"))
+    bad = tmp_path / "resnet18.pth"
+    bad.write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(cifar.UsageError, match=r"Cannot read .*resnet18.pth as torchvision"):
+        cifar.train_and_evaluate(
+            tiny_config(init_from=str(bad), stem="imagenet"), str(tmp_path / "run")
+        )
+
+
+def test_divergence_stops_at_the_step_and_saves_nothing_non_finite(tmp_path):
+    config = tiny_config(learning_rate=1e30, clip_norm=0.0, warmup_steps=0, checkpoint_every=100)
+    with pytest.raises(cifar.Diverged, match=r"diverged at step \d+: .*(nan|inf).*no checkpoint"):
+        cifar.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_finished_run_rerun_changes_nothing(tmp_path, capsys):
+    first = cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    again = cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    assert "already finished at step 3" in capsys.readouterr().out
+    assert again["accuracy"] == first["accuracy"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+def test_frozen_random_layers_are_announced_and_recorded(tmp_path, capsys):
+    cifar.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+    err = capsys.readouterr().err
+    assert "warning: no config.init_from, so the frozen layers (stem, stage1)" in err
+    assert json.loads((tmp_path / "config.json").read_text())["frozen_random_init"] == [
+        "stem",
+        "stage1",
+    ]

@@ -421,7 +421,7 @@ def test_parse_fine_tune():
     )
 
 
-@pytest.mark.parametrize("text", ["none", "", "all", "stem,stage1", "all-but:head", "re:stem/.*"])
+@pytest.mark.parametrize("text", ["none", "all", "stem,stage1", "all-but:head", "re:stem/.*"])
 def test_parse_plain_spec_is_constant(text):
     s = S.parse_schedule(text, GROUPS, unit="step")
     assert s == S.constant(text, unit="step")

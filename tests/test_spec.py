@@ -23,7 +23,6 @@ def frozen(spec, paths=PATHS):
     ("text", "expected"),
     [
         ("none", []),
-        ("", []),
         ("all", sorted(PATHS)),
         ("ALL", sorted(PATHS)),
         ("stem", ["stem/BatchNorm_0/bias", "stem/BatchNorm_0/scale", "stem/Conv_0/kernel"]),
@@ -116,3 +115,9 @@ def test_rule_rejects_empty_and_bad_state():
         Rule("stem", "maybe")
     with pytest.raises(ValueError, match="default must be one of"):
         FreezeSpec(default="nope")
+
+
+@pytest.mark.parametrize("text", ["", "  "])
+def test_empty_spec_is_an_error_that_suggests_none(text):
+    with pytest.raises(ValueError, match=r"Empty freeze spec. Write 'none' to freeze nothing"):
+        as_spec(text)

@@ -177,7 +177,8 @@ class FreezeSpec:
         """Parses a spec as typed on a command line.
 
         Forms:
-          * `none` (or the empty string): nothing frozen.
+          * `none`: nothing frozen. (An empty string is an error: it is more
+            often a forgotten value than a deliberate "freeze nothing".)
           * `all`: everything frozen.
           * `stage1,stage2`: a comma-separated list of patterns to freeze.
           * `all-but:head` / `all-but:stage4,head`: everything frozen except the
@@ -196,7 +197,12 @@ class FreezeSpec:
         if not isinstance(text, str):
             raise TypeError(f"A freeze spec string was expected, got {type(text).__name__}.")
         stripped = text.strip()
-        if stripped.lower() in ("", "none"):
+        if not stripped:
+            raise ValueError(
+                "Empty freeze spec. Write 'none' to freeze nothing, or e.g. 'all', "
+                "'stage1,stage2', 'all-but:head'."
+            )
+        if stripped.lower() == "none":
             return cls((), **kwargs)
         if stripped.lower() == "all":
             return cls((Rule.everything(),), **kwargs)
