@@ -31,6 +31,7 @@ from layerfreeze.schedules import (
     fine_tune,
     freeze_to,
     gradual_unfreezing,
+    parse_lr_multipliers,
     parse_schedule,
     unfreeze,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "label_fn",
     "nnx_filter",
     "nnx_train_mode",
+    "parse_lr_multipliers",
     "parse_schedule",
     "scale_by_group",
     "summary",
