@@ -485,6 +485,7 @@ def test_parse_lr_multipliers_empty_is_none(text):
     ],
 )
 def test_parse_lr_multipliers_recipes(text, expected):
+    assert lf.parse_lr_multipliers is S.parse_lr_multipliers
     got = S.parse_lr_multipliers(text, GROUPS)
     assert got == expected
     assert list(got) == list(GROUPS)
