@@ -329,6 +329,14 @@ def test_load_run_without_batch_stats_gives_empty_batch_stats(tmp_path):
     assert list(only) == ["params"]
 
 
+def test_load_run_without_batch_stats_skips_damage_too(tmp_path):
+    states = _save_run(tmp_path, steps=(1, 2), batch_stats=False)
+    _largest_data_file(tmp_path / "checkpoints" / "2").unlink()
+    variables, step, damaged = load_run(tmp_path)
+    assert (step, [s for s, _ in damaged], variables["batch_stats"]) == (1, [2], {})
+    _assert_bitwise_equal(variables["params"], states[1]["params"])
+
+
 def test_load_run_without_params_is_an_error(tmp_path):
     with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
         ckpt.save(1, {"weights": {"w": jnp.ones(2)}}, metadata={})

@@ -46,9 +46,10 @@ def load_run(
     """Reads variables from the newest intact checkpoint of an earlier run.
 
     Uses `checkpoint.Checkpointer.restore_arrays_latest_intact`: no target
-    structure is needed (shapes and dtypes come from the checkpoint), the
-    optimizer state is not read, and damaged steps are skipped and reported
-    (and logged as warnings), never moved or changed.
+    structure is needed (shapes and dtypes come from the checkpoint, so an
+    optimizer state of any structure is fine; only `keys` are returned), and
+    damaged steps are skipped and reported (and logged as warnings), never
+    moved or changed.
 
     Args:
       path: the run's workdir (holding `checkpoints/`), or a checkpoint
