@@ -1,5 +1,7 @@
 """Frozen-feature caching: the model's skip, the prefix rule, the train step, the experiment."""
 
+import doctest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,6 +189,125 @@ def test_compute_features_rejects_bad_batch_size():
             preprocess=data.normalize,
             batch_size=0,
         )
+
+
+# --------------------------------------------------------------------------- #
+# FeatureCache
+# --------------------------------------------------------------------------- #
+
+
+_compute_features = features.compute_features  # not counted
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the calls of `compute_features` that `FeatureCache` makes, by `upto`."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["upto"])
+        return _compute_features(*args, **kwargs)
+
+    monkeypatch.setattr(features, "compute_features", counting)
+    return calls
+
+
+def _cache(model, images, **kw):
+    return features.FeatureCache(
+        model, images, preprocess=data.normalize, batch_size=4, pool=("stage4",), **kw
+    )
+
+
+def test_feature_cache_computes_once_per_prefix(counted, caplog):
+    model = _model()
+    variables = _variables(model)
+    images = _images(n=6)
+    cache = _cache(model, images)
+    assert (cache.prefix, cache.features, cache.nbytes, cache.seconds) == (None, None, 0, 0.0)
+
+    with caplog.at_level("INFO", logger="layerfreeze.features"):
+        assert cache.update("stage2", variables) is True
+    first = cache.features
+    want = _compute_features(
+        model, variables, images, upto="stage2", preprocess=data.normalize, batch_size=4
+    )
+    assert first.shape == (6, 8, 8, 8) and first.dtype == np.float32
+    assert first.tobytes() == want.tobytes()
+    assert (cache.prefix, cache.nbytes) == ("stage2", first.nbytes)
+    assert isinstance(cache.seconds, float) and cache.seconds >= 0
+    assert any(
+        "Cached the features after stage2: shape (6, 8, 8, 8) float32" in r.getMessage()
+        for r in caplog.records
+    )
+
+    assert cache.update("stage2", variables) is False
+    assert cache.features is first
+    assert counted == ["stage2"]
+
+
+def test_feature_cache_recomputes_when_the_prefix_changes(counted):
+    model = _model()
+    variables = _variables(model)
+    cache = _cache(model, _images(n=6))
+    assert cache.update("stage2", variables) is True
+    assert cache.update("stage4", variables) is True
+    assert (cache.prefix, cache.features.shape) == ("stage4", (6, 32))  # pooled
+    # Back to stage2, whose groups a phase in between may have trained.
+    trained = jax.tree.map(lambda x: x * 1.5, variables)
+    assert cache.update("stage2", trained) is True
+    want = _compute_features(
+        model, trained, _images(n=6), upto="stage2", preprocess=data.normalize, batch_size=4
+    )
+    assert cache.features.tobytes() == want.tobytes()
+    assert counted == ["stage2", "stage4", "stage2"]
+
+
+def test_feature_cache_none_empties_it(counted):
+    model = _model()
+    variables = _variables(model)
+    cache = _cache(model, _images(n=6))
+    assert cache.update(None, variables) is False
+    assert cache.update("stem", variables) is True
+    assert cache.update(None, variables) is False
+    assert (cache.prefix, cache.features, cache.nbytes, cache.seconds) == (None, None, 0, 0.0)
+    assert cache.update(None, variables) is False
+    assert cache.update("stem", variables) is True
+    assert counted == ["stem", "stem"]
+
+
+def test_feature_cache_is_empty_after_a_failed_computation(counted):
+    model = _model()
+    variables = _variables(model)
+    cache = _cache(model, _images(n=6))
+    cache.update("stem", variables)
+    with pytest.raises(ValueError, match="upto must be one of"):
+        cache.update("body", variables)
+    assert (cache.prefix, cache.features) == (None, None)
+    assert cache.update("stem", variables) is True
+
+
+@pytest.mark.parametrize(
+    ("images", "kwargs", "error", "match"),
+    [
+        (_images(n=2), {"batch_size": 0}, ValueError, "batch_size must be an integer >= 1; got 0"),
+        (_images(n=0), {"batch_size": 2}, ValueError, "No images to cache"),
+        (
+            _images(n=2),
+            {"batch_size": 2, "pool": "stage4"},
+            TypeError,
+            r"pool must be a collection of group names such as \('stage4',\)",
+        ),
+    ],
+)
+def test_feature_cache_rejects_bad_arguments(images, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        features.FeatureCache(_model(), images, preprocess=data.normalize, **kwargs)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(features)
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 # --------------------------------------------------------------------------- #

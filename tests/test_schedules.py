@@ -1,6 +1,7 @@
 """Tests for `layerfreeze.schedules`: phases, schedules, constructors, parsing."""
 
 import dataclasses
+import doctest
 import itertools
 
 import pytest
@@ -461,6 +462,125 @@ def test_parse_rejects(text, match):
 def test_parse_rejects_non_string():
     with pytest.raises(TypeError, match="schedule string"):
         S.parse_schedule(3, GROUPS)  # type: ignore[arg-type]
+
+
+# Learning-rate multipliers ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_parse_lr_multipliers_empty_is_none(text):
+    assert S.parse_lr_multipliers(text, GROUPS) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ulmfit", lf.ulmfit_multipliers(GROUPS, 2.6)),
+        ("ulmfit:2.6", lf.ulmfit_multipliers(GROUPS, 2.6)),
+        (" ULMFiT : 2 ", lf.ulmfit_multipliers(GROUPS, 2.0)),
+        ("ulmfit:0.5", lf.ulmfit_multipliers(GROUPS, 0.5)),
+        ("geometric", lf.geometric_multipliers(GROUPS, 1e-2, 1.0)),
+        ("geometric:1e-3", lf.geometric_multipliers(GROUPS, 1e-3, 1.0)),
+        ("geometric:1", dict.fromkeys(GROUPS, 1.0)),
+    ],
+)
+def test_parse_lr_multipliers_recipes(text, expected):
+    assert lf.parse_lr_multipliers is S.parse_lr_multipliers
+    got = S.parse_lr_multipliers(text, GROUPS)
+    assert got == expected
+    assert list(got) == list(GROUPS)
+    assert got["head"] == 1.0
+
+
+def test_parse_lr_multipliers_ulmfit_values():
+    assert S.parse_lr_multipliers("ulmfit:2", ["a", "b", "c"]) == {"a": 0.25, "b": 0.5, "c": 1.0}
+    assert S.parse_lr_multipliers("geometric:1e-2", ["a", "b", "c"]) == {
+        "a": 0.01,
+        "b": 0.1,
+        "c": 1.0,
+    }
+
+
+def test_parse_lr_multipliers_explicit_in_group_order():
+    got = S.parse_lr_multipliers(" stage1 = 0.3, stem=0.1,head=0,", GROUPS)
+    assert got == {"stem": 0.1, "stage1": 0.3, "head": 0.0}
+    assert list(got) == ["stem", "stage1", "head"]
+
+
+_LR_FORMS = "Valid forms: '' (none), 'ulmfit', 'ulmfit:<factor>', 'geometric'"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "ulmfit:x",
+            "Learning-rate multipliers 'ulmfit:x': 'x' is not a number: ulmfit:<factor> "
+            "takes a factor > 0, e.g. 'ulmfit:2.6'.",
+        ),
+        ("ulmfit:", "'ulmfit:': '' is not a number: ulmfit:<factor> takes a factor > 0"),
+        ("ulmfit:0", "'ulmfit:0': a factor must be > 0, got '0': ulmfit:<factor> takes"),
+        ("ulmfit:-2.6", "a factor must be > 0, got '-2.6'"),
+        ("ulmfit:inf", "'inf' is not a finite number: ulmfit:<factor>"),
+        ("geometric:lo", "'lo' is not a number: geometric:<ratio> takes the first group's"),
+        ("geometric:0", "a ratio must be > 0 and <= 1, got '0'"),
+        ("geometric:100", "a ratio must be > 0 and <= 1, got '100': geometric:<ratio>"),
+        ("geometric:nan", "'nan' is not a finite number"),
+        ("slice:1e-2", "'slice:1e-2': unknown form 'slice'."),
+        ("stage1", "'stage1' is a group without a multiplier: write e.g. 'stage1=0.1'"),
+        (
+            "stem=0.1,neck=2",
+            "unknown group 'neck'; valid groups: stem, stage1, stage2, stage3, stage4, head.",
+        ),
+        ("stem=0.1,stage1", "'stage1' is not group=multiplier."),
+        ("=0.1", "'=0.1' is not group=multiplier."),
+        ("stem=x", "'x' is not a number: group=multiplier takes a multiplier >= 0"),
+        ("stem=-0.1", "a multiplier must be >= 0, got '-0.1' for 'stem'."),
+        ("stem=0.1,stem=0.2", "group 'stem' is given twice."),
+    ],
+)
+def test_parse_lr_multipliers_rejects(text, problem):
+    with pytest.raises(ValueError) as info:
+        S.parse_lr_multipliers(text, GROUPS)
+    message = str(info.value)
+    assert message.startswith(f"Learning-rate multipliers {text!r}: ")
+    assert problem in message
+    assert _LR_FORMS in message
+
+
+def test_parse_lr_multipliers_rejects_non_string_and_bad_groups():
+    with pytest.raises(TypeError, match=r"must be given as a string, got dict: \{\}"):
+        S.parse_lr_multipliers({}, GROUPS)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="groups is empty"):
+        S.parse_lr_multipliers("ulmfit", [])
+
+
+def test_with_lr_multipliers_sets_every_phase_and_keeps_the_rest():
+    schedule = S.fine_tune(1, 4, GROUPS, unit="step")
+    mults = S.parse_lr_multipliers("ulmfit:2", GROUPS)
+    got = schedule.with_lr_multipliers(mults)
+    assert [p.multipliers for p in got.phases] == [mults, mults]
+    assert [p.spec for p in got.phases] == [p.spec for p in schedule.phases]
+    assert (got.boundaries, got.unit, got.total) == (schedule.boundaries, "step", 5)
+    assert got.validate(GROUPS) is got
+    # Replaced, not merged; {} removes them; the original is unchanged.
+    assert got.with_lr_multipliers({"stem": 0.5}).phases[1].multipliers == {"stem": 0.5}
+    assert all(p.lr_multipliers == () for p in got.with_lr_multipliers({}).phases)
+    assert schedule.phases[1].multipliers["head"] == 0.5
+
+
+def test_with_lr_multipliers_is_validated():
+    schedule = S.constant("stem").with_lr_multipliers({"neck": 0.1})
+    with pytest.raises(ValueError, match=r"Unknown group 'neck' .*Valid groups: stem"):
+        schedule.validate(GROUPS)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        S.constant("stem").with_lr_multipliers({"stem": -1.0})
+
+
+def test_docstring_examples():
+    result = doctest.testmod(S)
+    assert result.attempted > 0
+    assert result.failed == 0
 
 
 # Properties --------------------------------------------------------------------

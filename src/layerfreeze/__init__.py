@@ -5,6 +5,12 @@
 >>> tx = layerfreeze.freeze(optax.adamw(1e-3), "stem")
 >>> layerfreeze.summary(params, "stem").trainable_params
 2
+
+Beyond these names, import the submodules you need: `checkpoint` (resumable
+Orbax checkpoints), `pretrained` (start from an earlier run's weights),
+`metrics` (a resumable metrics log, its averaging window, a plot), `features`
+(frozen-feature caching), `data`, `models`, `lr`, `schedules`, `phases` and
+`train`, e.g. `from layerfreeze import metrics, pretrained`.
 """
 
 from layerfreeze._batchnorm import batchnorm_modules, frozen_batchnorm
@@ -31,6 +37,7 @@ from layerfreeze.schedules import (
     fine_tune,
     freeze_to,
     gradual_unfreezing,
+    parse_lr_multipliers,
     parse_schedule,
     unfreeze,
 )
@@ -64,6 +71,7 @@ __all__ = [
     "label_fn",
     "nnx_filter",
     "nnx_train_mode",
+    "parse_lr_multipliers",
     "parse_schedule",
     "scale_by_group",
     "summary",

@@ -9,6 +9,8 @@ forward pass over the data once, plus the head per step.
 
 The cached features are fixed per example, so random augmentation of the
 images cannot be applied to them: cache only runs without augmentation.
+`FeatureCache` keeps a training set's features for a run whose frozen
+prefix changes from phase to phase.
 
 >>> import jax, jax.numpy as jnp, numpy as np
 >>> from layerfreeze import data
@@ -24,7 +26,9 @@ images cannot be applied to them: cache only runs without augmentation.
 """
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -33,7 +37,9 @@ import numpy as np
 
 from layerfreeze import _labels, _paths, _spec
 
-__all__ = ["compute_features", "frozen_prefix"]
+__all__ = ["FeatureCache", "compute_features", "frozen_prefix"]
+
+_log = logging.getLogger(__name__)
 
 
 def frozen_prefix(params: Any, spec: _spec.SpecLike, groups: Sequence[str]) -> str | None:
@@ -143,6 +149,139 @@ def compute_features(
         pending = (start, real, result)
     assert pending is not None
     return store(*pending)
+
+
+class FeatureCache:
+    """A training set's features up to the current frozen prefix, kept on the host.
+
+    Call `update(prefix, variables)` at each step (or phase change) with the
+    prefix of the phase in force (`frozen_prefix`): the features are
+    recomputed from `variables` only when the prefix changes. The groups of a
+    prefix stay bit-identical while it lasts, but a phase in between may have
+    trained them, so a prefix seen before is computed again. The features are
+    derived data: never checkpoint them; a resumed run recomputes them.
+
+    Args:
+      model: a module with a `features(x, *, upto, pool)` method (the
+        bundled ResNets), as for `compute_features`.
+      images: `[N, H, W, C]` training images, indexed as the batches are.
+      preprocess: `images -> float images`, e.g. `data.normalize`; a
+        module-level function, so that each prefix compiles once.
+      batch_size: examples per compiled call, >= 1.
+      pool: the prefixes whose features are cached pooled (the spatial mean):
+        `("stage4",)` for the bundled ResNets, whose head reads only the mean.
+
+    Raises:
+      ValueError: `batch_size` < 1 or no images.
+      TypeError: `pool` is a string rather than a collection of names.
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from layerfreeze import data
+    >>> from layerfreeze.models import resnet18
+    >>> model = resnet18(10, stem="cifar", width=4)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    >>> cache = FeatureCache(model, np.zeros((5, 16, 16, 3), np.uint8),
+    ...                      preprocess=data.normalize, batch_size=2, pool=("stage4",))
+    >>> cache.update("stage4", variables), cache.update("stage4", variables)
+    (True, False)
+    >>> cache.prefix, cache.features.shape, cache.nbytes
+    ('stage4', (5, 32), 640)
+    >>> cache.update(None, variables), cache.features is None
+    (False, True)
+    """
+
+    def __init__(
+        self,
+        model: flax.linen.Module,
+        images: np.ndarray,
+        *,
+        preprocess: Callable[[jax.Array], jax.Array],
+        batch_size: int,
+        pool: Collection[str] = (),
+    ):
+        if isinstance(pool, str):
+            raise TypeError(
+                f"pool must be a collection of group names such as ({pool!r},), got the "
+                f"string {pool!r}."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+        if len(images) == 0:
+            raise ValueError("No images to cache the features of.")
+        self._model, self._images = model, images
+        self._preprocess, self._batch_size = preprocess, batch_size
+        self._pool = frozenset(pool)
+        self._prefix: str | None = None
+        self._features: np.ndarray | None = None
+        self._seconds = 0.0
+
+    @property
+    def prefix(self) -> str | None:
+        """The group the cached features end with; None when nothing is cached."""
+        return self._prefix
+
+    @property
+    def features(self) -> np.ndarray | None:
+        """float32 `[N, ...]` features of every image, or None (train on the images)."""
+        return self._features
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the features take, in bytes (0 when none)."""
+        return 0 if self._features is None else self._features.nbytes
+
+    @property
+    def seconds(self) -> float:
+        """How long computing the current features took (0.0 when none)."""
+        return self._seconds
+
+    def update(self, prefix: str | None, variables: Mapping[str, Any]) -> bool:
+        """Makes the cache hold the features up to `prefix`.
+
+        Args:
+          prefix: the last group of the phase's frozen prefix, or None when the
+            phase leaves none (then the cache is emptied: train on images).
+          variables: `{"params": ..., "batch_stats": ...}` as they are now
+            (e.g. the train state's); read only when recomputing.
+
+        Returns:
+          Whether the features were computed (False: the prefix is unchanged,
+          or None).
+
+        Raises:
+          ValueError: the model cannot stop at `prefix`; the cache is then empty.
+        """
+        if prefix == self._prefix:
+            return False
+        # Emptied first: a failed computation must not leave stale features behind.
+        self._prefix, self._features, self._seconds = None, None, 0.0
+        if prefix is None:
+            _log.info("Feature cache emptied: this phase leaves no frozen prefix to cache.")
+            return False
+        start = time.perf_counter()
+        features = compute_features(
+            self._model,
+            variables,
+            self._images,
+            upto=prefix,
+            preprocess=self._preprocess,
+            batch_size=self._batch_size,
+            pool=prefix in self._pool,
+        )
+        self._prefix, self._features = prefix, features
+        self._seconds = time.perf_counter() - start
+        _log.info(
+            "Cached the features after %s: shape %s float32 (%.1f MiB) in %.2fs.",
+            prefix,
+            features.shape,
+            features.nbytes / 2**20,
+            self._seconds,
+        )
+        return True
+
+    def __repr__(self) -> str:
+        shape = None if self._features is None else self._features.shape
+        return f"FeatureCache(prefix={self._prefix!r}, shape={shape})"
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))

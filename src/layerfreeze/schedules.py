@@ -16,6 +16,7 @@ to output, e.g. `("stem", "stage1", "stage2", "stage3", "stage4", "head")`.
 import bisect
 import dataclasses
 import itertools
+import math
 import numbers
 import operator
 import re
@@ -34,6 +35,7 @@ __all__ = [
     "fine_tune",
     "freeze_to",
     "gradual_unfreezing",
+    "parse_lr_multipliers",
     "parse_schedule",
     "unfreeze",
 ]
@@ -210,6 +212,30 @@ class FreezeSchedule:
         [True, True]
         """
         phases = tuple(dataclasses.replace(p, spec=p.spec.replace(**changes)) for p in self.phases)
+        return dataclasses.replace(self, phases=phases)
+
+    def with_lr_multipliers(self, multipliers: lr.MultipliersLike) -> "FreezeSchedule":
+        """The schedule with `multipliers` in every phase, replacing the phases' own.
+
+        Args:
+          multipliers: `{group: multiplier}` or `(group, multiplier)` pairs, each
+            multiplier >= 0, e.g. from `parse_lr_multipliers`; `{}` removes
+            every phase's multipliers. Groups are checked by `validate`.
+
+        Returns:
+          A new `FreezeSchedule`; starts, specs, unit and total unchanged.
+
+        Raises:
+          TypeError, ValueError: a multiplier that is not a number >= 0, or a
+            group given twice.
+
+        >>> s = explicit({0: "all-but:head", 3: "none"}).with_lr_multipliers({"stem": 0.1})
+        >>> print(s.validate(["stem", "head"]).describe())
+        epoch 0: freeze all-but:head; lr stem=0.1
+        epoch 3: freeze none; lr stem=0.1
+        """
+        table = tuple(lr._check_multipliers(multipliers).items())
+        phases = tuple(dataclasses.replace(p, lr_multipliers=table) for p in self.phases)
         return dataclasses.replace(self, phases=phases)
 
     def is_boundary(self, t: int) -> bool:
@@ -541,6 +567,120 @@ def parse_schedule(text: str, groups: Sequence[str], *, unit: Unit = "epoch") ->
         return constant(stripped, unit=unit).validate(groups)
     except ValueError as e:
         raise ValueError(f"{e} {_FORMS_TEXT}") from e
+
+
+_LR_FORMS_TEXT = (
+    "Valid forms: '' (none), 'ulmfit', 'ulmfit:<factor>', 'geometric', 'geometric:<ratio>', "
+    "'group=multiplier,...' (e.g. 'stem=0.1,stage1=0.3')."
+)
+_DEFAULT_ULMFIT_FACTOR = 2.6
+_DEFAULT_GEOMETRIC_RATIO = 1e-2
+
+
+def parse_lr_multipliers(text: str, groups: Sequence[str]) -> dict[str, float]:
+    """Parses per-group learning-rate multipliers as typed on a command line or in a config.
+
+    Forms:
+      * `''`: no multipliers (every group at the base learning rate).
+      * `ulmfit` / `ulmfit:2.6`: `lr.ulmfit_multipliers(groups, factor)`, each
+        group `factor` (> 0, default 2.6) times slower than the next.
+      * `geometric` / `geometric:1e-2`: `lr.geometric_multipliers(groups,
+        ratio, 1.0)`: the first group gets `ratio` (0 < ratio <= 1, default
+        1e-2), the last 1.0, geometrically spaced between.
+      * `stem=0.1,stage1=0.3`: explicit multipliers (>= 0) for the groups
+        named; the others get 1.0.
+
+    Give the result to `FreezeSchedule.with_lr_multipliers` or
+    `lr.scale_by_group`.
+
+    Args:
+      text: the multipliers string.
+      groups: the model's top-level groups, input to output; every name is
+        checked against them.
+
+    Returns:
+      `{group: multiplier}` in the order of `groups`.
+
+    Raises:
+      ValueError: a malformed string or an unknown group; the message names
+        the text, what is wrong and the valid forms (or groups).
+      TypeError: `text` is not a string.
+
+    >>> groups = ["stem", "body", "head"]
+    >>> parse_lr_multipliers("ulmfit:2", groups)
+    {'stem': 0.25, 'body': 0.5, 'head': 1.0}
+    >>> parse_lr_multipliers("geometric:1e-2", groups)
+    {'stem': 0.01, 'body': 0.1, 'head': 1.0}
+    >>> parse_lr_multipliers("head=1, stem=0.1", groups)
+    {'stem': 0.1, 'head': 1.0}
+    >>> parse_lr_multipliers("", groups)
+    {}
+    """
+    if not isinstance(text, str):
+        raise TypeError(
+            f"Learning-rate multipliers must be given as a string, got "
+            f"{type(text).__name__}: {text!r}. {_LR_FORMS_TEXT}"
+        )
+    groups = lr._check_groups(groups)
+    stripped = text.strip()
+    if not stripped:
+        return {}
+
+    def fail(problem: str) -> ValueError:
+        return ValueError(f"Learning-rate multipliers {text!r}: {problem}. {_LR_FORMS_TEXT}")
+
+    if "=" in stripped:
+        return _parse_explicit_multipliers(stripped, groups, fail)
+    head, sep, arg = (part.strip() for part in stripped.partition(":"))
+    form = head.lower()
+    if form == "ulmfit":
+        usage = "ulmfit:<factor> takes a factor > 0, e.g. 'ulmfit:2.6'"
+        factor = _multiplier_number(arg, usage, fail) if sep else _DEFAULT_ULMFIT_FACTOR
+        if not factor > 0:
+            raise fail(f"a factor must be > 0, got {arg!r}: {usage}")
+        return lr.ulmfit_multipliers(groups, factor)
+    if form == "geometric":
+        usage = (
+            "geometric:<ratio> takes the first group's multiplier, 0 < ratio <= 1, "
+            "e.g. 'geometric:1e-2'"
+        )
+        ratio = _multiplier_number(arg, usage, fail) if sep else _DEFAULT_GEOMETRIC_RATIO
+        if not 0 < ratio <= 1:
+            raise fail(f"a ratio must be > 0 and <= 1, got {arg!r}: {usage}")
+        return lr.geometric_multipliers(groups, ratio, 1.0)
+    if head in groups:
+        raise fail(f"{head!r} is a group without a multiplier: write e.g. '{head}=0.1'")
+    raise fail(f"unknown form {head!r}")
+
+
+def _parse_explicit_multipliers(
+    text: str, groups: tuple[str, ...], fail: Callable[[str], ValueError]
+) -> dict[str, float]:
+    usage = "group=multiplier takes a multiplier >= 0, e.g. 'stem=0.1'"
+    table: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        group, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or not group:
+            raise fail(f"{entry!r} is not group=multiplier")
+        if group not in groups:
+            raise fail(f"unknown group {group!r}; valid groups: {', '.join(groups)}")
+        if group in table:
+            raise fail(f"group {group!r} is given twice")
+        number = _multiplier_number(value, usage, fail)
+        if not number >= 0:
+            raise fail(f"a multiplier must be >= 0, got {value!r} for {group!r}")
+        table[group] = number
+    return {g: table[g] for g in groups if g in table}
+
+
+def _multiplier_number(value: str, usage: str, fail: Callable[[str], ValueError]) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise fail(f"{value!r} is not a number: {usage}") from None
+    if not math.isfinite(number):
+        raise fail(f"{value!r} is not a finite number: {usage}")
+    return number
 
 
 # Helpers --------------------------------------------------------------------
