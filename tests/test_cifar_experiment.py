@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar10 as default_config
-from experiments import cifar
+from experiments import cifar_train as cifar
 from layerfreeze import checkpoint, data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -295,3 +296,20 @@ def test_frozen_random_layers_are_announced_and_recorded(tmp_path, capsys):
         "stem",
         "stage1",
     ]
+
+
+def test_metrics_rows_after_a_resume_equal_the_uninterrupted_run(tmp_path):
+    config = tiny_config(log_every=4, checkpoint_every=3, eval_every=4)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cifar.train_and_evaluate(config, str(straight))
+    cifar.train_and_evaluate(config, str(killed))
+    # As if killed right after the step-3 checkpoint: later checkpoints never happened.
+    for step in ("6", "8"):
+        shutil.rmtree(killed / "checkpoints" / step)
+    cifar.train_and_evaluate(config, str(killed))
+
+    def rows(workdir):
+        return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in _rows(workdir)]
+
+    assert [r["step"] for r in rows(straight) if r["split"] == "train"] == [4, 8]
+    assert rows(killed) == rows(straight)

@@ -17,7 +17,7 @@ from test_cifar_experiment import (
 )
 
 import layerfreeze as lf
-from experiments import cifar
+from experiments import cifar_train as cifar
 from layerfreeze import data, features, train
 from layerfreeze.models import GROUPS, ResNet, resnet18
 

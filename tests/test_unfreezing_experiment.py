@@ -10,7 +10,7 @@ from test_cifar_experiment import (
     tiny_config,
 )
 
-from experiments import cifar
+from experiments import cifar_train as cifar
 from layerfreeze import checkpoint
 
 # 64 synthetic images in batches of 16: 4 steps per epoch.

@@ -1,0 +1,667 @@
+"""`train_and_evaluate(config, workdir)`: a CIFAR transfer run composed of layerfreeze pieces.
+
+`experiments/cifar.py` reads the flags and calls it; tests call it directly.
+The pieces: `layerfreeze.Phases` (the freeze schedule, one compiled step per
+distinct phase, optimizer state carried over, resume in the right phase),
+`train.make_steps`, `checkpoint.Checkpointer` (resume from the newest intact
+step), `pretrained` (`init_from`), `features.FeatureCache`, `metrics`
+(`metrics.jsonl`, exact across resumes, and `curves.png`).
+"""
+
+import json
+import math
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+import layerfreeze as lf
+from layerfreeze import (
+    checkpoint,
+    data,
+    features,
+    lr,
+    metrics,
+    models,
+    pretrained,
+    schedules,
+    train,
+)
+
+__all__ = ["Diverged", "UsageError", "train_and_evaluate", "validate_config"]
+
+OPTIMIZERS = ("adamw", "sgd")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class UsageError(ValueError):
+    """Bad input from the command line or config: reported as one line."""
+
+
+# --------------------------------------------------------------------------- #
+# Configuration checks
+# --------------------------------------------------------------------------- #
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...] | list[str]) -> None:
+    if value not in valid:
+        raise UsageError(f"Unknown {name} {value!r}; valid: {', '.join(map(str, valid))}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields that name choices, before any work is done."""
+    _choice("dataset", config.dataset, data.DATASETS)
+    _choice("model", config.model, models.MODEL_NAMES)
+    _choice("stem", config.stem, models.STEMS)
+    _choice("head", config.head, models.HEADS)
+    _choice("dtype", config.dtype, list(DTYPES))
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("freeze_method", config.freeze_method, lf.METHODS)
+    for field in (
+        "batch_size",
+        "checkpoint_every",
+        "eval_every",
+        "keep_checkpoints",
+        "width",
+        "head_hidden",
+        "synthetic_train_size",
+        "synthetic_test_size",
+    ):
+        if int(config[field]) <= 0:
+            raise UsageError(f"config.{field} must be > 0, got {config[field]}.")
+    if config.log_every < 0:
+        raise UsageError(
+            f"config.log_every must be >= 0 (0: about 50 rows per run), got {config.log_every}."
+        )
+    if config.synthetic_num_classes < 2:
+        raise UsageError(
+            f"config.synthetic_num_classes must be >= 2, got {config.synthetic_num_classes}."
+        )
+    for field in ("learning_rate", "weight_decay", "clip_norm", "momentum"):
+        value = float(config[field])
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"config.{field} must be a finite number >= 0, got {config[field]}.")
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        raise UsageError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
+    n = jax.device_count()
+    if config.batch_size % n:
+        raise UsageError(
+            f"config.batch_size={config.batch_size} must divide over {n} devices; "
+            f"use a multiple of {n}."
+        )
+    if config.init_from and not pathlib.Path(config.init_from).exists():
+        raise UsageError(
+            f"config.init_from={config.init_from!r} does not exist; give the workdir of an "
+            "earlier run or a torchvision .pth/.safetensors file."
+        )
+
+
+def _check_workdir(path: pathlib.Path) -> None:
+    """Creates the workdir and makes sure this run can write there."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--workdir={str(path)!r} is a file, not a directory; give a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"Cannot write to --workdir={str(path)!r} ({e.strerror or e}); give a writable "
+            "directory."
+        ) from e
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+# --------------------------------------------------------------------------- #
+# Building blocks
+# --------------------------------------------------------------------------- #
+
+
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+    if config.dataset == "synthetic":
+        return data.make_synthetic(
+            num_train=config.synthetic_train_size,
+            num_test=config.synthetic_test_size,
+            num_classes=config.synthetic_num_classes,
+            seed=config.seed,
+        )
+    try:
+        return data.load_dataset(
+            config.dataset, data_dir=config.data_dir or None, download=config.download
+        )
+    except data.DatasetUnavailableError as e:
+        raise UsageError(str(e)) from e
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
+    return models.create_model(
+        config.model,
+        num_classes=num_classes,
+        stem=config.stem,
+        head=config.head,
+        head_hidden=config.head_hidden,
+        head_dropout=config.head_dropout,
+        width=config.width,
+        dtype=DTYPES[config.dtype],
+    )
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    # A warmup longer than a tenth of the run would end a short run at its
+    # peak learning rate, with BatchNorm statistics that lag the weights.
+    warmup = min(config.warmup_steps, total_steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(total_steps, warmup + 1)
+    )
+    if config.optimizer == "adamw":
+        opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+    else:
+        opt = optax.chain(
+            optax.add_decayed_weights(config.weight_decay),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=True),
+        )
+    if config.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+    return opt
+
+
+def build_schedule(config: ml_collections.ConfigDict) -> schedules.FreezeSchedule:
+    groups = list(models.GROUPS)
+    try:
+        if config.schedule:
+            schedule = schedules.parse_schedule(config.schedule, groups)
+        else:
+            schedule = schedules.constant(config.freeze)
+        schedule.validate(groups)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    if config.lr_multipliers:
+        try:
+            multipliers = schedules.parse_lr_multipliers(config.lr_multipliers, groups)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"config.lr_multipliers={config.lr_multipliers!r}: {e}") from e
+        schedule = schedule.with_lr_multipliers(multipliers)
+    return schedule
+
+
+def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> tuple[dict, str]:
+    """Params and batch_stats from another run's workdir or a torchvision file."""
+    source = pathlib.Path(path)
+    if source.is_file():
+        try:
+            loaded = models.load_torchvision_resnet(source, model)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"Cannot import {source}: {e}") from e
+        except Exception as e:  # a damaged or foreign file: pickle, zip, safetensors errors
+            raise UsageError(
+                f"Cannot read {source} as torchvision ResNet weights ({type(e).__name__}: {e}); "
+                "give a .pth state dict or a .safetensors file saved from torchvision."
+            ) from e
+        note = f"torchvision weights from {source}"
+    else:
+        try:
+            loaded, step, damaged = pretrained.load_run(source)
+        except (FileNotFoundError, ValueError, checkpoint.CheckpointDamagedError) as e:
+            raise UsageError(f"config.init_from={path!r}: {e}") from e
+        for bad, reason in damaged:
+            print(
+                f"warning: init_from checkpoint step {bad} is damaged ({reason}); "
+                f"using step {step}",
+                file=sys.stderr,
+            )
+        note = f"run {source} (step {step})"
+    try:
+        merged, reinit = pretrained.merge_pretrained(variables, loaded, reinit=("head",))
+    except ValueError as e:
+        raise UsageError(
+            f"config.init_from={path!r} does not fit this model ({e}); use the same "
+            "--config.model, --config.stem and --config.width as the source."
+        ) from e
+    if reinit:
+        note += f"; re-initialised: {', '.join(reinit)} (shapes differ: class count)"
+    return merged, note
+
+
+def _local(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This host's contiguous slice of a global batch (all of it on one host)."""
+    n, i = jax.process_count(), jax.process_index()
+    return {k: np.array_split(v, n)[i] for k, v in arrays.items()}
+
+
+def _check_feature_caching(
+    config: ml_collections.ConfigDict,
+    schedule: schedules.FreezeSchedule,
+    prefixes: list[str | None],
+) -> None:
+    """Refuses `cache_frozen_features` where cached features would change the run."""
+    if config.augment:
+        raise UsageError(
+            "config.cache_frozen_features=True computes each training image's features "
+            "once, so they would ignore the random crops and flips of config.augment=True; "
+            "pass --config.augment=False to cache without augmentation (or turn caching "
+            "off with --config.cache_frozen_features=False)."
+        )
+    if config.freeze_method != "zero":
+        raise UsageError(
+            f"config.cache_frozen_features=True needs config.freeze_method='zero'; "
+            f"{config.freeze_method!r} computes the frozen groups' gradients, which cached "
+            "features skip."
+        )
+    if not any(prefixes):
+        specs = " / ".join(p.spec.describe() for p in schedule.phases)
+        why = (
+            "config.train_bn=True keeps BatchNorm training in frozen groups"
+            if config.train_bn
+            else "the stem is trainable"
+        )
+        raise UsageError(
+            f"config.cache_frozen_features=True, but freeze spec {specs!r} leaves no frozen "
+            f"prefix whose output could be cached ({why}). Freeze the groups from the stem "
+            "on, e.g. --freeze=all-but:head, or turn caching off."
+        )
+
+
+def _final_test_row(path: pathlib.Path, step: int) -> dict[str, Any] | None:
+    """The test row a finished run wrote at `step`, if its metrics hold one."""
+    rows = metrics.read_rows(path) if path.exists() else []
+    return next((r for r in reversed(rows) if r["split"] == "test" and r["step"] == step), None)
+
+
+def _frozen_groups(schedule: schedules.FreezeSchedule, params: Any) -> list[str]:
+    """Top-level groups with a parameter frozen in some phase, in model order."""
+    frozen: set[str] = set()
+    for phase in schedule.phases:
+        for path, is_frozen in phase.spec.resolve(params).items():
+            if is_frozen:
+                frozen.add(path.split("/", 1)[0])
+    return [g for g in models.GROUPS if g in frozen]
+
+
+def _diverged_message(
+    step: int, bad: dict[str, float], last_good: int | None, config: ml_collections.ConfigDict
+) -> str:
+    what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+    kept = (
+        f"checkpoints up to step {last_good} are intact"
+        if last_good is not None
+        else "no checkpoint was written"
+    )
+    return (
+        f"Training diverged at step {step}: {what}. Nothing non-finite was saved; {kept}. "
+        f"Lower config.learning_rate (now {config.learning_rate}) or raise "
+        "config.warmup_steps, or pass --config.allow_nonfinite=True to continue regardless."
+    )
+
+
+def _identity(rng: jax.Array, x: jax.Array) -> jax.Array:
+    return x
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates; resumes from the latest checkpoint in `workdir`.
+
+    Returns:
+      A summary dict: final test `accuracy` and `loss`, `steps`, number of
+      train-step `compilations`, and `phases` seen.
+    """
+    validate_config(config)
+    workdir_path = pathlib.Path(workdir)
+    _check_workdir(workdir_path)
+
+    schedule = build_schedule(config).replace_specs(train_bn=config.train_bn)
+    num_classes = (
+        config.synthetic_num_classes
+        if config.dataset == "synthetic"
+        else data.NUM_CLASSES[config.dataset]
+    )
+    model = build_model(config, num_classes)
+    rng = jax.random.PRNGKey(config.seed)
+    sample = jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32)
+    shapes = jax.eval_shape(lambda r: model.init(r, sample, train=False), rng)
+    for phase in schedule.phases:  # every spec must fit this model, before any work
+        try:
+            phase.spec.resolve(shapes["params"])
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+
+    def feature_prefix(phase: schedules.Phase) -> str | None:
+        """The group whose cached output this phase trains from (None: images)."""
+        if not config.cache_frozen_features:
+            return None
+        return features.frozen_prefix(shapes["params"], phase.spec, models.GROUPS[:-1])
+
+    prefixes = [feature_prefix(p) for p in schedule.phases]  # per phase index
+    if config.cache_frozen_features:
+        _check_feature_caching(config, schedule, prefixes)
+
+    dataset = load_data(config)
+    if config.batch_size > dataset.num_train:
+        raise UsageError(
+            f"config.batch_size={config.batch_size} is larger than the training set "
+            f"({dataset.num_train} examples); use a batch size of at most {dataset.num_train}."
+        )
+    spe = data.steps_per_epoch(dataset.num_train, config.batch_size)
+    total_steps = (
+        config.num_train_steps
+        if config.num_train_steps > 0
+        else max(1, math.ceil(config.num_epochs * spe))
+    )
+    # 0: about 50 train rows over the run, so short runs plot a curve too.
+    log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
+    variables = jax.jit(lambda r: model.init(r, sample, train=False))(rng)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    init_note = "random init"
+    if config.init_from:
+        variables, init_note = _load_source_variables(config.init_from, model, variables)
+
+    mesh = train.make_mesh()
+    base_opt = build_optimizer(config, total_steps)
+    augment = config.augment
+
+    def preprocess(rng, images):
+        if augment:
+            images = data.augment(rng, images)
+        return data.normalize(images)
+
+    def build(phase: schedules.Phase, previous: tuple[lf.FreezeSpec, ...]) -> train.TrainSteps:
+        prefix = feature_prefix(phase)
+        # Always chained, so the optimizer state keeps its structure across
+        # phases with and without multipliers and carries over intact.
+        opt = optax.chain(base_opt, lr.scale_by_group(dict(phase.lr_multipliers)))
+        return train.make_steps(
+            model,
+            opt,
+            phase.spec,
+            variables["params"],
+            method=config.freeze_method,
+            preprocess=preprocess if prefix is None else _identity,
+            preprocess_eval=data.normalize,
+            mesh=mesh,
+            start_after=prefix,
+            previous=previous,
+        )
+
+    phases = lf.Phases(
+        schedule,
+        build,
+        params=shapes["params"],
+        steps_per_epoch=spe,
+        method=config.freeze_method,
+        mesh=mesh,
+    )
+
+    ckpt = checkpoint.Checkpointer(
+        workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
+    )
+    start_step, resumed = 0, {}
+    if ckpt.latest_step() is not None:
+
+        def make_target(meta: dict[str, Any]) -> dict[str, Any]:
+            phases.restore(meta)
+            return phases.steps().init_state(variables, rng).as_dict()
+
+        try:
+            start_step, restored, resumed, damaged = ckpt.restore_latest_intact(make_target)
+        except lf.ResumeMismatchError as e:
+            raise UsageError(f"{e} (workdir {workdir_path})") from e
+        except checkpoint.CheckpointDamagedError as e:
+            raise UsageError(
+                f"{e} Nothing intact is left to resume from; run the same command again to "
+                "start this workdir from scratch."
+            ) from e
+        for step, reason in damaged:
+            print(
+                f"warning: checkpoint step {step} is damaged ({reason}); moved to "
+                f"{ckpt.damaged_directory}, resuming from step {start_step}",
+                file=sys.stderr,
+            )
+        state = train.TrainState(**restored)
+        logging.info(
+            "Resumed from step %d (phase %d) in %s.", start_step, phases.current, ckpt.directory
+        )
+        print(f"Resuming from step {start_step} (phase {phases.current}).")
+    else:
+        state = phases.init_state(variables, rng)
+    state = train.replicate(mesh, state)
+    steps = phases.steps()
+    if start_step >= total_steps:
+        finished = _final_test_row(workdir_path / "metrics.jsonl", start_step)
+        if finished is not None:
+            ckpt.close()
+            print(
+                f"{workdir_path} already finished at step {start_step}: test accuracy "
+                f"{finished['accuracy']:.4f} (loss {finished['loss']:.4f}). Nothing to do; "
+                "give a new --workdir (or more steps) to train again."
+            )
+            return {
+                "accuracy": finished["accuracy"],
+                "loss": finished["loss"],
+                "steps": start_step,
+                "compilations": 0,
+                "phase": phases.current,
+                "state": state,
+            }
+    frozen_random = [] if config.init_from else _frozen_groups(schedule, shapes["params"])
+    if frozen_random:
+        print(
+            f"warning: no config.init_from, so the frozen layers ({', '.join(frozen_random)}) "
+            "keep their random initial weights; transfer learning freezes pretrained layers. "
+            "Pass --config.init_from=<workdir of a source run, or a .pth file>, or "
+            "--freeze=none to train from scratch.",
+            file=sys.stderr,
+        )
+    # Only a run that got this far owns the workdir's record of its config.
+    record = json.loads(config.to_json())
+    record["frozen_random_init"] = frozen_random
+    (workdir_path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    print(
+        f"layerfreeze: {config.model} on {config.dataset}, {init_note}, "
+        f"{total_steps} steps of {config.batch_size} ({spe} per epoch), "
+        f"schedule: {schedule.describe()}"
+    )
+    print(lf.summary(state.params, steps.spec, state.opt_state, order=models.GROUPS))
+
+    writer = metrics.MetricsWriter(workdir_path / "metrics.jsonl", resume_step=start_step)
+    feature_cache = (
+        features.FeatureCache(
+            model,
+            dataset.train_images,
+            preprocess=data.normalize,
+            batch_size=config.batch_size,
+            pool=("stage4",),  # the head reads only stage4's spatial mean
+        )
+        if config.cache_frozen_features
+        else None
+    )
+    progress = _progress(config.progress, start_step, total_steps)
+    # The train rows average every step since the last row; the steps before
+    # a checkpoint ride along in its metadata, so a resumed run writes the
+    # rows an uninterrupted one writes.
+    saved_window = resumed.get("window")
+    window = metrics.Window.from_state(saved_window) if saved_window else metrics.Window()
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # per step, still on the device
+    last_eval: dict[str, float] = {}
+
+    def flush(check_params: bool = False) -> None:
+        """Moves pending step metrics into the window; stops at the first non-finite one."""
+        for at, values in jax.device_get(pending):
+            bad = {k: float(values[k]) for k in ("loss", "grad_norm") if k in values}
+            bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
+            if bad and not config.allow_nonfinite:
+                raise Diverged(_diverged_message(at, bad, ckpt.latest_step(), config))
+            window.add(values, examples=config.batch_size)
+        pending.clear()
+        if check_params and not config.allow_nonfinite and not bool(_all_finite(state.params)):
+            raise Diverged(
+                _diverged_message(int(state.step), {"params": math.nan}, ckpt.latest_step(), config)
+            )
+
+    def save(step: int) -> None:
+        flush(check_params=True)
+        ckpt.save(
+            step,
+            jax.device_get(state.as_dict()),
+            metadata={
+                **phases.metadata(),
+                "data_position": step,
+                "epoch": step / spe,
+                "window": window.state(),
+            },
+        )
+
+    def evaluate(step: int) -> dict[str, float]:
+        totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        for batch in data.eval_batches(dataset.test_images, dataset.test_labels, config.batch_size):
+            sharded = train.shard_batch(
+                mesh, _local({"image": batch.images, "label": batch.labels, "mask": batch.mask})
+            )
+            out = jax.device_get(steps.eval_step(state, sharded))
+            for k in totals:
+                totals[k] += float(out[k])
+        row = {
+            "step": step,
+            "split": "test",
+            "loss": totals["loss"] / totals["count"],
+            "accuracy": totals["correct"] / totals["count"],
+            "trainable_params": steps.trainable_params,
+            "phase": phases.current,
+            "examples": int(totals["count"]),
+        }
+        writer.write(row)
+        return row
+
+    for batch in data.train_batches(
+        dataset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        stop_step=total_steps,
+    ):
+        step = batch.step
+        steps, state, change = phases.update(step, state)
+        if change is not None:
+            print(change.describe())
+            writer.write(
+                {
+                    "step": step,
+                    "split": "phase",
+                    "phase": phases.current,
+                    "phase_start": True,
+                    "spec": steps.spec.describe(),
+                    "trainable_params": steps.trainable_params,
+                    "loss": None,
+                    "accuracy": None,
+                }
+            )
+        image = batch.images
+        if feature_cache is not None:
+            variables_now = {"params": state.params, "batch_stats": state.batch_stats}
+            if feature_cache.update(prefixes[phases.current], variables_now):
+                print(
+                    f"cached features after {feature_cache.prefix}: shape "
+                    f"{feature_cache.features.shape} float32 ({feature_cache.nbytes / 2**20:.1f} "
+                    f"MiB) in {feature_cache.seconds:.2f}s"
+                )
+            if feature_cache.features is not None:
+                idx = data.batch_indices(config.seed, step, dataset.num_train, config.batch_size)
+                image = feature_cache.features[idx]
+        sharded = train.shard_batch(mesh, _local({"image": image, "label": batch.labels}))
+        state, step_metrics = steps.train_step(state, sharded)
+        pending.append((step, step_metrics))
+        done = step + 1
+        if done % log_every == 0 or done == total_steps:
+            flush()
+            host = window.mean()
+            row = {
+                "step": done,
+                "split": "train",
+                "loss": host["loss"],
+                "accuracy": host["accuracy"],
+                "grad_norm": host.get("grad_norm"),
+                "trainable_params": steps.trainable_params,
+                "examples_per_sec": window.examples_per_sec(),
+                "phase": phases.current,
+                "epoch": done / spe,
+            }
+            writer.write(row)
+            progress.update(done, row, last_eval)
+            window.reset()
+        if done % config.eval_every == 0 and done != total_steps:
+            last_eval = evaluate(done)
+        if done % config.checkpoint_every == 0 or done == total_steps:
+            save(done)
+    progress.close()
+
+    final_step = int(jax.device_get(state.step))
+    if ckpt.latest_step() != final_step:
+        save(final_step)
+    ckpt.close()
+    result = evaluate(final_step)
+    if config.plot:
+        metrics.plot_curves(writer.rows(), workdir_path / "curves.png")
+    print(
+        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
+        f"{result['examples']} examples, step {final_step})"
+    )
+    return {
+        "accuracy": result["accuracy"],
+        "loss": result["loss"],
+        "steps": final_step,
+        "compilations": phases.compilations,
+        "phase": phases.current,
+        "state": state,
+    }
+
+
+class _progress:
+    """A tqdm bar with loss, accuracy and examples/s; silent when disabled."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.position = start
+
+    def update(self, step: int, row: dict[str, Any], last_eval: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.position)
+        self.position = step
+        post = {
+            "loss": f"{row['loss']:.3f}",
+            "acc": f"{row['accuracy']:.3f}",
+            "ex/s": f"{row['examples_per_sec'] or 0:.0f}",
+        }
+        if last_eval:
+            post["test_acc"] = f"{last_eval['accuracy']:.3f}"
+        self.bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
