@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.clip_norm = 1.0  # 0 = no clipping
     config.allow_nonfinite = False  # True: keep training through a NaN/inf loss or gradient
     config.batch_size = 128
-    config.num_epochs = 10.0
+    config.num_epochs = 10.0  # unless the schedule fixes the length (fine_tune)
     config.num_train_steps = -1  # > 0 overrides num_epochs
 
     # Init, checkpoints and logging.

@@ -364,11 +364,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"({dataset.num_train} examples); use a batch size of at most {dataset.num_train}."
         )
     spe = data.steps_per_epoch(dataset.num_train, config.batch_size)
-    total_steps = (
-        config.num_train_steps
-        if config.num_train_steps > 0
-        else max(1, math.ceil(config.num_epochs * spe))
-    )
+    if config.num_train_steps > 0:
+        total_steps = config.num_train_steps
+    elif schedule.total is not None:  # the recipe fixes the length (fine_tune)
+        total_steps = schedule.total * (spe if schedule.unit == "epoch" else 1)
+    else:
+        total_steps = max(1, math.ceil(config.num_epochs * spe))
     # 0: about 50 train rows over the run, so short runs plot a curve too.
     log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
     variables = jax.jit(lambda r: model.init(r, sample, train=False))(rng)

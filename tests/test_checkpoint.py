@@ -300,9 +300,12 @@ def test_rejects_bad_max_to_keep(ckpt_dir, max_to_keep):
 
 
 def test_close_is_idempotent(ckpt_dir):
-    ckpt = Checkpointer(ckpt_dir)
-    ckpt.close()
-    ckpt.close()
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, _state(seed=1), metadata={"tag": "kept"})
+    ckpt.close()  # a second close (after the with block's) is harmless
+    with Checkpointer(ckpt_dir) as again:
+        assert again.all_steps() == [1]
+        assert again.restore_metadata()["tag"] == "kept"
 
 
 def test_leftover_temporary_directory_is_ignored_and_removed(ckpt_dir):

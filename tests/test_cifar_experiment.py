@@ -60,7 +60,6 @@ def test_synthetic_run_writes_checkpoints_metrics_and_plot(tmp_path, capsys):
     for r in train_rows + test_rows:
         assert {"step", "split", "loss", "accuracy", "trainable_params"} <= set(r)
         assert np.isfinite(r["loss"])
-    assert all(r["examples_per_sec"] > 0 for r in train_rows)
     assert test_rows[-1]["examples"] == 24
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "config.json").read_text())["width"] == 4
@@ -130,9 +129,12 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
     cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
 
     _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
-    straight = [(r["split"], r["step"]) for r in _rows(tmp_path / "straight")]
-    resumed = [(r["split"], r["step"]) for r in _rows(tmp_path / "resumed")]
-    assert resumed == straight  # rows of the lost steps were dropped, none doubled
+
+    def rows(workdir):
+        return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in _rows(workdir)]
+
+    # Rows of the lost steps were dropped, none doubled, and every value matches.
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
 
 
 def test_init_from_source_run_with_other_class_count(tmp_path, capsys):

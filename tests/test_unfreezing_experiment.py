@@ -114,3 +114,11 @@ def test_negative_multiplier_is_a_usage_error(tmp_path):
         cifar.train_and_evaluate(tiny_config(lr_multipliers="stage4=-1"), str(tmp_path))
     with pytest.raises(cifar.UsageError, match="factor must be > 0"):
         cifar.train_and_evaluate(tiny_config(lr_multipliers="ulmfit:-2"), str(tmp_path))
+
+
+def test_a_schedule_with_a_total_sets_the_run_length(tmp_path):
+    config = tiny_config(
+        schedule="fine_tune:freeze_epochs=1,epochs=2", num_train_steps=-1, num_epochs=10.0
+    )
+    result = cifar.train_and_evaluate(config, str(tmp_path))
+    assert result["steps"] == 12 and result["phase"] == 1  # (1 + 2) epochs of 4 steps

@@ -217,7 +217,8 @@ def _unavailable_message(name: str, data_dir: str | None, download: bool, err: E
         "with download=True (needs network);\n"
         f"  - tfds build {name} --data_dir={target} --file_format=array_record;\n"
         f"  - put a prepared ArrayRecord copy under {target}/{name}/{version}/;\n"
-        "  - or use the synthetic dataset: --config.dataset=synthetic."
+        "  - or use the synthetic dataset, layerfreeze.data.make_synthetic "
+        "(in experiments/cifar.py: --config.dataset=synthetic)."
     )
 
 
