@@ -82,10 +82,6 @@ class Phase:
         """The learning-rate multipliers as a `{group: multiplier}` dict."""
         return dict(self.lr_multipliers)
 
-    def multiplier(self, group: str) -> float:
-        """The learning-rate multiplier of `group` (1.0 if not listed)."""
-        return self.multipliers.get(group, 1.0)
-
     def trainable_groups(self, groups: Sequence[str]) -> tuple[str, ...]:
         """The groups of `groups` that this phase trains, at least in part.
 
@@ -237,10 +233,6 @@ class FreezeSchedule:
         table = tuple(lr._check_multipliers(multipliers).items())
         phases = tuple(dataclasses.replace(p, lr_multipliers=table) for p in self.phases)
         return dataclasses.replace(self, phases=phases)
-
-    def is_boundary(self, t: int) -> bool:
-        """Whether a phase starts exactly at `t` (the frozen set may change)."""
-        return t in self.boundaries
 
     def validate(self, groups: Sequence[str]) -> "FreezeSchedule":
         """Checks that every group the phases name is one of `groups`.
