@@ -1,5 +1,6 @@
 """Shared test setup: the repository root importable (for `experiments`)."""
 
+import os
 import pathlib
 import sys
 
@@ -14,6 +15,14 @@ import jax  # noqa: E402
 # Compiling random initialisers with partitionable threefry takes ~3x longer on
 # CPU; the tests only need some deterministic random numbers.
 jax.config.update("jax_threefry_partitionable", False)
+
+# Many tests compile the same tiny train steps; XLA's persistent cache lets
+# the second compilation of a program (in any xdist worker) be a file read.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("LAYERFREEZE_TEST_JAX_CACHE", str(ROOT / ".pytest_cache" / "jax")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture
