@@ -205,3 +205,17 @@ def test_bad_input():
         _linen(MLP(), SCHEDULE, method="half")
     with pytest.raises(ValueError, match=r"steps_per_epoch must be >= 1"):
         _linen(MLP(), lf.gradual_unfreezing(["stem", "body", "head"]), steps_per_epoch=0)
+
+
+def test_frozen_prefix_changes_are_reported_for_a_feature_cache():
+    phases, variables = _linen(MLP(), SCHEDULE, prefix_groups=("stem", "body"))
+    state = phases.init_state(variables, jax.random.key(1))
+    assert phases.frozen_prefix() == "body"
+    log = []
+    _run(phases, state, 0, 7, log)
+    assert [(c.prefix_before, c.prefix_after, c.prefix_changed) for c in log] == [
+        ("body", "stem", True),
+        ("stem", None, True),
+    ]
+    unprefixed, _ = _linen(MLP(), SCHEDULE)
+    assert unprefixed.frozen_prefix() is None
