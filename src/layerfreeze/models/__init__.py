@@ -1,4 +1,4 @@
-"""ResNets with named parameter groups, and an importer for torchvision weights.
+"""ResNets with named parameter groups, an importer for torchvision weights, and a ViT.
 
 Example:
     >>> from layerfreeze.models import GROUPS, create_model
@@ -20,17 +20,37 @@ from layerfreeze.models.resnet import (
     resnet50,
 )
 from layerfreeze.models.torchvision import load_torchvision_resnet
+from layerfreeze.models.vit import (
+    POOLS,
+    VIT_NAMES,
+    VIT_SIZES,
+    ViT,
+    create_vit,
+    stack_blocks,
+    unstack_blocks,
+    vit,
+    vit_groups,
+)
 
 __all__ = [
     "BLOCKS",
     "GROUPS",
     "HEADS",
     "MODEL_NAMES",
+    "POOLS",
     "STEMS",
+    "VIT_NAMES",
+    "VIT_SIZES",
     "ResNet",
+    "ViT",
     "create_model",
+    "create_vit",
     "load_torchvision_resnet",
     "resnet18",
     "resnet34",
     "resnet50",
+    "stack_blocks",
+    "unstack_blocks",
+    "vit",
+    "vit_groups",
 ]
