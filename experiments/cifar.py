@@ -90,6 +90,7 @@ _FREEZE = flags.DEFINE_string(
     "freeze", None, "Freeze spec, e.g. 'stage1,stage2', 'none', 'all-but:head' (overrides config)."
 )
 
+
 def default_workdir(config: ml_collections.ConfigDict) -> str:
     spec = (config.schedule or config.freeze or "none").replace("/", "-")
     safe = "".join(c if c.isalnum() or c in "-_.," else "_" for c in spec).replace(",", "+")
