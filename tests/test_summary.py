@@ -152,3 +152,28 @@ def test_summary_rejects_wrapped_state_built_for_another_spec():
     lf.summary(params, "stem", state)
     with pytest.raises(ValueError, match=r"inner_state/counts/stage1/kernel is trainable state"):
         lf.summary(params, "stem,stage1", state)
+
+
+def test_rows_by_a_models_layer_groups():
+    from layerfreeze.models import ViT, vit_groups
+
+    model = ViT(num_classes=3, patch_size=4, width=16, depth=3, mlp_dim=32, num_heads=2)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 3))))
+    params = shapes["params"]
+    groups = vit_groups(3)
+    spec = "all-but:Transformer/encoderblock_2,Transformer/encoder_norm,head"
+    s = lf.summary(params, spec, groups=groups)
+    rows = s.as_dict()["groups"]
+    assert list(rows) == list(groups)
+    assert rows["Transformer/encoderblock_1"]["trainable_params"] == 0
+    block = rows["Transformer/encoderblock_2"]
+    assert block["trainable_params"] == block["params"] > 0
+    assert s.total_params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    opt_state = jax.eval_shape(lf.freeze(optax.adam(1e-3), spec).init, params)
+    with_state = lf.summary(params, spec, opt_state, groups=groups).as_dict()["groups"]
+    assert with_state["Transformer/encoderblock_1"]["opt_state_bytes"] == 0
+    assert with_state["Transformer/encoderblock_2"]["opt_state_bytes"] == 2 * 4 * block["params"]
+    with pytest.raises(ValueError, match=r"'head/bias' is in none of the groups"):
+        lf.summary(params, spec, groups=groups[:-1])
+    with pytest.raises(ValueError, match=r"Groups \['stage9'\] cover no parameter"):
+        lf.summary(params, spec, groups=[*groups, "stage9"])

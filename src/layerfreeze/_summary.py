@@ -135,8 +135,9 @@ def summary(
     opt_state: Any = None,
     *,
     order: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> FreezeSummary:
-    """Summarises `params` under `spec`, per top-level group.
+    """Summarises `params` under `spec`, per top-level group (or per given group).
 
     Args:
       params: the parameter pytree, or an NNX model (its `nnx.Param`s).
@@ -148,6 +149,11 @@ def summary(
       order: the order of the groups in the table, e.g. a model's
         `GROUPS`; groups it does not name come last. Default: the order of the
         keys of `params` when it is a mapping.
+      groups: rows by these path prefixes instead of top-level keys, in this
+        order: a model's ordered layer groups, e.g.
+        `models.vit_groups(depth)` for one row per transformer block. A leaf
+        goes to the first group that is its path or a prefix of it; every
+        leaf must be covered, and every group must cover a leaf.
 
     Returns:
       A `FreezeSummary`; `print` it, or read `as_dict()`.
@@ -173,10 +179,11 @@ def summary(
         opt_state = nnx.state(opt_state, nnx.OptState)
     resolved = spec.resolve(params)
     leaves = jax.tree.leaves(params)
-    per_group: dict[str, list[int]] = {}
+    group_of = _group_of(list(resolved), groups)
+    per_group: dict[str, list[int]] = {g: [0, 0, 0, 0] for g in groups or ()}
     for (path, frozen), leaf in zip(resolved.items(), leaves, strict=True):
         size, nbytes = _size(leaf)
-        row = per_group.setdefault(path.split("/", 1)[0], [0, 0, 0, 0])
+        row = per_group.setdefault(group_of[path], [0, 0, 0, 0])
         row[0] += size
         row[1] += nbytes
         row[2] += 0 if frozen else size
@@ -187,7 +194,9 @@ def summary(
         by_path = opt_state_bytes_by_path(opt_state, list(resolved))
         shared = by_path.pop(None, 0)
         for path, nbytes in by_path.items():
-            per_group[path.split("/", 1)[0]][3] += nbytes
+            per_group[group_of[path]][3] += nbytes
+    if groups is not None:
+        order = list(groups)
     if order is None and isinstance(params, Mapping):
         # Mappings keep their modules' definition order (stem ... head); the
         # flattened order is sorted.
@@ -338,6 +347,29 @@ def _branch(prefix: tuple[str, ...]) -> str | None:
         if name == "inner_states" and prefix[i + 1] in (_spec.TRAINABLE, _spec.FROZEN):
             return prefix[i + 1]
     return None
+
+
+def _group_of(paths: Sequence[str], groups: Sequence[str] | None) -> dict[str, str]:
+    """Maps each leaf path to its row: its top-level key, or the first group covering it."""
+    if groups is None:
+        return {p: p.split("/", 1)[0] for p in paths}
+    if isinstance(groups, str):
+        raise TypeError(f"groups must be a sequence of path prefixes, not the string {groups!r}.")
+    found = {}
+    for path in paths:
+        group = next((g for g in groups if path == g or path.startswith(g.rstrip("/") + "/")), None)
+        if group is None:
+            raise ValueError(
+                f"Parameter {path!r} is in none of the groups {list(groups)}; give groups that "
+                "cover every parameter (a model's ordered layer groups)."
+            )
+        found[path] = group
+    empty = [g for g in groups if g not in found.values()]
+    if empty:
+        raise ValueError(
+            f"Groups {empty} cover no parameter; parameters: {', '.join(paths[:8])} ..."
+        )
+    return found
 
 
 def _size(leaf: Any) -> tuple[int, int]:
