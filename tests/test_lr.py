@@ -255,3 +255,37 @@ def test_scale_by_group_inside_freeze(method):
     np.testing.assert_array_equal(updates["stem"]["kernel"], np.zeros((3, 2)))
     np.testing.assert_allclose(updates["stage2"]["kernel"], 0.25 * ref["stage2"]["kernel"], 1e-6)
     np.testing.assert_array_equal(updates["head"]["kernel"], ref["head"]["kernel"])
+
+
+def test_layerwise_decay_over_path_prefix_groups_of_a_vit():
+    from layerfreeze.models import ViT, vit_groups
+
+    model = ViT(num_classes=3, patch_size=4, width=16, depth=3, mlp_dim=32, num_heads=2)
+    params = jax.tree.map(
+        jnp.ones_like, model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    )
+    groups = vit_groups(3)
+    layers = [groups[:3], *groups[3:6], groups[6:]]  # embeddings, blocks 0-2, norm + head
+    mults = layerfreeze.layerwise_decay(layers, 0.5)
+    assert mults["embedding"] == mults["cls"] == 0.0625
+    assert [mults[f"Transformer/encoderblock_{i}"] for i in range(3)] == [0.125, 0.25, 0.5]
+    assert mults["head"] == mults["Transformer/encoder_norm"] == 1.0
+    tx = optax.chain(optax.sgd(1.0), layerfreeze.scale_by_group(mults))
+    updates, _ = tx.update(params, tx.init(params))
+    for i in range(3):
+        block = updates["Transformer"][f"encoderblock_{i}"]
+        for leaf in jax.tree.leaves(block):
+            np.testing.assert_array_equal(leaf, -0.125 * 2**i)
+    np.testing.assert_array_equal(updates["Transformer"]["encoder_norm"]["scale"], -1.0)
+    np.testing.assert_array_equal(updates["pos_embedding"], -0.0625)
+
+
+@pytest.mark.parametrize(
+    ("decay", "error"),
+    [(0.0, "decay must be > 0"), (1.5, r"decay must be in \(0, 1\]"), (float("nan"), "decay")],
+)
+def test_layerwise_decay_bad_values(decay, error):
+    with pytest.raises(ValueError, match=error):
+        layerfreeze.layerwise_decay(["a", "b"], decay)
+    with pytest.raises(ValueError, match="Duplicate group name"):
+        layerfreeze.layerwise_decay(["a", ("b", "a")], 0.5)

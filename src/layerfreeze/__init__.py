@@ -27,7 +27,12 @@ from layerfreeze._nnx import nnx_filter, nnx_train_mode
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
-from layerfreeze.lr import geometric_multipliers, scale_by_group, ulmfit_multipliers
+from layerfreeze.lr import (
+    geometric_multipliers,
+    layerwise_decay,
+    scale_by_group,
+    ulmfit_multipliers,
+)
 from layerfreeze.phases import PhaseChange, Phases, ResumeMismatchError
 from layerfreeze.schedules import (
     FreezeSchedule,
@@ -69,6 +74,7 @@ __all__ = [
     "grad",
     "gradual_unfreezing",
     "label_fn",
+    "layerwise_decay",
     "nnx_filter",
     "nnx_train_mode",
     "parse_lr_multipliers",

@@ -19,6 +19,7 @@ from layerfreeze import _paths
 __all__ = [
     "MultipliersLike",
     "geometric_multipliers",
+    "layerwise_decay",
     "scale_by_group",
     "ulmfit_multipliers",
 ]
@@ -79,19 +80,54 @@ def ulmfit_multipliers(groups: Sequence[str], factor: float = 2.6) -> dict[str, 
     return {g: 1.0 / factor ** (n - 1 - i) for i, g in enumerate(groups)}
 
 
+def layerwise_decay(layers: Sequence[str | Sequence[str]], decay: float) -> dict[str, float]:
+    """Layer-wise learning-rate decay (BEiT, MAE, timm's `param_groups_layer_decay`).
+
+    Layer `i` of `n` (input to output) trains at `decay ** (n - 1 - i)` times
+    the base rate: the last layer at the base rate, each layer below it
+    `decay` times slower. A layer is a group (a path prefix such as
+    `Transformer/encoderblock_3`) or a tuple of groups that share a rate, e.g.
+    a ViT's embeddings `("embedding", "pos_embedding", "cls")` as BEiT's layer
+    0, and `("Transformer/encoder_norm", "head")` as its last.
+
+    Args:
+      layers: the layers, input to output.
+      decay: in (0, 1]; 0.65-0.75 is usual for fine-tuning a ViT.
+
+    Returns:
+      `{group: multiplier}` for `scale_by_group`, in the order of `layers`.
+
+    >>> layerwise_decay([("embedding", "cls"), "block_0", "block_1", "head"], 0.5)
+    {'embedding': 0.125, 'cls': 0.125, 'block_0': 0.25, 'block_1': 0.5, 'head': 1.0}
+    """
+    decay = _positive("decay", decay)
+    if decay > 1:
+        raise ValueError(f"decay must be in (0, 1], got {decay!r}; 0.65-0.75 is usual.")
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise TypeError(
+            f"layers must be a sequence of groups (or tuples of groups), got {layers!r}."
+        )
+    layers = [(layer,) if isinstance(layer, str) else tuple(layer) for layer in layers]
+    _check_groups([g for layer in layers for g in layer])  # unique, non-empty names
+    n = len(layers)
+    return {g: decay ** (n - 1 - i) for i, layer in enumerate(layers) for g in layer}
+
+
 def scale_by_group(
     multipliers: MultipliersLike,
     *,
     default: float = 1.0,
 ) -> optax.GradientTransformation:
-    """Multiplies each update by the multiplier of its top-level group.
+    """Multiplies each update by the multiplier of its group.
 
-    A leaf's group is the first component of its `/` path (`stage1` for
-    `stage1/Block_0/Conv_0/kernel`). Chain it after an optimizer to give each
-    group its own learning rate; the optimizer's own schedule keeps running,
-    scaled per group. A multiplier of exactly 1.0 leaves updates bit-identical,
-    0.0 gives exact zeros (but prefer freezing: a zero multiplier still pays
-    for the gradient and the optimizer state).
+    A group is a top-level name (`stage1` for `stage1/Block_0/Conv_0/kernel`)
+    or any path prefix (`Transformer/encoderblock_3`); a leaf takes the
+    multiplier of the longest group that is its path or a prefix of it.
+    Chain it after an optimizer to give each group its own learning rate; the
+    optimizer's own schedule keeps running, scaled per group. A multiplier of
+    exactly 1.0 leaves updates bit-identical, 0.0 gives exact zeros (but
+    prefer freezing: a zero multiplier still pays for the gradient and the
+    optimizer state).
 
     Stateless. Multipliers are Python floats baked into a jitted step, so a
     new set of multipliers (a new schedule phase) compiles a new step.
@@ -119,20 +155,29 @@ def scale_by_group(
     table = _check_multipliers(multipliers)
     default = _non_negative("default", default)
 
+    # Longest prefix first: `Transformer/encoderblock_1` before `Transformer`.
+    prefixes = sorted(table, key=lambda g: -len(g))
+
+    def multiplier_of(path: str) -> float:
+        for group in prefixes:
+            if path == group or path.startswith(group + "/"):
+                return table[group]
+        return default
+
     def init_fn(params: Any) -> optax.EmptyState:
-        existing = _groups_of(params)
-        unknown = [g for g in table if g not in existing]
+        paths = _leaf_paths_with_masked(params)
+        unknown = [g for g in table if not any(p == g or p.startswith(g + "/") for p in paths)]
         if unknown:
+            existing = _paths.top_level_groups(paths)
             raise ValueError(
                 f"scale_by_group: learning-rate multiplier(s) for unknown group(s) "
-                f"{', '.join(repr(g) for g in unknown)}. Groups that exist: "
-                f"{', '.join(existing) or '(none: empty params)'}."
+                f"{', '.join(repr(g) for g in unknown)} (no parameter path is or starts with "
+                f"them). Groups that exist: {', '.join(existing) or '(none: empty params)'}."
             )
         return optax.EmptyState()
 
     def scale(keypath: Any, leaf: Any) -> Any:
-        names = _paths.keypath_names(keypath)
-        m = table.get(names[0], default) if names else default
+        m = multiplier_of(_paths.path_str(_paths.keypath_names(keypath)))
         if m == 1.0:
             return leaf
         if m == 0.0:
@@ -189,13 +234,13 @@ def _check_multipliers(multipliers: MultipliersLike | None) -> dict[str, float]:
     return table
 
 
-def _groups_of(params: Any) -> list[str]:
+def _leaf_paths_with_masked(params: Any) -> list[str]:
     # Inside `optax.partition` the params of other branches are `MaskedNode`s,
     # which have no leaves; count them so their groups still exist.
     flat, _ = jax.tree_util.tree_flatten_with_path(
         params, is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode)
     )
-    return _paths.top_level_groups([_paths.path_str(_paths.keypath_names(p)) for p, _ in flat])
+    return [_paths.path_str(_paths.keypath_names(p)) for p, _ in flat]
 
 
 def _number(what: str, value: Any) -> float:
