@@ -190,6 +190,7 @@ def test_user_step_compiles_to_the_ideal_flops_even_reporting_the_grad_norm():
     ideal_state = jax.eval_shape(ideal_tx.init, trainable)
     ideal_flops = _flops(ideal, trainable, frozen, stats, ideal_state, batch)
 
+    print(f"ours {ours_flops:.0f}, ideal {ideal_flops:.0f}, jax.value_and_grad {naive_flops:.0f}")
     assert abs(ours_flops / ideal_flops - 1) <= 0.01, (ours_flops, ideal_flops)
     # The same step with jax.value_and_grad pays for the frozen backward pass.
     assert naive_flops > 1.2 * ideal_flops, (naive_flops, ideal_flops)

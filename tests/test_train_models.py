@@ -182,6 +182,7 @@ def test_compiled_flops_equal_the_hand_written_ideal(kind):
     else:
         variables = model.init(jax.random.key(0), IMAGES[:2], train=False)
         ideal = _linen_ideal_flops(model, variables, spec, batch, loss_fn)
+    print(f"{kind}: ours {ours:.0f}, ideal {ideal:.0f}, all trainable {full:.0f} FLOPs")
     assert abs(ours / ideal - 1) <= 0.01, (ours, ideal)
     assert ours < 0.9 * full, (ours, full)
 
@@ -213,7 +214,7 @@ def test_eval_step_of_a_custom_loss_sums_over_batches():
     out = steps.eval_step(state, batch)
     assert float(out["count"]) == 8.0
     assert set(out) == {"loss", "mae", "count"}
-    model, variables = DeepNormNet(), None
+    model = DeepNormNet()
     variables = model.init(jax.random.key(0), IMAGES[:2], train=False)
     preds = model.apply(variables, IMAGES, train=False)
     expected = _mse(preds, batch)[0] * 8
@@ -296,3 +297,9 @@ def test_bad_input_is_a_clear_error():
         train.make_steps(model, optax.sgd(0.1), "none", variables["params"]).init_state(
             model, jax.random.key(0)
         )
+
+
+def test_running_stats_rule_matching_no_batchnorm_is_an_error_in_make_steps():
+    _, steps, state, batch, _ = _build("flax_example", running_stats="head")
+    with pytest.raises(ValueError, match=r"running_stats rule 'head' matches no BatchNorm"):
+        steps.train_step(state, batch)

@@ -161,6 +161,7 @@ class Phases:
         for phase in schedule.phases:  # every spec must fit, before any work
             phase.spec.resolve(self.params)
         self._cache: dict[Any, Any] = {}
+        self._keys: dict[int, Any] = {}  # phase index -> build key, computed once
         self.current = self.index_at(0)
 
     # Where we are ------------------------------------------------------------
@@ -210,6 +211,11 @@ class Phases:
         return steps if isinstance(steps, optax.GradientTransformation) else steps.tx
 
     def _key(self, index: int) -> Any:
+        if index not in self._keys:
+            self._keys[index] = self._compute_key(index)
+        return self._keys[index]
+
+    def _compute_key(self, index: int) -> Any:
         phase = self.schedule.phases[index]
         cohorts: Any = ()
         if self.method == "zero":

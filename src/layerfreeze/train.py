@@ -366,6 +366,7 @@ class _LinenForward:
                 rngs={"dropout": rng},
                 **self.train_kwargs,
             )
+        self.policy.check_rules_used()  # at trace time: a running_stats rule must match
         if not batch_stats:
             return out, batch_stats
         outputs, updates = out
