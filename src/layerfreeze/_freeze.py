@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 
-from layerfreeze import _labels, _paths, _spec
+from layerfreeze import _labels, _paths, _rows, _spec
 
 __all__ = ["METHODS", "CohortsState", "Method", "check_method", "freeze"]
 
@@ -159,13 +159,14 @@ def freeze(
     if method == "lr0":
         history = history[-1:]  # frozen leaves ran the optimizer: one cohort
 
-    def build(tree: Any) -> optax.GradientTransformationExtraArgs:
-        rows = [frozen(tree) for frozen in history]
-        since = _labels.since_from_history(rows)
-        paths = _paths.leaf_paths(tree)
+    def build(tree: Any) -> tuple[optax.GradientTransformationExtraArgs, list[Any]]:
+        history_rows = [frozen(tree) for frozen in history]
+        bounds, frozen_now, since = _block_plan(jax.tree.leaves(tree), history_rows)
+        view = _rows.split(tree, bounds)
+        paths = _paths.leaf_paths(view)
         cohort_of = {p: s for p, s in zip(paths, since, strict=True) if s}
-        flat = iter(_spec.FROZEN if f else _spec.TRAINABLE for f in rows[-1])
-        labels_tree = jax.tree.map(lambda _: next(flat), tree)
+        flat = iter(_spec.FROZEN if f else _spec.TRAINABLE for f in frozen_now)
+        labels_tree = jax.tree.map(lambda _: next(flat), view)
         # Both branches wrap `optimizer` at the same position, so a leaf's
         # state has the same path inside either branch; unfreezing moves it.
         trainable_tx = optax.chain(_cohorts(optimizer, cohort_of), optax.identity())
@@ -173,15 +174,19 @@ def freeze(
             frozen_tx = optax.set_to_zero()
         else:
             frozen_tx = optax.chain(_cohorts(optimizer, {}), optax.set_to_zero())
-        return optax.partition(
-            {_spec.TRAINABLE: trainable_tx, _spec.FROZEN: frozen_tx}, labels_tree
-        )
+        tx = optax.partition({_spec.TRAINABLE: trainable_tx, _spec.FROZEN: frozen_tx}, labels_tree)
+        return tx, bounds
 
     def init_fn(params: Any) -> Any:
-        return build(params).init(params)
+        tx, bounds = build(params)
+        return tx.init(_rows.split(params, bounds))
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
-        return build(updates).update(updates, state, params, **extra_args)
+        tx, bounds = build(updates)
+        if params is not None:
+            params = _rows.split(params, bounds)
+        new_updates, state = tx.update(_rows.split(updates, bounds), state, params, **extra_args)
+        return _rows.join(new_updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -199,8 +204,46 @@ def _check_optimizer(optimizer: Any) -> None:
     )
 
 
-def _spec_frozen(spec: _spec.FreezeSpec) -> Callable[[Any], list[bool]]:
-    return lambda tree: list(spec.resolve(tree).values())
+def _spec_frozen(spec: _spec.FreezeSpec) -> Callable[[Any], list[_spec.FrozenRows]]:
+    return lambda tree: list(spec.resolve_blocks(tree).values())
+
+
+def _block_plan(
+    leaves: Sequence[Any], history: Sequence[Sequence[_spec.FrozenRows]]
+) -> tuple[list[Any], list[bool], list[int | None]]:
+    """How `freeze` splits stacked leaves, and each part's state and cohort.
+
+    Args:
+      leaves: the tree's leaves.
+      history: per phase (oldest first, the current one last), each leaf's
+        frozen state: a bool, or one bool per block.
+
+    Returns:
+      `(bounds, frozen, since)`: for each leaf, the row ranges it splits into
+      (None: kept whole); then, for each leaf of the split view in order,
+      whether it is frozen now and its cohort (`_labels.since_from_history`).
+      A leaf splits where its blocks differ in state or cohort.
+    """
+    bounds: list[Any] = []
+    frozen: list[bool] = []
+    since: list[int | None] = []
+    for n, leaf in enumerate(leaves):
+        column = [phase[n] for phase in history]
+        if all(isinstance(c, bool) for c in column):
+            bounds.append(None)
+            frozen.append(column[-1])
+            since.extend(_labels.since_from_history([[c] for c in column]))
+            continue
+        depth = np.shape(leaf)[0]
+        per_phase = [c if isinstance(c, tuple) else (c,) * depth for c in column]
+        per_row = _labels.since_from_history(per_phase)
+        keys = [(per_phase[-1][r], per_row[r]) for r in range(depth)]
+        parts = _rows.runs(keys)
+        bounds.append(tuple((a, b) for a, b, _ in parts) if len(parts) > 1 else None)
+        for _, _, (is_frozen, s) in parts:
+            frozen.append(is_frozen)
+            since.append(s)
+    return bounds, frozen, since
 
 
 def _fixed_frozen(labels: Any, where: str) -> Callable[[Any], list[bool]]:

@@ -15,8 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from layerfreeze import _labels, _spec
+from layerfreeze import _rows, _spec
 
 __all__ = ["grad", "merge", "split", "value_and_grad"]
 
@@ -88,21 +89,22 @@ def value_and_grad(
     (8.0, Array([0., 0.], dtype=float32), Array([-4., -4.], dtype=float32))
     """
     spec = _spec.as_spec(spec)
-    masks: dict[Any, Any] = {}
+    plans: dict[Any, tuple[Any, Any]] = {}
 
-    def mask_of(params: Any) -> Any:
-        treedef = jax.tree.structure(params)
-        if treedef not in masks:
-            masks[treedef] = _labels.frozen_mask(params, spec)
-        return masks[treedef]
+    def plan_of(params: Any) -> tuple[Any, Any]:
+        key = (jax.tree.structure(params), tuple(np.shape(x) for x in jax.tree.leaves(params)))
+        if key not in plans:
+            plans[key] = block_plan(params, spec)
+        return plans[key]
 
     @functools.wraps(fun)
     def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        mask = mask_of(params)
-        trainable, frozen = split(params, mask)
+        bounds, mask = plan_of(params)
+        view = _rows.split(params, bounds)
+        trainable, frozen = split(view, mask)
 
         def partial(trainable: Any) -> Any:
-            out = fun(merge(mask, trainable, frozen), *args, **kwargs)
+            out = fun(_rows.join(merge(mask, trainable, frozen)), *args, **kwargs)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise ValueError(
@@ -115,9 +117,31 @@ def value_and_grad(
             return out
 
         value, trainable_grads = jax.value_and_grad(partial, has_aux=has_aux)(trainable)
-        return value, fill_frozen(mask, params, trainable_grads)
+        return value, _rows.join(fill_frozen(mask, view, trainable_grads))
 
     return wrapped
+
+
+def block_plan(params: Any, spec: _spec.FreezeSpec) -> tuple[list[Any], Any]:
+    """How to split `params` into wholly frozen and wholly trainable parts.
+
+    Returns:
+      `(bounds, mask)`: the row ranges of each partly frozen stacked leaf
+      (None for the others; see `_rows.split`), and the frozen mask of the
+      split view (True = frozen).
+    """
+    bounds, flags = [], []
+    for state in spec.resolve_blocks(params).values():
+        if isinstance(state, bool):
+            bounds.append(None)
+            flags.append(state)
+            continue
+        parts = _rows.runs(state)
+        bounds.append(tuple((a, b) for a, b, _ in parts))
+        flags.extend(f for _, _, f in parts)
+    view = _rows.split(params, bounds)
+    flat = iter(flags)
+    return bounds, jax.tree.map(lambda _: next(flat), view)
 
 
 def grad(

@@ -31,7 +31,16 @@ def frozen_mask(params: Any, spec: _spec.SpecLike) -> Any:
     An NNX model stands for its parameters, `nnx.state(model, nnx.Param)`.
     """
     params = _nnx.as_params(params)
-    resolved = _spec.as_spec(spec).resolve(params)
+    resolved = _spec.as_spec(spec).resolve_blocks(params)
+    partly = [path for path, frozen in resolved.items() if not isinstance(frozen, bool)]
+    if partly:
+        raise ValueError(
+            f"The spec freezes some blocks of the stacked leaves {partly[:3]}"
+            f"{' ...' if len(partly) > 3 else ''} and not others, which a per-leaf mask or "
+            "optax label cannot express. Use layerfreeze.freeze(optimizer, spec) (it splits "
+            "stacked leaves by block) with layerfreeze.value_and_grad or "
+            "layerfreeze.train.make_steps, or FreezeSpec.resolve_blocks for the per-block answer."
+        )
     flat = iter(resolved.values())
     return jax.tree.map(lambda _: next(flat), params)
 
@@ -70,7 +79,8 @@ def trainable_since(
     `spec` the current one. A trainable leaf's answer is the index in
     `(*previous, spec)` where its last unbroken run of trainable phases
     begins: 0 if it has trained in every phase given. Frozen leaves map to
-    None. Leaves with the same answer form a *cohort*: under
+    None. A stacked leaf whose blocks differ gets one answer per block (a
+    tuple). Leaves with the same answer form a *cohort*: under
     `layerfreeze.freeze(..., previous=previous)` each cohort counts its own
     optimizer steps (Adam's bias correction).
 
@@ -81,8 +91,19 @@ def trainable_since(
     {'head/w': 0, 'stage1/w': 0, 'stem/w': None}
     """
     specs = [_spec.as_spec(s) for s in check_previous(previous)] + [_spec.as_spec(spec)]
-    rows = [list(s.resolve(params).values()) for s in specs]
-    return dict(zip(_paths.leaf_paths(params), since_from_history(rows), strict=True))
+    rows = [list(s.resolve_blocks(params).values()) for s in specs]
+    out: dict[str, Any] = {}
+    for n, path in enumerate(_paths.leaf_paths(params)):
+        column = [phase[n] for phase in rows]
+        depths = {len(c) for c in column if isinstance(c, tuple)}
+        if not depths:
+            out[path] = since_from_history([[c] for c in column])[0]
+            continue
+        (depth,) = depths
+        per_phase = [c if isinstance(c, tuple) else (c,) * depth for c in column]
+        since = tuple(since_from_history(per_phase))
+        out[path] = since[0] if len(set(since)) == 1 else since
+    return out
 
 
 def check_previous(previous: Any) -> tuple[Any, ...]:

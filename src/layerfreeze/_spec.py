@@ -12,6 +12,22 @@ Rule patterns come in three kinds:
   whole path (`*` also crosses `/`), e.g. `*/BatchNorm_*/*`.
 * a *regex*: a pattern prefixed with `re:`, matched with `re.fullmatch`, e.g.
   `re:stage[12]/.*`.
+* a *block selector*: a path prefix followed by `[i]` or a slice `[start:stop]`
+  of integers, and optionally a deeper path, e.g. `Transformer/encoderblock[:6]`
+  or `Transformer/encoderblock[-2:]/MlpBlock_3`. It selects blocks along the
+  leading axis of *stacked* leaves, the layout of blocks run by `nn.scan` or
+  `nnx.scan` (every leaf under the prefix has the same leading axis, the
+  depth). Python's slice rules apply, except that a selector reaching outside
+  the depth, or selecting nothing, is an error. A bracket holding only an
+  integer or an integer slice is always a block selector; for a glob
+  character class of digits write a range (`stage[1-2]`) or use `re:`.
+
+Rules resolve block by block: for each block of a stacked leaf, the first rule
+that matches that block decides. A leaf frozen in some blocks and trainable in
+others is *partly frozen*: `layerfreeze.freeze`, `layerfreeze.value_and_grad`,
+`layerfreeze.train` and `layerfreeze.summary` honour it block by block
+(`FreezeSpec.resolve_blocks`); plain per-leaf optax labels cannot express it
+(`frozen_mask` raises).
 """
 
 import dataclasses
@@ -19,6 +35,9 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
+
+import jax
+import numpy as np
 
 from layerfreeze import _paths
 
@@ -37,11 +56,21 @@ _STATES = (FROZEN, TRAINABLE)
 _ALL_BUT = "all-but:"
 _REGEX_PREFIX = "re:"
 _GLOB_CHARS = frozenset("*?[")
+# `<prefix>[<selector>]<rest>`: a block selector over stacked leaves.
+_BLOCK_RULE = re.compile(r"(?P<base>[^*?\[\]]+?)\[(?P<sel>[^\]]*)\](?P<rest>/[^*?\[\]]+)?")
+_SELECTOR = re.compile(r"\s*(?P<start>[-+]?\d*)\s*(?P<colon>:)?\s*(?P<stop>[-+]?\d*)\s*")
+_BLOCK_FORMS = (
+    "valid block selectors: [i] (one block), [start:stop], [:stop], [start:] with "
+    "integers, negative counting from the end"
+)
 # Flax linen names BatchNorm layers `BatchNorm_<i>`; torchvision-style and NNX
 # attribute names are usually `bn<i>`.
 DEFAULT_BN_PATTERN = r"(?i)(.*/)?[^/]*(batch_?norm[^/]*|bn\d*)/(scale|bias)"
 
-Kind = Literal["all", "group", "glob", "regex"]
+Kind = Literal["all", "group", "glob", "regex", "block"]
+
+FrozenRows = bool | tuple[bool, ...]
+"""A leaf's frozen state: one bool, or one bool per block of a stacked leaf."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +99,8 @@ class Rule:
             )
         if self.state not in _STATES:
             raise ValueError(f"Rule state must be one of {_STATES}, got {self.state!r}.")
+        if self.kind == "block":
+            self.selector  # noqa: B018 (validates the selector)
         if self.kind == "regex":
             try:
                 re.compile(self.pattern[len(_REGEX_PREFIX) :])
@@ -87,6 +118,9 @@ class Rule:
             return "all"
         if self.pattern.startswith(_REGEX_PREFIX):
             return "regex"
+        match = _BLOCK_RULE.fullmatch(self.pattern)
+        if match and re.fullmatch(r"[\s\d:+-]*", match["sel"]):
+            return "block"
         if _GLOB_CHARS & set(self.pattern):
             return "glob"
         return "group"
@@ -101,7 +135,61 @@ class Rule:
         if kind == "glob":
             return fnmatch.fnmatchcase(path, self.pattern)
         prefix = self.pattern.rstrip("/")
+        if kind == "block":
+            prefix = self.stack + self.selector[2]
         return path == prefix or path.startswith(prefix + "/")
+
+    @property
+    def stack(self) -> str:
+        """A block selector's path prefix: the stacked subtree it selects blocks of."""
+        match = _BLOCK_RULE.fullmatch(self.pattern)
+        if self.kind != "block" or match is None:
+            raise ValueError(f"Freeze rule {self.pattern!r} is not a block selector.")
+        return match["base"].rstrip("/")
+
+    @property
+    def selector(self) -> tuple[int | None, int | None, str]:
+        """A block selector's `(start, stop, rest)`; `stop` None = to the end.
+
+        `[i]` is `(i, i + 1)`, except `[-1]`, which is `(-1, None)`.
+        """
+        match = _BLOCK_RULE.fullmatch(self.pattern)
+        sel = _SELECTOR.fullmatch(match["sel"]) if match else None
+        if sel is None or (not sel["colon"] and not sel["start"]):
+            raise ValueError(
+                f"Freeze rule {self.pattern!r} has an empty or malformed block selector; "
+                f"{_BLOCK_FORMS}, e.g. 'Transformer/encoderblock[:6]'."
+            )
+        if sel["stop"] and not sel["colon"]:  # pragma: no cover (the regex forbids it)
+            raise ValueError(f"Malformed block selector in {self.pattern!r}; {_BLOCK_FORMS}.")
+        start = int(sel["start"]) if sel["start"] else None
+        stop = int(sel["stop"]) if sel["stop"] else None
+        if not sel["colon"]:
+            assert start is not None
+            stop = start + 1 if start != -1 else None
+        return start, stop, match["rest"] or ""
+
+    def blocks(self, depth: int) -> range:
+        """The blocks a block selector picks out of a stack of `depth`.
+
+        Raises:
+          ValueError: the selector reaches outside `0..depth-1` or selects
+            nothing; the message names the depth and the valid forms.
+        """
+        start, stop, _ = self.selector
+        for bound in (start, stop):
+            if bound is not None and not -depth <= bound <= depth:
+                raise ValueError(
+                    f"Block selector {self.pattern!r} reaches outside the stack "
+                    f"{self.stack!r} of depth {depth} (blocks 0..{depth - 1}); {_BLOCK_FORMS}."
+                )
+        picked = range(depth)[slice(start, stop)]
+        if not picked:
+            raise ValueError(
+                f"Block selector {self.pattern!r} selects no block of the stack "
+                f"{self.stack!r} of depth {depth}; {_BLOCK_FORMS}."
+            )
+        return picked
 
     def __str__(self) -> str:
         text = "all" if self.kind == "all" else self.pattern
@@ -229,45 +317,82 @@ class FreezeSpec:
     def resolve(self, params: Any) -> dict[str, bool]:
         """Maps each leaf path of `params` to True (frozen) or False (trainable).
 
+        A leaf that block selectors freeze in some blocks only is partly
+        frozen; here it counts as trainable (False). `resolve_blocks` gives the
+        per-block answer.
+
         Raises:
           ValueError: a rule matches no leaf (the message names the rule and
-            lists the groups that exist), or `strict` and a leaf is covered by
-            no rule.
+            lists the groups that exist), `strict` and a leaf is covered by
+            no rule, or a block selector does not fit its stack.
         """
-        paths = _paths.leaf_paths(params)
-        return self.resolve_paths(paths)
+        return {p: f is True for p, f in self.resolve_blocks(params).items()}
+
+    def resolve_blocks(self, params: Any) -> dict[str, FrozenRows]:
+        """Like `resolve`, with one bool per block for partly frozen stacked leaves.
+
+        A leaf gets a tuple (one entry per index of its leading axis, True =
+        frozen) when block selectors freeze some of its blocks and not
+        others; every other leaf gets one bool.
+
+        >>> import numpy as np
+        >>> spec = FreezeSpec.parse("blocks[:2]")
+        >>> spec.resolve_blocks({"blocks": {"w": np.zeros((3, 4))}, "head": np.zeros(4)})
+        {'blocks/w': (True, True, False), 'head': False}
+        """
+        flat, _ = jax.tree_util.tree_flatten_with_path(params)
+        paths = [_paths.path_str(_paths.keypath_names(k)) for k, _ in flat]
+        shapes = [tuple(np.shape(leaf)) for _, leaf in flat]
+        return self._resolve(paths, shapes)
 
     def resolve_paths(self, paths: Sequence[str]) -> dict[str, bool]:
-        """Like `resolve`, over a list of `/`-joined leaf paths."""
+        """Like `resolve`, over a list of `/`-joined leaf paths.
+
+        Block selectors need the leaves' shapes: use `resolve` for specs that
+        have them.
+        """
+        if any(rule.kind == "block" for rule in self.rules):
+            raise ValueError(
+                f"The spec {self.describe()!r} has block selectors, which need the leaves' "
+                "shapes: resolve it against the params (FreezeSpec.resolve)."
+            )
+        return {p: f is True for p, f in self._resolve(list(paths), None).items()}
+
+    def _resolve(
+        self, paths: Sequence[str], shapes: Sequence[tuple[int, ...]] | None
+    ) -> dict[str, FrozenRows]:
         if len(set(paths)) != len(paths):
             raise ValueError("Parameter paths are not unique; cannot resolve a freeze spec.")
+        hits = [[i for i, r in enumerate(self.rules) if r.matches(p)] for p in paths]
+        picked = self._check_stacks(paths, shapes, hits)
         bn = re.compile(self.bn_pattern)
-        matched = [False] * len(self.rules)
-        result: dict[str, bool] = {}
+        result: dict[str, FrozenRows] = {}
         uncovered = []
-        for path in paths:
-            state = None
-            for i, rule in enumerate(self.rules):
-                if rule.matches(path):
-                    matched[i] = True
-                    if state is None:
-                        state = rule.state
-            if state is None:
+        for n, path in enumerate(paths):
+            if any(i in picked for i in hits[n]):
+                assert shapes is not None
+                rows = range(shapes[n][0])
+                states = [self._state_at(hits[n], picked, row) for row in rows]
+            else:
+                states = [self._state_at(hits[n], picked, None)]
+            if None in states:
                 if self.strict:
                     uncovered.append(path)
-                state = self.default
-            frozen = state == FROZEN
-            if frozen and self.train_bn and (bn.fullmatch(path) or self._in_bn_module(path)):
-                frozen = False
-            result[path] = frozen
-        for rule, hit in zip(self.rules, matched, strict=True):
-            if not hit and rule.kind != "all":
+                states = [self.default if s is None else s for s in states]
+            frozen = tuple(s == FROZEN for s in states)
+            if any(frozen) and self.train_bn and (bn.fullmatch(path) or self._in_bn_module(path)):
+                frozen = (False,) * len(frozen)
+            result[path] = frozen[0] if len(set(frozen)) == 1 else frozen
+        matched = {i for h in hits for i in h}
+        for i, rule in enumerate(self.rules):
+            if i not in matched and rule.kind != "all":
                 groups = _paths.top_level_groups(paths)
                 raise ValueError(
                     f"Freeze rule {rule.pattern!r} matches no parameter. "
                     f"Groups that exist: {', '.join(groups) or '(none: empty params)'}. "
                     "A rule is a group name or path prefix (e.g. "
-                    f"'{groups[0] if groups else 'stage1'}'), a glob, or 're:<regex>'."
+                    f"'{groups[0] if groups else 'stage1'}'), a glob, 're:<regex>', or a "
+                    "block selector over stacked blocks (e.g. 'Transformer/encoderblock[:6]')."
                 )
         if uncovered:
             shown = ", ".join(uncovered[:10]) + (" ..." if len(uncovered) > 10 else "")
@@ -277,17 +402,73 @@ class FreezeSpec:
             )
         return result
 
+    def _check_stacks(
+        self,
+        paths: Sequence[str],
+        shapes: Sequence[tuple[int, ...]] | None,
+        hits: Sequence[Sequence[int]],
+    ) -> dict[int, frozenset[int]]:
+        """For each block selector that matches, the blocks it picks; checks the stacks."""
+        used = {i for rules in hits for i in rules if self.rules[i].kind == "block"}
+        picked = {}
+        for i in sorted(used):
+            rule = self.rules[i]
+            stack = Rule(rule.stack)
+            found: dict[int, str] = {}  # leading axis -> a path, over the whole stack
+            count = 0
+            for path, shape in zip(paths, shapes or [()] * len(paths), strict=True):
+                if not stack.matches(path):
+                    continue
+                if not shape:
+                    raise ValueError(
+                        f"Block selector {rule.pattern!r}: {path!r} is a scalar; block "
+                        "selectors select along the leading axis of stacked leaves (blocks "
+                        "run by nn.scan / nnx.scan)."
+                    )
+                found.setdefault(shape[0], path)
+                count += 1
+            if count < 2:
+                raise ValueError(
+                    f"Block selector {rule.pattern!r}: {rule.stack!r} is a single leaf, not a "
+                    "stack of blocks. Block selectors apply to the subtree of stacked blocks "
+                    "(nn.scan / nnx.scan), e.g. 'Transformer/encoderblock[:6]'."
+                )
+            if len(found) > 1:
+                shown = ", ".join(f"{p} ({d})" for d, p in sorted(found.items()))
+                raise ValueError(
+                    f"Block selector {rule.pattern!r}: {rule.stack!r} is not a stack of "
+                    f"blocks; the leading axes of its leaves differ: {shown}. Block selectors "
+                    "apply to stacked leaves (nn.scan / nnx.scan), whose leaves all have the "
+                    "depth as leading axis; select unrolled blocks by name instead (e.g. "
+                    "'encoderblock_0')."
+                )
+            (depth,) = found
+            picked[i] = frozenset(rule.blocks(depth))
+        return picked
+
+    def _state_at(
+        self, hits: Sequence[int], picked: Mapping[int, frozenset[int]], row: int | None
+    ) -> str | None:
+        """The state of the first rule that matches at block `row` (None: whole leaf)."""
+        for i in hits:
+            if row is None or i not in picked or row in picked[i]:
+                return self.rules[i].state
+        return None
+
     def frozen_at(self, path: str) -> bool:
         """Whether the first rule matching `path` (else the default) freezes it.
 
         One path on its own: no rule is required to match, and `strict` does
-        not apply. Use `resolve` for a whole pytree.
+        not apply. Use `resolve` for a whole pytree. A path whose first
+        matching rule is a block selector is not frozen as a whole: False.
 
         >>> FreezeSpec.parse("stem").frozen_at("stem/BatchNorm_0")
         True
         """
-        state = next((r.state for r in self.rules if r.matches(path)), self.default)
-        frozen = state == FROZEN
+        rule = next((r for r in self.rules if r.matches(path)), None)
+        if rule is not None and rule.kind == "block":
+            return False  # frozen in some blocks at most: not frozen as a whole
+        frozen = (self.default if rule is None else rule.state) == FROZEN
         if frozen and self.train_bn:
             if re.fullmatch(self.bn_pattern, path) or self._in_bn_module(path):
                 return False

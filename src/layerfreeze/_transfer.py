@@ -3,9 +3,10 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from layerfreeze import _paths
+from layerfreeze import _paths, _rows
 
 __all__ = ["transfer_opt_state"]
 
@@ -57,38 +58,81 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
             f"{type(new_state).__name__}; both must be states of the same optimizer, "
             "e.g. `layerfreeze.freeze(optimizer, spec).init(params)` under two specs."
         )
-    old = {}
+    old: dict[str, dict[str | None, list[tuple[tuple[int, int] | None, Any]]]] = {}
     for keypath, leaf in _flatten(old_state):
-        branch, name = _split_branch(keypath)
-        old.setdefault(name, {})[branch] = leaf
+        branch, name, rows = _split_branch(keypath)
+        old.setdefault(name, {}).setdefault(branch, []).append((rows, leaf))
 
     def carry(keypath, fresh):
-        branch, name = _split_branch(keypath)
+        branch, name, rows = _split_branch(keypath)
         candidates = old.get(name, {})
-        ordered = [candidates[branch]] if branch in candidates else []
-        ordered += [v for b, v in candidates.items() if b != branch]
-        for value in ordered:
-            same_dtype = _dtype(value) == _dtype(fresh)
-            if np.shape(value) == np.shape(fresh) and same_dtype:
-                return value
-        return fresh
+        ordered = list(candidates.get(branch, []))
+        ordered += [v for b, vs in candidates.items() if b != branch for v in vs]
+        if rows is None and all(r is None for r, _ in ordered):
+            for _, value in ordered:
+                if np.shape(value) == np.shape(fresh) and _dtype(value) == _dtype(fresh):
+                    return value
+            return fresh
+        return _carry_rows(fresh, rows, ordered)
 
     return jax.tree_util.tree_map_with_path(carry, new_state)
+
+
+def _carry_rows(
+    fresh: Any, rows: tuple[int, int] | None, candidates: list[tuple[tuple[int, int] | None, Any]]
+) -> Any:
+    """Rows `rows` of a stacked leaf's state, taken from old parts that hold them.
+
+    A stacked leaf split into row ranges by `freeze` (see `_rows`) has one
+    state leaf per range, and the ranges change from phase to phase. Each
+    row comes from the first old part that holds it (an old whole leaf holds
+    every row) with the same per-row shape and dtype, else from `fresh`.
+    """
+    if not np.ndim(fresh):
+        return fresh
+    start, stop = rows if rows is not None else (0, np.shape(fresh)[0])
+    sources = []
+    for old_rows, value in candidates:
+        if not np.ndim(value) or np.shape(value)[1:] != np.shape(fresh)[1:]:
+            continue
+        if _dtype(value) != _dtype(fresh):
+            continue
+        a, b = old_rows if old_rows is not None else (0, np.shape(value)[0])
+        if b - a != np.shape(value)[0]:
+            continue
+        sources.append((a, b, value))
+    pieces, row, taken = [], start, False
+    while row < stop:
+        source = next(((a, b, v) for a, b, v in sources if a <= row < b), None)
+        if source is None:
+            end = min([a for a, _, _ in sources if a > row] + [stop])
+            pieces.append(fresh[row - start : end - start])
+        else:
+            a, b, value = source
+            end = min(b, stop)
+            pieces.append(value[row - a : end - a])
+            taken = True
+        row = end
+    if not taken:
+        return fresh
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
 
 def _flatten(state: Any) -> list[tuple[Any, Any]]:
     return jax.tree_util.tree_flatten_with_path(state)[0]
 
 
-def _split_branch(keypath: Any) -> tuple[str | None, str]:
+def _split_branch(keypath: Any) -> tuple[str | None, str, tuple[int, int] | None]:
+    """`(partition branch or None, branch-free name, row range or None)` of a state leaf."""
+    keypath, rows = _rows.rows_of(keypath, None)
     names = _paths.keypath_names(keypath)
     if (
         len(keypath) >= 2
         and isinstance(keypath[0], jax.tree_util.GetAttrKey)
         and keypath[0].name == "inner_states"
     ):
-        return names[1], _paths.path_str(names[2:])
-    return None, _paths.path_str(names)
+        return names[1], _paths.path_str(names[2:]), rows
+    return None, _paths.path_str(names), rows
 
 
 def _dtype(x: Any) -> np.dtype:

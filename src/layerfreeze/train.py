@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from layerfreeze import _batchnorm, _freeze, _grad, _labels, _nnx, _spec
+from layerfreeze import _batchnorm, _freeze, _grad, _labels, _nnx, _rows, _spec
 
 __all__ = [
     "LossFn",
@@ -241,14 +241,15 @@ def make_steps(
         )
     if params is None:
         raise ValueError("make_steps needs `params` (or their shapes) for a linen model or None.")
-    resolved = spec.resolve(params)
-    mask = jax.tree.unflatten(jax.tree.structure(params), list(resolved.values()))
+    bounds, mask = _grad.block_plan(params, spec)  # stacked leaves split by block
     if start_after is not None:
         _check_start_after(start_after, params, spec, method, running_stats)
     tx = _freeze.freeze(optimizer, spec, method=method, previous=previous)
     trainable_count = sum(
         int(np.prod(np.shape(leaf)))
-        for leaf, f in zip(jax.tree.leaves(params), resolved.values(), strict=True)
+        for leaf, f in zip(
+            jax.tree.leaves(_rows.split(params, bounds)), jax.tree.leaves(mask), strict=True
+        )
         if not f
     )
     default_loss = loss_fn is None
@@ -291,16 +292,20 @@ def make_steps(
             (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
                 state.params, state.batch_stats, batch, rng
             )
-            trainable_grads = _grad.split(grads, mask)[0]
+            trainable_grads = _grad.split(_rows.split(grads, bounds), mask)[0]
         else:
-            trainable, frozen = _grad.split(state.params, mask)
+            view = _rows.split(state.params, bounds)
+            trainable, frozen = _grad.split(view, mask)
             (loss, (batch_stats, metrics)), trainable_grads = jax.value_and_grad(
-                lambda t: objective(_grad.merge(mask, t, frozen), state.batch_stats, batch, rng),
+                lambda t: objective(
+                    _rows.join(_grad.merge(mask, t, frozen)), state.batch_stats, batch, rng
+                ),
                 has_aux=True,
             )(trainable)
-            # Frozen leaves get constant zeros that `set_to_zero` discards, so
-            # nothing ever asks XLA for their gradients.
-            grads = _grad.fill_frozen(mask, state.params, trainable_grads)
+            # Frozen leaves (and frozen blocks of stacked leaves) get constant
+            # zeros that `set_to_zero` discards, so nothing ever asks XLA for
+            # their gradients.
+            grads = _rows.join(_grad.fill_frozen(mask, view, trainable_grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **metrics}

@@ -1,0 +1,127 @@
+"""Block views of a pytree: stacked leaves split into runs of blocks.
+
+A stacked leaf (blocks run by `nn.scan`, depth on the leading axis) that a
+spec freezes in some blocks and not in others cannot be one optax leaf: optax
+labels, masks and optimizer state are per leaf. In a *block view* such a
+leaf is replaced by a `Rows` node whose children are its row ranges
+`leaf[start:stop]`, one per run of blocks in the same state. Each child is
+then wholly frozen or wholly trainable, so `optax.partition`, clipping and
+optimizer state work per child: frozen blocks hold no optimizer state under
+method `zero`, and newly unfrozen blocks get fresh state of their own.
+`join` concatenates the children back into the stacked leaf.
+
+The children's key in a key path is a `RowsKey`, printed `rows[start:stop]`,
+so the leaf paths of a view read `Transformer/encoderblock/.../kernel/rows[0:6]`.
+"""
+
+import dataclasses
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Rows", "RowsKey", "join", "rows_of", "runs", "split"]
+
+Bounds = tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsKey:
+    """The key of one row range of a split stacked leaf, in a key path."""
+
+    start: int
+    stop: int
+
+    def __str__(self) -> str:
+        return f"rows[{self.start}:{self.stop}]"
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Rows:
+    """A stacked leaf split along its leading axis into consecutive row ranges.
+
+    Attributes:
+      parts: `leaf[start:stop]` for each range, in order.
+      bounds: the `(start, stop)` of each range; they tile `0..depth`.
+    """
+
+    def __init__(self, parts: Sequence[Any], bounds: Bounds):
+        self.parts = tuple(parts)
+        self.bounds = tuple(bounds)
+
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[RowsKey, Any]], Bounds]:
+        keys = [RowsKey(a, b) for a, b in self.bounds]
+        return list(zip(keys, self.parts, strict=True)), self.bounds
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], Bounds]:
+        return self.parts, self.bounds
+
+    @classmethod
+    def tree_unflatten(cls, bounds: Bounds, parts: Sequence[Any]) -> "Rows":
+        return cls(parts, bounds)
+
+    def __repr__(self) -> str:
+        return f"Rows({list(self.parts)!r}, bounds={self.bounds})"
+
+
+def runs(values: Sequence[Hashable]) -> tuple[tuple[int, int, Hashable], ...]:
+    """Maximal runs of equal consecutive values: `(start, stop, value)`.
+
+    >>> runs([True, True, False])
+    ((0, 2, True), (2, 3, False))
+    """
+    out: list[tuple[int, int, Hashable]] = []
+    for i, value in enumerate(values):
+        if out and out[-1][2] == value:
+            out[-1] = (out[-1][0], i + 1, value)
+        else:
+            out.append((i, i + 1, value))
+    return tuple(out)
+
+
+def split(tree: Any, bounds: Sequence[Bounds | None]) -> Any:
+    """The block view of `tree`: leaf `i` becomes a `Rows` node when `bounds[i]` is set.
+
+    >>> split({"w": np.arange(3)}, [((0, 1), (1, 3))])["w"]
+    Rows([array([0]), array([1, 2])], bounds=((0, 1), (1, 3)))
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    if len(leaves) != len(bounds):
+        raise ValueError(f"{len(bounds)} block plans for a tree of {len(leaves)} leaves.")
+    if not any(bounds):
+        return tree
+    new = [
+        leaf if b is None else Rows([leaf[start:stop] for start, stop in b], b)
+        for leaf, b in zip(leaves, bounds, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, new)
+
+
+def join(tree: Any) -> Any:
+    """Concatenates each `Rows` node of `tree` back into its stacked leaf."""
+
+    def one(node: Any) -> Any:
+        if not isinstance(node, Rows):
+            return node
+        if all(isinstance(p, np.ndarray) for p in node.parts):
+            return np.concatenate(node.parts)
+        return jnp.concatenate(node.parts)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, Rows))
+
+
+def rows_of(keypath: Sequence[Any], leaf: Any) -> tuple[tuple[Any, ...], tuple[int, int] | None]:
+    """Splits a key path into the stacked leaf's key path and its row range.
+
+    Returns:
+      `(keypath without the RowsKey, (start, stop))` for a child of a `Rows`
+      node, `(keypath, None)` otherwise.
+    """
+    del leaf
+    keypath = tuple(keypath)
+    for i, key in enumerate(keypath):
+        if isinstance(key, RowsKey):
+            return keypath[:i] + keypath[i + 1 :], (key.start, key.stop)
+    return keypath, None
