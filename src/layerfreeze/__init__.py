@@ -24,6 +24,7 @@ from layerfreeze._labels import (
     trainable_since,
 )
 from layerfreeze._nnx import nnx_filter, nnx_train_mode
+from layerfreeze._rows import scan_segments, stack_slice
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
@@ -85,6 +86,8 @@ __all__ = [
     "transfer_opt_state",
     "ulmfit_multipliers",
     "unfreeze",
+    "scan_segments",
+    "stack_slice",
     "value_and_grad",
 ]
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerfreeze import _rows, _spec
+from layerfreeze import _paths, _rows, _spec
 
 __all__ = ["grad", "merge", "split", "value_and_grad"]
 
@@ -64,7 +64,10 @@ def value_and_grad(
     with `has_aux=True`). The returned function gives `(value, grads)` where
     `grads` has the structure and container types of `params` (dict,
     `FrozenDict`, `nnx.State`): the trainable leaves' gradients, and constant
-    zeros for the leaves `spec` freezes. The frozen zeros are constants, so
+    zeros for the leaves `spec` freezes (for the frozen blocks of a stacked
+    leaf that block selectors freeze in part; while `fun` runs,
+    `layerfreeze.scan_segments` tells a scanned model where to split its
+    scan). The frozen zeros are constants, so
     XLA never computes frozen gradients, even when the step clips by the
     global norm, reports it, accumulates, or returns the gradients.
 
@@ -91,20 +94,22 @@ def value_and_grad(
     spec = _spec.as_spec(spec)
     plans: dict[Any, tuple[Any, Any]] = {}
 
-    def plan_of(params: Any) -> tuple[Any, Any]:
+    def plan_of(params: Any) -> tuple[Any, Any, Any]:
         key = (jax.tree.structure(params), tuple(np.shape(x) for x in jax.tree.leaves(params)))
         if key not in plans:
-            plans[key] = block_plan(params, spec)
+            bounds, mask = block_plan(params, spec)
+            plans[key] = bounds, mask, _rows.ranges_of(_paths.leaf_paths(params), bounds, mask)
         return plans[key]
 
     @functools.wraps(fun)
     def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        bounds, mask = plan_of(params)
+        bounds, mask, ranges = plan_of(params)
         view = _rows.split(params, bounds)
         trainable, frozen = split(view, mask)
 
         def partial(trainable: Any) -> Any:
-            out = fun(_rows.join(merge(mask, trainable, frozen)), *args, **kwargs)
+            with _rows.segments_context(ranges):
+                out = fun(_rows.join(merge(mask, trainable, frozen)), *args, **kwargs)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise ValueError(

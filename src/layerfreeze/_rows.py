@@ -14,17 +14,35 @@ The children's key in a key path is a `RowsKey`, printed `rows[start:stop]`,
 so the leaf paths of a view read `Transformer/encoderblock/.../kernel/rows[0:6]`.
 """
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Hashable, Sequence
+import itertools
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Rows", "RowsKey", "join", "rows_of", "runs", "split"]
+from layerfreeze import _paths
+
+__all__ = [
+    "Rows",
+    "RowsKey",
+    "join",
+    "rows_of",
+    "runs",
+    "ranges_of",
+    "scan_segments",
+    "segments_context",
+    "split",
+    "stack_slice",
+]
 
 Bounds = tuple[tuple[int, int], ...]
+# Per split stacked leaf, by path: its row ranges `(start, stop, frozen)`.
+Ranges = Mapping[str, tuple[tuple[int, int, bool], ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +51,7 @@ class RowsKey:
 
     start: int
     stop: int
+    depth: int
 
     def __str__(self) -> str:
         return f"rows[{self.start}:{self.stop}]"
@@ -52,7 +71,7 @@ class Rows:
         self.bounds = tuple(bounds)
 
     def tree_flatten_with_keys(self) -> tuple[list[tuple[RowsKey, Any]], Bounds]:
-        keys = [RowsKey(a, b) for a, b in self.bounds]
+        keys = [RowsKey(a, b, self.bounds[-1][1]) for a, b in self.bounds]
         return list(zip(keys, self.parts, strict=True)), self.bounds
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], Bounds]:
@@ -112,16 +131,100 @@ def join(tree: Any) -> Any:
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, Rows))
 
 
-def rows_of(keypath: Sequence[Any], leaf: Any) -> tuple[tuple[Any, ...], tuple[int, int] | None]:
-    """Splits a key path into the stacked leaf's key path and its row range.
+def rows_of(keypath: Sequence[Any]) -> tuple[tuple[Any, ...], RowsKey | None]:
+    """Splits a key path into the stacked leaf's key path and its `RowsKey`.
 
     Returns:
-      `(keypath without the RowsKey, (start, stop))` for a child of a `Rows`
-      node, `(keypath, None)` otherwise.
+      `(keypath without the RowsKey, RowsKey)` for a child of a `Rows` node,
+      `(keypath, None)` otherwise.
     """
-    del leaf
     keypath = tuple(keypath)
     for i, key in enumerate(keypath):
         if isinstance(key, RowsKey):
-            return keypath[:i] + keypath[i + 1 :], (key.start, key.stop)
+            return keypath[:i] + keypath[i + 1 :], key
     return keypath, None
+
+
+# Scan segments --------------------------------------------------------------
+
+_SEGMENTS: contextvars.ContextVar[Ranges | None] = contextvars.ContextVar(
+    "layerfreeze_scan_segments", default=None
+)
+
+
+@contextlib.contextmanager
+def segments_context(ranges: Ranges) -> Iterator[None]:
+    """Makes `scan_segments` answer from `ranges` inside.
+
+    Args:
+      ranges: for each split stacked leaf, by path, its row ranges
+        `(start, stop, frozen)`.
+    """
+    token = _SEGMENTS.set(dict(ranges))
+    try:
+        yield
+    finally:
+        _SEGMENTS.reset(token)
+
+
+def scan_segments(stack: str, depth: int) -> tuple[tuple[int, int], ...]:
+    """The row ranges in which a model should scan the stacked blocks at `stack`.
+
+    Inside a step built by `layerfreeze.value_and_grad` or
+    `layerfreeze.train.make_steps`, a stack whose blocks a spec freezes in part
+    is split where the frozen state changes (`Transformer/encoderblock[:6]`
+    frozen: `((0, 6), (6, 12))`); everywhere else the answer is `((0, depth),)`.
+    A scanned model that runs one scan per range over `stack_slice` of its
+    stacked parameters leaves the frozen ranges out of differentiation, so
+    their gradient work (and the whole backward pass of a frozen prefix)
+    never exists. The bundled ViT does this.
+
+    Args:
+      stack: the path of the stacked subtree, e.g. `Transformer/encoderblock`.
+      depth: the number of blocks.
+
+    >>> scan_segments("Transformer/encoderblock", 12)
+    ((0, 12),)
+    """
+    found = _SEGMENTS.get()
+    if not found:
+        return ((0, depth),)
+    prefix = stack.rstrip("/") + "/"
+    points = sorted({a for path, rs in found.items() if path.startswith(prefix) for a, _, _ in rs})
+    points = [p for p in points if 0 < p < depth]
+    edges = [0, *points, depth]
+    return tuple(itertools.pairwise(edges))
+
+
+def stack_slice(stack: str, stacked: Any, start: int, stop: int) -> Any:
+    """Rows `start:stop` of every leaf of the stacked subtree `stacked` at path `stack`.
+
+    Leaves frozen in those rows (by the step's block selectors; see
+    `scan_segments`) come through `jax.lax.stop_gradient`, so nothing is
+    differentiated through them: the range's frozen parameters cost no
+    gradient work. Outside such a step it is plain slicing.
+    """
+    found = _SEGMENTS.get() or {}
+    prefix = stack.rstrip("/")
+
+    def one(keypath: Any, leaf: Any) -> Any:
+        part = leaf[start:stop]
+        names = [prefix, *_paths.keypath_names(keypath)]
+        ranges = found.get("/".join(n for n in names if n), ())
+        if any(a <= start and stop <= b and frozen for a, b, frozen in ranges):
+            return jax.lax.stop_gradient(part)
+        return part
+
+    return jax.tree_util.tree_map_with_path(one, stacked)
+
+
+def ranges_of(paths: Sequence[str], bounds: Sequence[Bounds | None], mask: Any) -> Ranges:
+    """`segments_context`'s ranges from a block plan (`bounds`, view `mask`)."""
+    flags = iter(jax.tree.leaves(mask))
+    out = {}
+    for path, b in zip(paths, bounds, strict=True):
+        if b is None:
+            next(flags)
+            continue
+        out[path] = tuple((a, z, bool(next(flags))) for a, z in b)
+    return out

@@ -337,8 +337,9 @@ class FreezeSpec:
 
         >>> import numpy as np
         >>> spec = FreezeSpec.parse("blocks[:2]")
-        >>> spec.resolve_blocks({"blocks": {"w": np.zeros((3, 4))}, "head": np.zeros(4)})
-        {'blocks/w': (True, True, False), 'head': False}
+        >>> stack = {"w": np.zeros((3, 4, 4)), "b": np.zeros((3, 4))}
+        >>> spec.resolve_blocks({"blocks": stack, "head": np.zeros(4)})
+        {'blocks/b': (True, True, False), 'blocks/w': (True, True, False), 'head': False}
         """
         flat, _ = jax.tree_util.tree_flatten_with_path(params)
         paths = [_paths.path_str(_paths.keypath_names(k)) for k, _ in flat]

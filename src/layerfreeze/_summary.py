@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from layerfreeze import _nnx, _paths, _spec
+from layerfreeze import _nnx, _paths, _rows, _spec
 
 __all__ = ["FreezeSummary", "GroupSummary", "summary", "tree_bytes", "opt_state_bytes_by_path"]
 
@@ -177,24 +177,46 @@ def summary(
     params = _nnx.as_params(params)
     if isinstance(opt_state, nnx.Optimizer):
         opt_state = nnx.state(opt_state, nnx.OptState)
-    resolved = spec.resolve(params)
+    resolved = spec.resolve_blocks(params)
     leaves = jax.tree.leaves(params)
-    group_of = _group_of(list(resolved), groups)
+    depths = {
+        p: (np.shape(x)[0] if np.ndim(x) else 1) for p, x in zip(resolved, leaves, strict=True)
+    }
+    group_of = _group_of(list(resolved), groups, depths)
     per_group: dict[str, list[int]] = {g: [0, 0, 0, 0] for g in groups or ()}
     for (path, frozen), leaf in zip(resolved.items(), leaves, strict=True):
         size, nbytes = _size(leaf)
-        row = per_group.setdefault(group_of[path], [0, 0, 0, 0])
-        row[0] += size
-        row[1] += nbytes
-        row[2] += 0 if frozen else size
+        owners = group_of[path]
+        if isinstance(owners, str) and isinstance(frozen, bool):
+            row = per_group.setdefault(owners, [0, 0, 0, 0])
+            row[0] += size
+            row[1] += nbytes
+            row[2] += 0 if frozen else size
+            continue
+        depth = depths[path]
+        owners = owners if not isinstance(owners, str) else (owners,) * depth
+        frozen = frozen if not isinstance(frozen, bool) else (frozen,) * depth
+        for owner, row_frozen in zip(owners, frozen, strict=True):
+            row = per_group.setdefault(owner, [0, 0, 0, 0])
+            row[0] += size // depth
+            row[1] += nbytes // depth
+            row[2] += 0 if row_frozen else size // depth
     shared = None
     if opt_state is not None:
         shapes = {path: tuple(np.shape(leaf)) for path, leaf in zip(resolved, leaves, strict=True)}
         _check_opt_state(opt_state, shapes, resolved, spec.describe())
-        by_path = opt_state_bytes_by_path(opt_state, list(resolved))
-        shared = by_path.pop(None, 0)
-        for path, nbytes in by_path.items():
-            per_group[group_of[path]][3] += nbytes
+        for (path, rows), nbytes in _opt_state_bytes(opt_state, list(resolved)).items():
+            if path is None:
+                shared = (shared or 0) + nbytes
+                continue
+            owners = group_of[path]
+            if isinstance(owners, str):
+                per_group[owners][3] += nbytes
+                continue
+            start, stop = rows if rows is not None else (0, depths[path])
+            for owner in owners[start:stop]:
+                per_group[owner][3] += nbytes // (stop - start)
+        shared = shared or 0
     if groups is not None:
         order = list(groups)
     if order is None and isinstance(params, Mapping):
@@ -227,13 +249,26 @@ def opt_state_bytes_by_path(opt_state: Any, param_paths: list[str]) -> dict[str 
 
     A state leaf belongs to a parameter when its key path ends with the
     parameter's path (as Adam's `mu` and `nu` do); other leaves (counts,
-    scalars) go under the key None.
+    scalars) go under the key None. The state of the block ranges of a
+    stacked leaf split by `layerfreeze.freeze` counts for that leaf.
     """
-    known = {tuple(p.split("/")): p for p in param_paths}
     out: dict[str | None, int] = {}
+    for (owner, _), nbytes in _opt_state_bytes(opt_state, param_paths).items():
+        out[owner] = out.get(owner, 0) + nbytes
+    return out
+
+
+def _opt_state_bytes(
+    opt_state: Any, param_paths: list[str]
+) -> dict[tuple[str | None, tuple[int, int] | None], int]:
+    """Bytes per (parameter or None, block range of a split stacked leaf or None)."""
+    known = {tuple(p.split("/")): p for p in param_paths}
+    out: dict[tuple[str | None, tuple[int, int] | None], int] = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        keypath, key = _rows.rows_of(keypath)
         owner, _ = _owner(_paths.keypath_names(keypath), known)
-        out[owner] = out.get(owner, 0) + _size(leaf)[1]
+        rows = None if key is None or owner is None else (key.start, key.stop)
+        out[owner, rows] = out.get((owner, rows), 0) + _size(leaf)[1]
     return out
 
 
@@ -247,7 +282,10 @@ def _owner(names: tuple[str, ...], known: dict[tuple[str, ...], str]) -> tuple[s
 
 
 def _check_opt_state(
-    opt_state: Any, shapes: dict[str, tuple[int, ...]], frozen: dict[str, bool], spec: str
+    opt_state: Any,
+    shapes: dict[str, tuple[int, ...]],
+    frozen: Mapping[str, _spec.FrozenRows],
+    spec: str,
 ) -> None:
     """Raises unless `opt_state` looks like an optimizer state of these params.
 
@@ -269,33 +307,40 @@ def _check_opt_state(
     known = {tuple(p.split("/")): p for p in shapes}
     owned, unowned = [], []
     for keypath, leaf in flat:
+        keypath, key = _rows.rows_of(keypath)
         names = _paths.keypath_names(keypath)
         owner, n = _owner(names, known)
         if owner is None:
             unowned.append((names, leaf))
         else:
-            owned.append((names, n, owner, leaf))
+            owned.append((names, n, owner, leaf, key))
     problems = []
-    if any(n == len(names) for names, n, _, _ in owned):
+    if any(n == len(names) for names, n, _, _, _ in owned):
         problems.append(
             "it is a parameter tree (its leaves are named exactly like the parameters), "
             "not an optimizer state"
         )
-    for names, n, owner, leaf in owned:
+    for names, n, owner, leaf, key in owned:
         path, shape = _paths.path_str(names), tuple(np.shape(leaf))
-        if not _derived_shape(shape, shapes[owner]):
+        param_shape, state = shapes[owner], frozen[owner]
+        if key is not None:  # one block range of a stacked leaf split by `freeze`
+            path += f"/{key}"
+            param_shape = (key.stop - key.start, *param_shape[1:])
+            if not isinstance(state, bool) and key.stop <= len(state):
+                state = all(state[key.start : key.stop])
+        if not _derived_shape(shape, param_shape):
             problems.append(
                 f"{path} has shape {shape}, which parameter {owner} of shape "
-                f"{shapes[owner]} cannot give"
+                f"{param_shape} cannot give"
             )
         branch = _branch(names[: len(names) - n])
-        if branch == _spec.TRAINABLE and frozen[owner]:
+        if branch == _spec.TRAINABLE and state is True:
             problems.append(f"{path} is trainable state for {owner}, which this spec freezes")
-        elif branch == _spec.FROZEN and not frozen[owner]:
+        elif branch == _spec.FROZEN and state is False:
             problems.append(f"{path} is frozen-branch state for {owner}, which this spec trains")
     # Where per-parameter trees sit (Adam's `mu`, ...): any other leaf there
     # is state for a parameter these params do not have.
-    roots = {names[: len(names) - n] for names, n, _, _ in owned if n < len(names)}
+    roots = {names[: len(names) - n] for names, n, _, _, _ in owned if n < len(names)}
     for names, _ in unowned:
         if any(names[: len(root)] == root for root in roots):
             problems.append(
@@ -349,14 +394,44 @@ def _branch(prefix: tuple[str, ...]) -> str | None:
     return None
 
 
-def _group_of(paths: Sequence[str], groups: Sequence[str] | None) -> dict[str, str]:
-    """Maps each leaf path to its row: its top-level key, or the first group covering it."""
+def _group_of(
+    paths: Sequence[str], groups: Sequence[str] | None, depths: Mapping[str, int]
+) -> dict[str, str | tuple[str, ...]]:
+    """Maps each leaf path to its row: its top-level key, or the first group covering it.
+
+    A stacked leaf that block-selector groups (`Transformer/encoderblock[3]`)
+    cover maps to one group per block.
+    """
     if groups is None:
         return {p: p.split("/", 1)[0] for p in paths}
     if isinstance(groups, str):
         raise TypeError(f"groups must be a sequence of path prefixes, not the string {groups!r}.")
-    found = {}
+    rules = [(g, _spec.Rule(g)) for g in groups]
+    found: dict[str, str | tuple[str, ...]] = {}
+    used: set[str] = set()
     for path in paths:
+        if any(r.kind == "block" and r.matches(path) for _, r in rules):
+            depth = depths[path]
+            owners = []
+            for row in range(depth):
+                owner = next(
+                    (
+                        g
+                        for g, r in rules
+                        if r.matches(path) and (r.kind != "block" or row in r.blocks(depth))
+                    ),
+                    None,
+                )
+                if owner is None:
+                    raise ValueError(
+                        f"Block {row} of {path!r} is in none of the groups {list(groups)}; "
+                        "give groups that cover every parameter (a model's ordered layer "
+                        "groups)."
+                    )
+                owners.append(owner)
+            used.update(owners)
+            found[path] = owners[0] if len(set(owners)) == 1 else tuple(owners)
+            continue
         group = next((g for g in groups if path == g or path.startswith(g.rstrip("/") + "/")), None)
         if group is None:
             raise ValueError(
@@ -364,7 +439,8 @@ def _group_of(paths: Sequence[str], groups: Sequence[str] | None) -> dict[str, s
                 "cover every parameter (a model's ordered layer groups)."
             )
         found[path] = group
-    empty = [g for g in groups if g not in found.values()]
+        used.add(group)
+    empty = [g for g in groups if g not in used]
     if empty:
         raise ValueError(
             f"Groups {empty} cover no parameter; parameters: {', '.join(paths[:8])} ..."

@@ -124,7 +124,8 @@ def _flatten(state: Any) -> list[tuple[Any, Any]]:
 
 def _split_branch(keypath: Any) -> tuple[str | None, str, tuple[int, int] | None]:
     """`(partition branch or None, branch-free name, row range or None)` of a state leaf."""
-    keypath, rows = _rows.rows_of(keypath, None)
+    keypath, key = _rows.rows_of(keypath)
+    rows = None if key is None else (key.start, key.stop)
     names = _paths.keypath_names(keypath)
     if (
         len(keypath) >= 2

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerfreeze import _paths
+from layerfreeze import _paths, _rows, _spec
 
 __all__ = [
     "MultipliersLike",
@@ -120,9 +120,13 @@ def scale_by_group(
 ) -> optax.GradientTransformation:
     """Multiplies each update by the multiplier of its group.
 
-    A group is a top-level name (`stage1` for `stage1/Block_0/Conv_0/kernel`)
-    or any path prefix (`Transformer/encoderblock_3`); a leaf takes the
-    multiplier of the longest group that is its path or a prefix of it.
+    A group is a top-level name (`stage1` for `stage1/Block_0/Conv_0/kernel`),
+    any path prefix (`Transformer/encoderblock_3`), or a block selector over
+    stacked blocks (`Transformer/encoderblock[3]`: block 3 of a scanned
+    encoder, whose leaves then get one multiplier per block along their
+    leading axis). A leaf takes the multiplier of the longest group that is
+    its path or a prefix of it (a block selector before the plain prefix of
+    its stack).
     Chain it after an optimizer to give each group its own learning rate; the
     optimizer's own schedule keeps running, scaled per group. A multiplier of
     exactly 1.0 leaves updates bit-identical, 0.0 gives exact zeros (but
@@ -155,18 +159,38 @@ def scale_by_group(
     table = _check_multipliers(multipliers)
     default = _non_negative("default", default)
 
-    # Longest prefix first: `Transformer/encoderblock_1` before `Transformer`.
-    prefixes = sorted(table, key=lambda g: -len(g))
+    # Longest prefix first (`Transformer/encoderblock_1` before `Transformer`),
+    # and a block selector before the plain prefix of the same stack.
+    rules = {g: _spec.Rule(g) for g in table}
+    for group, rule in rules.items():
+        if rule.kind not in ("group", "block"):
+            raise ValueError(
+                f"scale_by_group: {group!r} is not a group: use a path prefix such as "
+                "'stage1' or 'Transformer/encoderblock_3', or a block selector such as "
+                "'Transformer/encoderblock[3]' (one block of a stacked encoder)."
+            )
+    ordered = sorted(table, key=lambda g: (-len(_bare(rules[g])), rules[g].kind != "block"))
 
-    def multiplier_of(path: str) -> float:
-        for group in prefixes:
-            if path == group or path.startswith(group + "/"):
-                return table[group]
-        return default
+    def multipliers_of(path: str, rows: range | None, depth: int | None) -> list[float]:
+        """The multiplier of each row in `rows` of the leaf at `path` ([one] if None)."""
+        out = []
+        for row in rows if rows is not None else [None]:
+            value = default
+            for group in ordered:
+                rule = rules[group]
+                if not rule.matches(path):
+                    continue
+                if rule.kind == "block":
+                    if row is None or depth is None or row not in rule.blocks(depth):
+                        continue
+                value = table[group]
+                break
+            out.append(value)
+        return out
 
     def init_fn(params: Any) -> optax.EmptyState:
         paths = _leaf_paths_with_masked(params)
-        unknown = [g for g in table if not any(p == g or p.startswith(g + "/") for p in paths)]
+        unknown = [g for g in table if not any(rules[g].matches(p) for p in paths)]
         if unknown:
             existing = _paths.top_level_groups(paths)
             raise ValueError(
@@ -177,18 +201,34 @@ def scale_by_group(
         return optax.EmptyState()
 
     def scale(keypath: Any, leaf: Any) -> Any:
-        m = multiplier_of(_paths.path_str(_paths.keypath_names(keypath)))
-        if m == 1.0:
+        keypath, key = _rows.rows_of(keypath)
+        path = _paths.path_str(_paths.keypath_names(keypath))
+        rows, depth = None, None
+        if key is not None:
+            rows, depth = range(key.start, key.stop), key.depth
+        elif any(rules[g].kind == "block" and rules[g].matches(path) for g in table):
+            depth = jnp.shape(leaf)[0]
+            rows = range(depth)
+        m = multipliers_of(path, rows, depth)
+        if len(set(m)) > 1:
+            column = jnp.asarray(m, leaf.dtype).reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
+            return jnp.where(column == 0, jnp.zeros_like(leaf), leaf * column)
+        if m[0] == 1.0:
             return leaf
-        if m == 0.0:
+        if m[0] == 0.0:
             return jnp.zeros_like(leaf)
-        return leaf * m
+        return leaf * m[0]
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
         return jax.tree_util.tree_map_with_path(scale, updates), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _bare(rule: _spec.Rule) -> str:
+    """A group's path without its block selector."""
+    return rule.stack + rule.selector[2] if rule.kind == "block" else rule.pattern
 
 
 def _check_groups(groups: Sequence[str]) -> tuple[str, ...]:

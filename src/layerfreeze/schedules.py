@@ -254,13 +254,9 @@ class FreezeSchedule:
         groups = lr._check_groups(groups)
         for phase in self.phases:
             for rule in phase.spec.rules:
-                if rule.kind == "group":
+                if rule.kind in ("group", "block"):
                     _check_group(
-                        rule.pattern.split("/", 1)[0],
-                        groups,
-                        phase,
-                        self.unit,
-                        f"freeze rule {rule.pattern!r}",
+                        rule.pattern, groups, phase, self.unit, f"freeze rule {rule.pattern!r}"
                     )
             for group, _ in phase.lr_multipliers:
                 _check_group(group, groups, phase, self.unit, "learning-rate multiplier")
@@ -806,14 +802,31 @@ def _index(what: str, value: Any) -> int:
 
 
 def _check_group(group: str, groups: Sequence[str], phase: Phase, unit: str, where: str) -> None:
-    if group not in groups:
+    """Raises unless `group` is one of `groups`, inside one, or a prefix of some.
+
+    Groups may be path prefixes (`Transformer/encoderblock_3`) and block
+    selectors (`Transformer/encoderblock[3]`); selectors are compared by the
+    paths they select under.
+    """
+    bare = _bare_path(group)
+    known = [_bare_path(g) for g in groups]
+    related = any(bare == g or bare.startswith(g + "/") or g.startswith(bare + "/") for g in known)
+    if not related:
         raise ValueError(
             f"Unknown group {group!r} ({where}, phase starting at {unit} {phase.start}). "
             f"Valid groups: {', '.join(groups)}."
         )
 
 
+def _bare_path(pattern: str) -> str:
+    """A group or block selector's path without the selector."""
+    return re.sub(r"\[[^\]]*\]", "", pattern).rstrip("/")
+
+
 def _group_trains(spec: _spec.FreezeSpec, group: str) -> bool:
+    rule = _spec.Rule(group)
+    if rule.kind == "block":
+        return _block_group_trains(spec, rule)
     for rule in spec.rules:
         if rule.matches(group):
             return rule.state == _spec.TRAINABLE
@@ -824,3 +837,36 @@ def _group_trains(spec: _spec.FreezeSpec, group: str) -> bool:
         ):
             return True
     return spec.default == _spec.TRAINABLE
+
+
+def _block_group_trains(spec: _spec.FreezeSpec, group: _spec.Rule) -> bool:
+    """Whether a block group (`stack[i]`) trains, decided without the params.
+
+    Rules over the same stack decide block by block; a selector with a
+    negative bound (which needs the depth) counts as matching.
+    """
+    start, stop, _ = group.selector
+    path = group.stack
+    if start is None or start < 0 or (stop is not None and stop < 0):
+        return any(r.state == _spec.TRAINABLE for r in spec.rules) or (
+            spec.default == _spec.TRAINABLE
+        )
+    for row in range(start, start + 1 if stop is None else stop):
+        state = None
+        for rule in spec.rules:
+            if rule.kind == "block":
+                if rule.stack != path:
+                    continue
+                a, b, _ = rule.selector
+                if (a is not None and a < 0) or (b is not None and b < 0):
+                    hit = True
+                else:
+                    hit = (a or 0) <= row and (b is None or row < b)
+            else:
+                hit = rule.matches(path)
+            if hit:
+                state = rule.state
+                break
+        if (state or spec.default) == _spec.TRAINABLE:
+            return True
+    return False

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from layerfreeze import _batchnorm, _freeze, _grad, _labels, _nnx, _rows, _spec
+from layerfreeze import _batchnorm, _freeze, _grad, _labels, _nnx, _paths, _rows, _spec
 
 __all__ = [
     "LossFn",
@@ -242,6 +242,7 @@ def make_steps(
     if params is None:
         raise ValueError("make_steps needs `params` (or their shapes) for a linen model or None.")
     bounds, mask = _grad.block_plan(params, spec)  # stacked leaves split by block
+    ranges = _rows.ranges_of(_paths.leaf_paths(params), bounds, mask)
     if start_after is not None:
         _check_start_after(start_after, params, spec, method, running_stats)
     tx = _freeze.freeze(optimizer, spec, method=method, previous=previous)
@@ -296,11 +297,14 @@ def make_steps(
         else:
             view = _rows.split(state.params, bounds)
             trainable, frozen = _grad.split(view, mask)
+
+            def partial(t):
+                with _rows.segments_context(ranges):
+                    params = _rows.join(_grad.merge(mask, t, frozen))
+                    return objective(params, state.batch_stats, batch, rng)
+
             (loss, (batch_stats, metrics)), trainable_grads = jax.value_and_grad(
-                lambda t: objective(
-                    _rows.join(_grad.merge(mask, t, frozen)), state.batch_stats, batch, rng
-                ),
-                has_aux=True,
+                partial, has_aux=True
             )(trainable)
             # Frozen leaves (and frozen blocks of stacked leaves) get constant
             # zeros that `set_to_zero` discards, so nothing ever asks XLA for

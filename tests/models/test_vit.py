@@ -216,9 +216,12 @@ def test_groups_cover_the_params_in_order():
         for scan in (False, True):
             groups = vit_groups(3, pool=pool, scan=scan)
             params = _shapes(_tiny(pool=pool, scan=scan))
-            paths = list(traverse_util.flatten_dict(params, sep="/"))
-            owner = [next(g for g in groups if p == g or p.startswith(g + "/")) for p in paths]
-            assert set(owner) == set(groups)
+            # Every parameter (every block of a stacked one) in exactly one group,
+            # each group non-empty, and the blocks equally sized.
+            rows = lf.summary(params, "none", groups=groups).groups
+            assert [g.name for g in rows] == list(groups)
+            blocks = [g.params for g in rows if "encoderblock" in g.name]
+            assert len(blocks) == 3 and len(set(blocks)) == 1
     assert vit_groups(3) == (
         "embedding",
         "pos_embedding",
@@ -232,7 +235,9 @@ def test_groups_cover_the_params_in_order():
     assert vit_groups(3, pool="gap", scan=True) == (
         "embedding",
         "pos_embedding",
-        "Transformer/encoderblock",
+        "Transformer/encoderblock[0]",
+        "Transformer/encoderblock[1]",
+        "Transformer/encoderblock[2]",
         "Transformer/encoder_norm",
         "head",
     )

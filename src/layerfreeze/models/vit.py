@@ -36,6 +36,8 @@ import numpy as np
 from flax import linen as nn
 from flax.typing import Dtype
 
+from layerfreeze import _rows
+
 __all__ = [
     "POOLS",
     "VIT_NAMES",
@@ -132,6 +134,7 @@ class Encoder(nn.Module):
     num_heads: int
     dropout: float = 0.0
     scan: bool = False
+    scan_unroll: int | bool = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -145,18 +148,55 @@ class Encoder(nn.Module):
             param_dtype=self.param_dtype,
         )
         if self.scan:
-            blocks = nn.scan(
-                EncoderBlock,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
-                length=self.depth,
-            )(name=_BLOCK, **block_kw)
-            x, _ = blocks(x, deterministic)
+            path = "/".join((*self.path, _BLOCK))
+            segments = _rows.scan_segments(path, self.depth)
+            if len(segments) > 1 and not self.is_initializing():
+                x = self._scan_segments(x, deterministic, path, segments, block_kw)
+            else:
+                blocks = nn.scan(
+                    EncoderBlock,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=nn.broadcast,
+                    length=self.depth,
+                    unroll=self.scan_unroll,
+                )(name=_BLOCK, **block_kw)
+                x, _ = blocks(x, deterministic)
         else:
             for i in range(self.depth):
                 x, _ = EncoderBlock(name=f"{_BLOCK}_{i}", **block_kw)(x, deterministic)
         return nn.LayerNorm(name="encoder_norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+    def _scan_segments(
+        self,
+        x: jax.Array,
+        deterministic: bool,
+        path: str,
+        segments: tuple[tuple[int, int], ...],
+        block_kw: dict[str, Any],
+    ) -> jax.Array:
+        """The stacked blocks as one scan per row range (`layerfreeze.scan_segments`).
+
+        Each scan takes its slice of the stacked parameters, so a frozen
+        range's parameters are not differentiated and XLA drops their gradient
+        work. Dropout draws one key per block from the module's `dropout` key
+        (not the stream of an unsplit `nn.scan`).
+        """
+        stacked = self.variables["params"][_BLOCK]
+        block = EncoderBlock(**block_kw)
+        use_dropout = not deterministic and self.dropout > 0
+        keys = jax.random.split(self.make_rng("dropout"), self.depth) if use_dropout else None
+
+        def body(h, xs):
+            params, key = xs
+            rngs = {"dropout": key} if key is not None else {}
+            return block.apply({"params": params}, h, deterministic, rngs=rngs)[0], None
+
+        for start, stop in segments:
+            part = _rows.stack_slice(path, stacked, start, stop)
+            part_keys = None if keys is None else keys[start:stop]
+            x, _ = jax.lax.scan(body, x, (part, part_keys), unroll=self.scan_unroll)
+        return x
 
 
 class ViT(nn.Module):
@@ -172,7 +212,12 @@ class ViT(nn.Module):
         num_heads: Attention heads; they must divide ``width``.
         pool: One of :data:`POOLS`.
         dropout: Dropout rate after the embeddings, attention and MLPs (in training).
-        scan: Stack the blocks with ``nn.scan`` (``Transformer/encoderblock``).
+        scan: Stack the blocks with ``nn.scan`` (``Transformer/encoderblock``). In a
+            step where a spec freezes some blocks (``Transformer/encoderblock[:6]``), the
+            blocks run as one scan per run of frozen or trainable blocks
+            (``layerfreeze.scan_segments``), so the frozen blocks cost no backward work.
+        scan_unroll: ``unroll`` of the scan (``True``: fully unrolled, e.g. to count
+            compiled FLOPs, which XLA counts once per loop body otherwise).
         head_zeroinit: Initialise the head's kernel to zeros (big_vision's default).
         dtype: Computation dtype (e.g. ``jnp.bfloat16``); the logits are float32.
         param_dtype: Parameter dtype.
@@ -198,6 +243,7 @@ class ViT(nn.Module):
     pool: str = "tok"
     dropout: float = 0.0
     scan: bool = False
+    scan_unroll: int | bool = 1
     head_zeroinit: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -244,6 +290,7 @@ class ViT(nn.Module):
             num_heads=self.num_heads,
             dropout=self.dropout,
             scan=self.scan,
+            scan_unroll=self.scan_unroll,
             name="Transformer",
             **dtypes,
         )(x, not train)
@@ -312,8 +359,10 @@ def vit_groups(depth: int, *, pool: str = "tok", scan: bool = False) -> tuple[st
     They are separate entries because each entry is one path-prefix rule of a freeze spec
     and ``cls`` does not exist with ``pool="gap"``; to freeze "the embeddings", freeze all
     three (``groups[:3]`` with ``pool="tok"``, ``groups[:2]`` with ``"gap"``). Then come
-    one group per block, the final LayerNorm and the head. With ``scan=True`` the blocks
-    are a single group, ``Transformer/encoderblock`` (one leaf holds every block).
+    one group per block, the final LayerNorm and the head. With ``scan=True`` a block's
+    group is a block selector, ``Transformer/encoderblock[i]`` (block ``i`` along the
+    leading axis of the stacked leaves), so schedules, layer-wise decay and the summary
+    treat a scanned ViT block by block, as the unrolled one.
 
     Args:
         depth: Number of transformer blocks.
@@ -329,6 +378,8 @@ def vit_groups(depth: int, *, pool: str = "tok", scan: bool = False) -> tuple[st
 'Transformer/encoderblock_1', 'Transformer/encoder_norm', 'head')
         >>> ",".join(vit_groups(2, pool="gap")[:3])
         'embedding,pos_embedding,Transformer/encoderblock_0'
+        >>> vit_groups(2, scan=True)[3:5]
+        ('Transformer/encoderblock[0]', 'Transformer/encoderblock[1]')
     """
     if pool not in POOLS:
         raise ValueError(f"Unknown pool {pool!r}; valid choices are {list(POOLS)}.")
@@ -336,7 +387,7 @@ def vit_groups(depth: int, *, pool: str = "tok", scan: bool = False) -> tuple[st
         raise ValueError(f"depth must be at least 1, got {depth}.")
     embeddings = ("embedding", "pos_embedding") + (("cls",) if pool == "tok" else ())
     if scan:
-        blocks = (f"Transformer/{_BLOCK}",)
+        blocks = tuple(f"Transformer/{_BLOCK}[{i}]" for i in range(depth))
     else:
         blocks = tuple(f"Transformer/{_BLOCK}_{i}" for i in range(depth))
     return embeddings + blocks + ("Transformer/encoder_norm", "head")
