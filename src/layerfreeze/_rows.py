@@ -16,7 +16,6 @@ so the leaf paths of a view read `Transformer/encoderblock/.../kernel/rows[0:6]`
 
 import contextlib
 import contextvars
-import dataclasses
 import itertools
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
@@ -45,16 +44,25 @@ Bounds = tuple[tuple[int, int], ...]
 Ranges = Mapping[str, tuple[tuple[int, int, bool], ...]]
 
 
-@dataclasses.dataclass(frozen=True)
-class RowsKey:
-    """The key of one row range of a split stacked leaf, in a key path."""
+class RowsKey(str):
+    """The name of one row range of a split stacked leaf: `rows[start:stop]`.
+
+    A string (so checkpointers that name leaves by their key path store it as
+    is), in a `jax.tree_util.DictKey`, with the range and the stack's depth as
+    attributes.
+    """
 
     start: int
     stop: int
     depth: int
 
-    def __str__(self) -> str:
-        return f"rows[{self.start}:{self.stop}]"
+    def __new__(cls, start: int, stop: int, depth: int) -> "RowsKey":
+        key = super().__new__(cls, f"rows[{start}:{stop}]")
+        key.start, key.stop, key.depth = start, stop, depth
+        return key
+
+    def __reduce__(self) -> Any:
+        return (RowsKey, (self.start, self.stop, self.depth))
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -70,8 +78,9 @@ class Rows:
         self.parts = tuple(parts)
         self.bounds = tuple(bounds)
 
-    def tree_flatten_with_keys(self) -> tuple[list[tuple[RowsKey, Any]], Bounds]:
-        keys = [RowsKey(a, b, self.bounds[-1][1]) for a, b in self.bounds]
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], Bounds]:
+        depth = self.bounds[-1][1]
+        keys = [jax.tree_util.DictKey(RowsKey(a, b, depth)) for a, b in self.bounds]
         return list(zip(keys, self.parts, strict=True)), self.bounds
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], Bounds]:
@@ -140,8 +149,8 @@ def rows_of(keypath: Sequence[Any]) -> tuple[tuple[Any, ...], RowsKey | None]:
     """
     keypath = tuple(keypath)
     for i, key in enumerate(keypath):
-        if isinstance(key, RowsKey):
-            return keypath[:i] + keypath[i + 1 :], key
+        if isinstance(key, jax.tree_util.DictKey) and isinstance(key.key, RowsKey):
+            return keypath[:i] + keypath[i + 1 :], key.key
     return keypath, None
 
 
