@@ -98,6 +98,15 @@ def test_controlled_norms_decide_front_to_back_and_never_the_head():
     assert [p.spec.describe() for p in policy.schedule.phases] == ["a", "a,b", "a,b,c"]
 
 
+def test_a_group_outside_the_candidates_stays_trainable_and_so_do_the_ones_after_it():
+    policy = lf.AutoFreeze(["a", "b", "c", "head"], interval=1, percentile=90, candidates=["a"])
+    for step, scale in enumerate([1.0, 1.0, 1.0, 1.0]):
+        policy.update(step)
+        norms = {"a": scale, "b": scale, "c": scale * (step + 1), "head": 4.0 * (step + 1)}
+        policy.observe({auto.norm_metric(g): v for g, v in norms.items() if g in policy.trainable})
+    assert policy.frozen == ("a",)  # b's rate is 0 too, but b is not a candidate
+
+
 def test_equal_rates_freeze_nothing():
     policy = lf.AutoFreeze(GROUPS, interval=1, percentile=99)
     for step in range(5):
@@ -161,6 +170,12 @@ def test_observe_names_the_missing_metric_and_update_counts_steps():
         ({"interval": 2, "frozen": ["head"]}, ValueError, r"'head' \(the head\) cannot be frozen"),
         ({"interval": 2, "frozen": ["neck"]}, ValueError, r"valid: stem, body, head"),
         ({"interval": 2, "frozen": ["stem", "body"]}, ValueError, r"nothing left to freeze"),
+        (
+            {"interval": 2, "frozen": ["stem"], "candidates": ["stem", "body"]},
+            ValueError,
+            r"\['stem'\] are both frozen for the whole run and left to the policy",
+        ),
+        ({"interval": 2, "candidates": ["head"]}, ValueError, r"valid: stem, body \(every group"),
     ],
 )
 def test_autofreeze_bad_input(kwargs, error, message):

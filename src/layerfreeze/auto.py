@@ -77,8 +77,10 @@ def norm_metric(group: str) -> str:
     return f"grad_norm/{group}"
 
 
-def _check_groups(groups: Sequence[str], frozen: Sequence[str], what: str) -> tuple[tuple, tuple]:
-    if isinstance(groups, str) or isinstance(frozen, str):
+def _check_groups(
+    groups: Sequence[str], frozen: Sequence[str], candidates: Sequence[str] | None, what: str
+) -> tuple[tuple, tuple, tuple]:
+    if isinstance(groups, str) or isinstance(frozen, str) or isinstance(candidates, str):
         raise TypeError(
             f"{what} takes sequences of group names, e.g. ['stem', 'body', 'head'], not a string."
         )
@@ -101,7 +103,24 @@ def _check_groups(groups: Sequence[str], frozen: Sequence[str], what: str) -> tu
             f"{what}: every group but the head is frozen already ({', '.join(frozen)}); there "
             "is nothing left to freeze automatically."
         )
-    return groups, frozen
+    if candidates is None:
+        return groups, frozen, tuple(g for g in groups[:-1] if g not in frozen)
+    candidates = tuple(candidates)
+    unknown = [g for g in candidates if g not in groups[:-1]]
+    if unknown:
+        raise ValueError(
+            f"{what}: groups {unknown} cannot be left to the policy; valid: "
+            f"{', '.join(groups[:-1])} (every group but the last, the head)."
+        )
+    both = [g for g in candidates if g in frozen]
+    if both:
+        raise ValueError(
+            f"{what}: groups {both} are both frozen for the whole run and left to the policy "
+            "to freeze; name each in one of the two."
+        )
+    if not candidates:
+        raise ValueError(f"{what}: no group is left to the policy to freeze.")
+    return groups, frozen, tuple(g for g in groups if g in candidates)
 
 
 def _spec_of(groups: Sequence[str], frozen: Sequence[str], train_bn: bool) -> _spec.FreezeSpec:
@@ -129,12 +148,16 @@ class AutoFreeze:
         interpolation).
       frozen: groups frozen for the whole run, decided by no one (e.g. a
         user's fixed freeze); they count as frozen for contiguity.
+      candidates: the groups the policy may freeze (default: every group
+        but the last and those in `frozen`); a group outside them stays
+        trainable, and so does every group after it.
       train_bn: the specs' `train_bn` (BatchNorm stays trainable in frozen
         groups; then no frozen prefix can be cached).
 
     Raises:
       ValueError: a percentile outside (0, 100), an interval below 1, fewer
-        than two groups, an unknown or the last group in `frozen`.
+        than two groups, an unknown or the last group in `frozen` or
+        `candidates`, a group in both.
     """
 
     def __init__(
@@ -144,9 +167,12 @@ class AutoFreeze:
         interval: int,
         percentile: float = 50.0,
         frozen: Sequence[str] = (),
+        candidates: Sequence[str] | None = None,
         train_bn: bool = False,
     ):
-        self.groups, self.fixed = _check_groups(groups, frozen, "AutoFreeze")
+        self.groups, self.fixed, self.candidates = _check_groups(
+            groups, frozen, candidates, "AutoFreeze"
+        )
         if isinstance(interval, bool) or not isinstance(interval, int | np.integer):
             raise TypeError(f"AutoFreeze: interval must be an integer >= 1, got {interval!r}.")
         if interval < 1:
@@ -268,7 +294,7 @@ class AutoFreeze:
         for group in self.groups[:-1]:
             if group in frozen:
                 continue
-            if group in rates and rates[group] < threshold:
+            if group in self.candidates and group in rates and rates[group] < threshold:
                 newly.append(group)
                 continue
             break
@@ -287,6 +313,7 @@ class AutoFreeze:
             "interval": self.interval,
             "percentile": self.percentile,
             "fixed": list(self.fixed),
+            "candidates": list(self.candidates),
             "train_bn": self.train_bn,
         }
 
@@ -348,13 +375,15 @@ def freezeout(
     t0: float = 0.5,
     scaling: str = "cubic",
     frozen: Sequence[str] = (),
+    candidates: Sequence[str] | None = None,
     train_bn: bool = False,
 ) -> schedules.FreezeSchedule:
     """FreezeOut's fixed schedule: group `i` stops training at step `t_i * total_steps`.
 
-    `t_i = t0 + (1 - t0) * (i / (n - 1)) ** p` over the `n` groups that are
-    not in `frozen`, `p` given by `scaling` (`SCALINGS`); the last group
-    (the head) has `t = 1` and trains to the end. Groups whose stop steps
+    `t_i = t0 + (1 - t0) * (i / (n - 1)) ** p` over the `n - 1` groups the
+    policy may freeze (`candidates`) and the last group (the head), `p`
+    given by `scaling` (`SCALINGS`); the head has `t = 1` and trains to the
+    end. Groups whose stop steps
     round to the same step freeze in one phase; a group frozen only at the
     run's end never freezes.
 
@@ -364,6 +393,9 @@ def freezeout(
       t0: when the first group stops, as a fraction of the run, in (0, 1].
       scaling: `"linear"`, `"squared"` or `"cubic"` (the paper's default).
       frozen: groups frozen for the whole run.
+      candidates: the groups that stop (default: every group but the last
+        and those in `frozen`); in model order, each stops after the one
+        before it.
       train_bn: the specs' `train_bn`.
 
     Returns:
@@ -373,17 +405,17 @@ def freezeout(
       ValueError: `t0` outside (0, 1], an unknown scaling, `total_steps` < 1,
         bad groups.
     """
-    groups, fixed = _check_groups(groups, frozen, "freezeout")
+    groups, fixed, candidates = _check_groups(groups, frozen, candidates, "freezeout")
     if scaling not in SCALINGS:
         raise ValueError(f"freezeout: unknown scaling {scaling!r}; valid: {', '.join(SCALINGS)}.")
     if isinstance(t0, bool) or not isinstance(t0, int | float | np.number) or not 0 < t0 <= 1:
         raise ValueError(f"freezeout: t0 must be a number in (0, 1], got {t0!r}.")
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"freezeout: total_steps must be an integer >= 1, got {total_steps!r}.")
-    managed = [g for g in groups if g not in fixed]
+    managed = (*candidates, groups[-1])
     n, power = len(managed), SCALINGS[scaling]
     stops: dict[int, list[str]] = {}
-    for i, group in enumerate(managed[:-1]):
+    for i, group in enumerate(candidates):
         t = t0 + (1 - t0) * (i / (n - 1)) ** power
         step = round(t * total_steps)
         if step < total_steps:
