@@ -49,6 +49,17 @@ def get_config() -> ml_collections.ConfigDict:
     # '' | 'ulmfit' | 'ulmfit:2.6' | 'geometric:1e-2' (stem/head ratio) | 'stem=0.1,stage1=0.3'
     config.lr_multipliers = ""
     config.cache_frozen_features = False
+    # Automatic freezing for speed, config.schedule = 'auto' | 'freezeout': `freeze` is
+    # then a fixed freeze of whole groups for the whole run ('none' to leave all to the
+    # policy), and the policy freezes more groups, front first, never the head.
+    config.auto = ml_collections.ConfigDict()
+    config.auto.groups = ""  # groups the policy may freeze; "": all but the head and `freeze`
+    config.auto.interval = 50  # 'auto': steps between decisions (the first after two)
+    config.auto.percentile = 50.0  # 'auto': freeze when the gradient-norm change rate is
+    # below this percentile (0, 100) of every trainable group's rate (AutoFreeze)
+    config.freezeout = ml_collections.ConfigDict()
+    config.freezeout.t0 = 0.5  # the first group stops at this fraction of the run, (0, 1]
+    config.freezeout.scaling = "cubic"  # linear | squared | cubic: later groups' stop times
 
     # Optimisation.
     config.optimizer = "adamw"  # adamw | sgd

@@ -5,7 +5,8 @@ The pieces: `layerfreeze.Phases` (the freeze schedule, one compiled step per
 distinct phase, optimizer state carried over, resume in the right phase),
 `train.make_steps`, `checkpoint.Checkpointer` (resume from the newest intact
 step), `pretrained` (`init_from`), `features.FeatureCache`, `metrics`
-(`metrics.jsonl`, exact across resumes, and `curves.png`).
+(`metrics.jsonl`, exact across resumes, and `curves.png`), `auto` (automatic
+freezing for speed: `config.schedule='auto'` or `'freezeout'`).
 """
 
 import json
@@ -23,6 +24,7 @@ from absl import logging
 
 import layerfreeze as lf
 from layerfreeze import (
+    auto,
     checkpoint,
     data,
     features,
@@ -95,11 +97,49 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} must divide over {n} devices; "
             f"use a multiple of {n}."
         )
+    _validate_auto(config)
     if config.init_from and not pathlib.Path(config.init_from).exists():
         raise UsageError(
             f"config.init_from={config.init_from!r} does not exist; give the workdir of an "
             "earlier run or a torchvision .pth/.safetensors file."
         )
+
+
+_POLICY_LOOKALIKES = ("auto", "autofreeze", "auto_freeze", "freezeout", "freeze_out")
+
+
+def _validate_auto(config: ml_collections.ConfigDict) -> None:
+    """The knobs of automatic freezing (`config.auto`, `config.freezeout`)."""
+    name = config.schedule
+    near = name.strip().lower().replace("-", "_") in _POLICY_LOOKALIKES
+    if near and name not in auto.POLICIES:
+        raise UsageError(
+            f"Unknown automatic freezing policy {name!r}; valid: {', '.join(auto.POLICIES)}."
+        )
+    if name not in auto.POLICIES:
+        return
+    if config.lr_multipliers:
+        raise UsageError(
+            f"config.lr_multipliers={config.lr_multipliers!r} cannot be combined with "
+            f"config.schedule={name!r}; leave config.lr_multipliers empty."
+        )
+    if name == "auto":
+        interval = config.auto.interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise UsageError(
+                f"config.auto.interval must be an integer >= 1 (steps between decisions), "
+                f"got {interval!r}."
+            )
+        percentile = float(config.auto.percentile)
+        if not 0 < percentile < 100:
+            raise UsageError(
+                f"config.auto.percentile must be in (0, 100) (exclusive), got {percentile}."
+            )
+    else:
+        t0 = float(config.freezeout.t0)
+        if not 0 < t0 <= 1:
+            raise UsageError(f"config.freezeout.t0 must be in (0, 1], got {t0}.")
+        _choice("config.freezeout.scaling", config.freezeout.scaling, list(auto.SCALINGS))
 
 
 def _check_workdir(path: pathlib.Path) -> None:
@@ -186,13 +226,16 @@ def build_optimizer(
 def build_schedule(config: ml_collections.ConfigDict) -> schedules.FreezeSchedule:
     groups = list(models.GROUPS)
     try:
-        if config.schedule:
+        if config.schedule in auto.POLICIES:  # the fixed part; the policy adds phases
+            schedule = schedules.constant(config.freeze, unit="step")
+        elif config.schedule:
             schedule = schedules.parse_schedule(config.schedule, groups)
         else:
             schedule = schedules.constant(config.freeze)
         schedule.validate(groups)
     except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from e
+        policies = f" Automatic freezing: {' or '.join(map(repr, auto.POLICIES))}."
+        raise UsageError(str(e) + (policies if config.schedule else "")) from e
     if config.lr_multipliers:
         try:
             multipliers = schedules.parse_lr_multipliers(config.lr_multipliers, groups)
@@ -240,6 +283,61 @@ def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> 
     return merged, note
 
 
+def _speed_policy(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    total_steps: int,
+) -> tuple[schedules.FreezeSchedule, auto.AutoFreeze | None]:
+    """The schedule (and for `auto`, the policy) of `config.schedule='auto'|'freezeout'`.
+
+    `config.freeze` is the fixed freeze, whole groups only; the policy may
+    freeze `config.auto.groups` (default: every other group but the head).
+    """
+    fixed_spec = lf.as_spec(config.freeze)
+    resolved = fixed_spec.resolve(params)
+    fixed, partly = [], []
+    for group in models.GROUPS:
+        states = [f for path, f in resolved.items() if path.split("/", 1)[0] == group]
+        if all(states):
+            fixed.append(group)
+        elif any(states):
+            partly.append(group)
+    if partly:
+        raise UsageError(
+            f"config.schedule={config.schedule!r} takes a fixed freeze of whole groups, but "
+            f"config.freeze={config.freeze!r} freezes part of {', '.join(partly)}; name whole "
+            f"groups ({', '.join(models.GROUPS[:-1])}) or 'none'."
+        )
+    text = config.auto.groups.strip()
+    candidates = [g.strip() for g in text.split(",") if g.strip()] if text else None
+    try:
+        if config.schedule == "freezeout":
+            schedule = auto.freezeout(
+                models.GROUPS,
+                total_steps,
+                t0=float(config.freezeout.t0),
+                scaling=config.freezeout.scaling,
+                frozen=fixed,
+                candidates=candidates,
+                train_bn=config.train_bn,
+            )
+            return schedule, None
+        policy = auto.AutoFreeze(
+            models.GROUPS,
+            interval=config.auto.interval,
+            percentile=float(config.auto.percentile),
+            frozen=fixed,
+            candidates=candidates,
+            train_bn=config.train_bn,
+        )
+    except ValueError as e:
+        raise UsageError(
+            f"{e} (config.freeze={config.freeze!r} is frozen for the whole run; "
+            f"config.auto.groups={text!r} lists what the policy may freeze)"
+        ) from e
+    return policy.schedule, policy
+
+
 def _local(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This host's contiguous slice of a global batch (all of it on one host)."""
     n, i = jax.process_count(), jax.process_index()
@@ -259,6 +357,14 @@ def _check_feature_caching(
             "pass --config.augment=False to cache without augmentation (or turn caching "
             "off with --config.cache_frozen_features=False)."
         )
+    if config.schedule == "auto":  # the prefixes are decided during the run
+        if config.train_bn:
+            raise UsageError(
+                "config.cache_frozen_features=True with config.schedule='auto', but "
+                "config.train_bn=True keeps BatchNorm training in frozen groups, so no frozen "
+                "prefix's output is fixed; pass --config.train_bn=False or turn caching off."
+            )
+        return
     if config.freeze_method != "zero":
         raise UsageError(
             f"config.cache_frozen_features=True needs config.freeze_method='zero'; "
@@ -293,6 +399,16 @@ def _frozen_groups(schedule: schedules.FreezeSchedule, params: Any) -> list[str]
             if is_frozen:
                 frozen.add(path.split("/", 1)[0])
     return [g for g in models.GROUPS if g in frozen]
+
+
+def _frozen_now(spec: lf.FreezeSpec, params: Any) -> list[str]:
+    """The groups `spec` freezes entirely, in model order."""
+    resolved = spec.resolve(params)
+    return [
+        g
+        for g in models.GROUPS
+        if all(f for path, f in resolved.items() if path.split("/", 1)[0] == g)
+    ]
 
 
 def _diverged_message(
@@ -353,9 +469,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return None
         return features.frozen_prefix(shapes["params"], phase.spec, models.GROUPS[:-1])
 
-    prefixes = [feature_prefix(p) for p in schedule.phases]  # per phase index
-    if config.cache_frozen_features:
-        _check_feature_caching(config, schedule, prefixes)
+    speed_policy = config.schedule in auto.POLICIES  # the schedule comes once the length is known
+    if config.cache_frozen_features and not speed_policy:
+        _check_feature_caching(config, schedule, [feature_prefix(p) for p in schedule.phases])
 
     dataset = load_data(config)
     if config.batch_size > dataset.num_train:
@@ -370,6 +486,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         total_steps = schedule.total * (spe if schedule.unit == "epoch" else 1)
     else:
         total_steps = max(1, math.ceil(config.num_epochs * spe))
+    policy: auto.AutoFreeze | None = None
+    if speed_policy:
+        schedule, policy = _speed_policy(config, shapes["params"], total_steps)
+        if config.cache_frozen_features:
+            _check_feature_caching(config, schedule, [feature_prefix(p) for p in schedule.phases])
     # 0: about 50 train rows over the run, so short runs plot a curve too.
     log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
     variables = jax.jit(lambda r: model.init(r, sample, train=False))(rng)
@@ -403,16 +524,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             mesh=mesh,
             start_after=prefix,
             previous=previous,
+            group_norms=models.GROUPS if policy is not None else (),
         )
 
-    phases = lf.Phases(
-        schedule,
-        build,
-        params=shapes["params"],
-        steps_per_epoch=spe,
-        method=config.freeze_method,
-        mesh=mesh,
-    )
+    def make_phases(schedule: schedules.FreezeSchedule) -> lf.Phases:
+        return lf.Phases(
+            schedule,
+            build,
+            params=shapes["params"],
+            steps_per_epoch=spe,
+            method=config.freeze_method,
+            mesh=mesh,
+        )
+
+    phases = make_phases(schedule)
+    frozen_cache: dict[int, list[str]] = {}
+
+    def frozen_now(index: int) -> list[str]:
+        """The groups phase `index` freezes entirely."""
+        if index not in frozen_cache:
+            spec = phases.schedule.phases[index].spec
+            frozen_cache[index] = _frozen_now(spec, shapes["params"])
+        return frozen_cache[index]
 
     ckpt = checkpoint.Checkpointer(
         workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
@@ -421,6 +554,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if ckpt.latest_step() is not None:
 
         def make_target(meta: dict[str, Any]) -> dict[str, Any]:
+            nonlocal phases
+            if policy is not None:  # the decisions so far, then the phases they made
+                policy.restore(meta.get("auto", {}))
+                phases = make_phases(policy.schedule)
             phases.restore(meta)
             return phases.steps().init_state(variables, rng).as_dict()
 
@@ -528,6 +665,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             jax.device_get(state.as_dict()),
             metadata={
                 **phases.metadata(),
+                **({"auto": policy.metadata()} if policy is not None else {}),
                 "data_position": step,
                 "epoch": step / spe,
                 "window": window.state(),
@@ -563,25 +701,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop_step=total_steps,
     ):
         step = batch.step
+        if policy is not None and policy.update(step):
+            phases.extend(policy.schedule)
         steps, state, change = phases.update(step, state)
         if change is not None:
             print(change.describe())
-            writer.write(
-                {
-                    "step": step,
-                    "split": "phase",
-                    "phase": phases.current,
-                    "phase_start": True,
-                    "spec": steps.spec.describe(),
-                    "trainable_params": steps.trainable_params,
-                    "loss": None,
-                    "accuracy": None,
-                }
-            )
+            row = {
+                "step": step,
+                "split": "phase",
+                "phase": phases.current,
+                "phase_start": True,
+                "spec": steps.spec.describe(),
+                "frozen": frozen_now(phases.current),
+                "trainable_params": steps.trainable_params,
+                "loss": None,
+                "accuracy": None,
+            }
+            if policy is not None:  # what AutoFreeze decided from
+                row["rates"] = dict(policy.last_rates)
+            if speed_policy:  # the plot labels the line with the groups that froze
+                before = frozen_now(change.previous_index)
+                row["label"] = "+" + ",".join(g for g in row["frozen"] if g not in before)
+            writer.write(row)
         image = batch.images
         if feature_cache is not None:
             variables_now = {"params": state.params, "batch_stats": state.batch_stats}
-            if feature_cache.update(prefixes[phases.current], variables_now):
+            prefix = feature_prefix(phases.schedule.phases[phases.current])
+            if feature_cache.update(prefix, variables_now):
                 print(
                     f"cached features after {feature_cache.prefix}: shape "
                     f"{feature_cache.features.shape} float32 ({feature_cache.nbytes / 2**20:.1f} "
@@ -592,6 +738,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 image = feature_cache.features[idx]
         sharded = train.shard_batch(mesh, _local({"image": image, "label": batch.labels}))
         state, step_metrics = steps.train_step(state, sharded)
+        if policy is not None:
+            policy.observe(step_metrics)
+            step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith("grad_norm/")}
         pending.append((step, step_metrics))
         done = step + 1
         if done % log_every == 0 or done == total_steps:
@@ -608,6 +757,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "phase": phases.current,
                 "epoch": done / spe,
             }
+            if speed_policy:
+                row["frozen"] = frozen_now(phases.current)
             writer.write(row)
             progress.update(done, row, last_eval)
             window.reset()

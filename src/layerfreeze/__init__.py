@@ -6,6 +6,7 @@
 >>> layerfreeze.summary(params, "stem").trainable_params
 2
 
+Automatic freezing for speed: `AutoFreeze` and `freezeout` (module `auto`).
 Beyond these names, import the submodules you need: `checkpoint` (resumable
 Orbax checkpoints), `pretrained` (start from an earlier run's weights),
 `metrics` (a resumable metrics log, its averaging window, a plot), `features`
@@ -28,6 +29,7 @@ from layerfreeze._rows import scan_segments, stack_slice
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
+from layerfreeze.auto import AutoFreeze, freezeout
 from layerfreeze.lr import (
     geometric_multipliers,
     layerwise_decay,
@@ -50,6 +52,7 @@ from layerfreeze.schedules import (
 
 __all__ = [
     "FROZEN",
+    "AutoFreeze",
     "METHODS",
     "TRAINABLE",
     "FreezeSchedule",
@@ -66,6 +69,7 @@ __all__ = [
     "explicit",
     "freeze",
     "freeze_labels",
+    "freezeout",
     "frozen_batchnorm",
     "frozen_bn_groups",
     "fine_tune",

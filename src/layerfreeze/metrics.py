@@ -375,7 +375,8 @@ def plot_curves(
     Train rows are drawn as a line (each point marked while there are few),
     every other split (test, validation) as markers, in one colour per split
     across panels; phase starts (rows with `phase_start`) are dotted vertical
-    lines labelled with the phase. Rows without a number for a metric are
+    lines labelled with the phase (or the row's `label`, e.g. the groups that
+    froze). Rows without a number for a metric are
     left out of its panel; a panel with nothing to draw says so. Uses
     Matplotlib's `Figure` directly: no pyplot state and no backend change.
 
@@ -405,7 +406,7 @@ def plot_curves(
     if not metrics:
         raise ValueError("plot_curves: metrics is empty; name at least one, e.g. ('loss',).")
     splits = list(dict.fromkeys(r.get("split") for r in rows if r.get("split") != "phase"))
-    starts = {r["step"]: r.get("phase") for r in rows if r.get("phase_start")}
+    starts = {r["step"]: r.get("label", r.get("phase")) for r in rows if r.get("phase_start")}
     steps = [r["step"] for r in rows if _is_number(r.get("step"))]
     # Half a step either side at least: a single point still gets a whole-step tick.
     lo, hi = (min(steps), max(steps)) if steps else (0, 1)
@@ -459,7 +460,8 @@ def _draw_panel(
         legend.setdefault(str(split), line)
     for step, phase in sorted(starts.items()):
         ax.axvline(step, color="grey", linestyle=":", linewidth=1)
-        text = " phase" if phase is None else f" phase {phase}"
+        text = f" {phase}" if isinstance(phase, str) else f" phase {phase}"
+        text = " phase" if phase is None else text
         ax.text(
             step,
             0.98,

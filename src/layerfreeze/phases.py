@@ -193,6 +193,30 @@ class Phases:
         spec = self.schedule.phases[self.current if index is None else index].spec
         return features.frozen_prefix(self.params, spec, self.prefix_groups)
 
+    def extend(self, schedule: schedules.FreezeSchedule) -> None:
+        """Adopts a schedule that keeps every phase of the current one and adds later ones.
+
+        For adaptive policies (`layerfreeze.auto.AutoFreeze`): a decision made
+        during training appends a phase, and the loop hands the longer
+        schedule over before the next `update`. What was built stays built.
+
+        Raises:
+          ValueError: `schedule` changes or drops a phase of the current
+            schedule, counts another unit, or a new phase's spec does not fit
+            the params.
+        """
+        if not isinstance(schedule, schedules.FreezeSchedule):
+            raise TypeError(f"extend takes a FreezeSchedule, got {type(schedule).__name__}.")
+        old = self.schedule.phases
+        if schedule.unit != self.schedule.unit or schedule.phases[: len(old)] != old:
+            raise ValueError(
+                "extend takes a schedule that keeps every phase of the current one; current "
+                f"{self.schedule.describe()!r}, given {schedule.describe()!r}."
+            )
+        for phase in schedule.phases[len(old) :]:
+            phase.spec.resolve(self.params)
+        self.schedule = schedule
+
     # Steps ---------------------------------------------------------------------
 
     def steps(self, index: int | None = None) -> Any:

@@ -91,7 +91,8 @@ class TrainSteps:
       trainable_params: how many parameters train under `spec`.
       train_step: jitted `(TrainState, batch) -> (TrainState, metrics)`;
         donates the state. Metrics: `loss`, the loss function's metrics
-        (`accuracy` for the default loss), `grad_norm`.
+        (`accuracy` for the default loss), `grad_norm`, and
+        `grad_norm/<group>` for each of `make_steps`' `group_norms`.
       eval_step: jitted `(TrainState, batch) -> metrics`, sums over the batch
         and a `count`, so that summing over batches and dividing by the
         summed count gives exact means. The default loss reports summed
@@ -160,6 +161,7 @@ def make_steps(
     preprocess: Preprocess | None = None,
     preprocess_eval: Callable[[Any], Any] | None = None,
     grad_norm: bool = True,
+    group_norms: Sequence[str] = (),
     mesh: Mesh | None = None,
     donate: bool = True,
     start_after: str | None = None,
@@ -203,6 +205,12 @@ def make_steps(
         step (augmentation, normalisation). Default: none.
       preprocess_eval: `inputs -> inputs` for the eval step.
       grad_norm: report the global norm of the trainable gradients.
+      group_norms: groups (path prefixes such as `"stem"` or
+        `"Transformer/encoderblock_3"`) whose gradient norms to report, as
+        metrics `grad_norm/<group>`: the norm of the group's trainable
+        gradients (0 for a frozen group). Cheap: a sum of squares per group
+        of gradients the step computes anyway; `layerfreeze.auto.AutoFreeze`
+        reads them.
       mesh: a mesh with a `data` axis: batches are split over it and the state
         is replicated. None: whatever device the inputs live on.
       donate: donate the state to the train step (its buffers are reused).
@@ -243,6 +251,7 @@ def make_steps(
         raise ValueError("make_steps needs `params` (or their shapes) for a linen model or None.")
     bounds, mask = _grad.block_plan(params, spec)  # stacked leaves split by block
     ranges = _rows.ranges_of(_paths.leaf_paths(params), bounds, mask)
+    group_leaves = _group_leaves(group_norms, spec.resolve(params))
     if start_after is not None:
         _check_start_after(start_after, params, spec, method, running_stats)
     tx = _freeze.freeze(optimizer, spec, method=method, previous=previous)
@@ -315,6 +324,11 @@ def make_steps(
         metrics = {"loss": loss, **metrics}
         if grad_norm:
             metrics["grad_norm"] = optax.tree.norm(trainable_grads)
+        if group_leaves:
+            leaves = jax.tree.leaves(grads)
+            for group, indices in group_leaves.items():
+                squares = [jnp.sum(jnp.square(leaves[i].astype(jnp.float32))) for i in indices]
+                metrics[f"grad_norm/{group}"] = jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
@@ -513,6 +527,27 @@ def _check_start_after(
             f"output is not fixed; groups that are: {sorted(frozen_bn)}. "
             "layerfreeze.features.frozen_prefix finds the last one that can be skipped."
         )
+
+
+def _group_leaves(groups: Sequence[str], resolved: Mapping[str, bool]) -> dict[str, list[int]]:
+    """`{group: indices of its trainable leaves}`, in `jax.tree.leaves(params)` order."""
+    if isinstance(groups, str):
+        raise TypeError(
+            f"group_norms takes a sequence of groups such as ({groups!r},), got the string "
+            f"{groups!r}."
+        )
+    paths = list(resolved)
+    out: dict[str, list[int]] = {}
+    for group in groups:
+        inside = [i for i, p in enumerate(paths) if p == group or p.startswith(group + "/")]
+        if not inside:
+            top = list(dict.fromkeys(p.split("/", 1)[0] for p in paths))
+            raise ValueError(
+                f"group_norms: group {group!r} is no parameter's path prefix; the top-level "
+                f"groups are {', '.join(top)}."
+            )
+        out[group] = [i for i in inside if not resolved[paths[i]]]
+    return out
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:

@@ -1,0 +1,250 @@
+"""`layerfreeze.auto`: AutoFreeze decisions and FreezeOut schedules on small controlled models."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import layerfreeze as lf
+from layerfreeze import auto, train
+
+GROUPS = ("stem", "body", "head")
+PARAMS = {g: {"w": jnp.full((4,), 2.0)} for g in GROUPS}
+BATCH = {"x": np.ones((2, 4), np.float32)}
+SGD = optax.sgd(0.1)
+
+
+def _loss(constant):
+    """Groups in `constant` get a fixed gradient (norm never changes); the others a moving one."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        total = 0.0
+        for g in GROUPS:
+            w = params[g]["w"]
+            total += jnp.sum(w) if g in constant else jnp.sum(w**2 * batch["x"][0])
+        return total
+
+    return loss_fn
+
+
+def _phases(policy, loss_fn):
+    def build(phase, previous):
+        return train.make_steps(
+            None, optax.sgd(0.05), phase.spec, PARAMS, loss_fn=loss_fn,
+            group_norms=GROUPS, previous=previous,
+        )  # fmt: skip
+
+    return lf.Phases(policy.schedule, build, params=PARAMS)
+
+
+def _run(policy, phases, state, start, stop, log=None):
+    for step in range(start, stop):
+        if policy.update(step):
+            phases.extend(policy.schedule)
+        steps, state, change = phases.update(step, state)
+        if change is not None and log is not None:
+            log.append(change)
+        state, metrics = steps.train_step(state, BATCH)
+        policy.observe(metrics)
+    return state
+
+
+def test_group_whose_gradients_stop_changing_freezes_and_leaves_the_backward_pass():
+    policy = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    phases = _phases(policy, _loss(constant={"stem"}))
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    log = []
+    state = _run(policy, phases, state, 0, 8, log)
+    # Rates exist from the second interval on: decided at step 4.
+    assert policy.decisions[0] == (4, ("stem",))
+    assert policy.last_rates["body"] > 0 and "stem" not in policy.last_rates
+    assert (log[0].step, log[0].phase.spec.describe()) == (4, "stem")
+    assert phases.compilations == len(policy.schedule.phases)
+    # Frozen from step 4 on: the stem did its last update at step 3.
+    np.testing.assert_allclose(state.params["stem"]["w"], np.full(4, 2.0 - 4 * 0.05), rtol=1e-6)
+    assert "head" not in policy.frozen
+
+
+def test_a_group_behind_a_trainable_one_never_freezes_first():
+    policy = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    phases = _phases(policy, _loss(constant={"body"}))
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    _run(policy, phases, state, 0, 12)
+    assert policy.last_rates["body"] == 0.0 < policy.last_rates["stem"]
+    assert policy.frozen == () and policy.decisions == ()
+
+
+def test_controlled_norms_decide_front_to_back_and_never_the_head():
+    policy = lf.AutoFreeze(["a", "b", "c", "head"], interval=1, percentile=40, frozen=["a"])
+    sequence = [
+        {"b": 1.0, "c": 1.0, "head": 1.0},
+        {"b": 1.0, "c": 2.0, "head": 3.0},  # rates b 0, c 1, head 2: threshold 0.8
+        {"c": 2.0, "head": 2.0},  # c 0, head 1/3: threshold 0.13
+        {"head": 2.0},
+        {"head": 2.0},
+    ]
+    decided = []
+    for step, norms in enumerate(sequence):
+        decided.append(policy.update(step))
+        policy.observe({auto.norm_metric(g): v for g, v in norms.items()})
+    assert decided == [(), (), ("b",), ("c",), ()]
+    assert policy.frozen == ("a", "b", "c") and policy.trainable == ("head",)
+    assert policy.update(5) == ()  # one rate left: nothing to compare with
+    assert policy.update(5) == ()  # asking twice decides nothing twice
+    assert [p.spec.describe() for p in policy.schedule.phases] == ["a", "a,b", "a,b,c"]
+
+
+def test_a_group_outside_the_candidates_stays_trainable_and_so_do_the_ones_after_it():
+    policy = lf.AutoFreeze(["a", "b", "c", "head"], interval=1, percentile=90, candidates=["a"])
+    for step, scale in enumerate([1.0, 1.0, 1.0, 1.0]):
+        policy.update(step)
+        norms = {"a": scale, "b": scale, "c": scale * (step + 1), "head": 4.0 * (step + 1)}
+        policy.observe({auto.norm_metric(g): v for g, v in norms.items() if g in policy.trainable})
+    assert policy.frozen == ("a",)  # b's rate is 0 too, but b is not a candidate
+
+
+def test_equal_rates_freeze_nothing():
+    policy = lf.AutoFreeze(GROUPS, interval=1, percentile=99)
+    for step in range(5):
+        assert policy.update(step) == ()
+        policy.observe({auto.norm_metric(g): float(step + 1) for g in GROUPS})
+
+
+def _json(metadata):
+    return json.loads(json.dumps(metadata))
+
+
+def test_resume_across_a_decision_is_bitwise_exact():
+    loss_fn = _loss(constant={"stem"})
+    straight = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    phases = _phases(straight, loss_fn)
+    want = _run(straight, phases, phases.init_state(PARAMS, jax.random.key(0)), 0, 9)
+
+    first = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    phases = _phases(first, loss_fn)
+    state = _run(first, phases, phases.init_state(PARAMS, jax.random.key(0)), 0, 3)
+    saved = _json({"auto": first.metadata(), **phases.metadata()})  # mid-interval
+    arrays = jax.device_get(state.as_dict())
+
+    resumed = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    resumed.restore(saved["auto"])
+    phases = _phases(resumed, loss_fn)
+    phases.restore(saved)
+    state = train.TrainState(**arrays)
+    got = _run(resumed, phases, state, 3, 9)
+
+    assert resumed.decisions == straight.decisions and straight.decisions
+    assert resumed.metadata() == straight.metadata()
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_under_other_settings_names_both():
+    saved = _json(lf.AutoFreeze(GROUPS, interval=2).metadata())
+    with pytest.raises(lf.ResumeMismatchError, match=r"interval: checkpoint 2, this run 3"):
+        lf.AutoFreeze(GROUPS, interval=3).restore(saved)
+    with pytest.raises(lf.ResumeMismatchError, match=r"policy: checkpoint None, this run 'auto'"):
+        lf.AutoFreeze(GROUPS, interval=2).restore({})
+
+
+def test_observe_names_the_missing_metric_and_update_counts_steps():
+    policy = lf.AutoFreeze(GROUPS, interval=2)
+    with pytest.raises(KeyError, match=r"no grad_norm/stem .*group_norms="):
+        policy.observe({"loss": 1.0, "grad_norm/body": 1.0, "grad_norm/head": 1.0})
+    policy.observe({auto.norm_metric(g): 1.0 for g in GROUPS})
+    with pytest.raises(ValueError, match=r"got 1 observe\(\) calls, expected 2"):
+        policy.update(2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"interval": 0}, ValueError, r"interval must be >= 1"),
+        ({"interval": 1.5}, TypeError, r"interval must be an integer"),
+        ({"interval": 2, "percentile": 0}, ValueError, r"percentile must be in \(0, 100\)"),
+        ({"interval": 2, "percentile": 100}, ValueError, r"percentile must be in \(0, 100\)"),
+        ({"interval": 2, "frozen": ["head"]}, ValueError, r"'head' \(the head\) cannot be frozen"),
+        ({"interval": 2, "frozen": ["neck"]}, ValueError, r"valid: stem, body, head"),
+        ({"interval": 2, "frozen": ["stem", "body"]}, ValueError, r"nothing left to freeze"),
+        (
+            {"interval": 2, "frozen": ["stem"], "candidates": ["stem", "body"]},
+            ValueError,
+            r"\['stem'\] are both frozen for the whole run and left to the policy",
+        ),
+        ({"interval": 2, "candidates": ["head"]}, ValueError, r"valid: stem, body \(every group"),
+    ],
+)
+def test_autofreeze_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        lf.AutoFreeze(GROUPS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("scaling", "want"),
+    [
+        # t_i = 0.5 + 0.5 * (i / 4) ** p, i = 0..3; the head trains to the end.
+        ("linear", {0: "none", 50: "a", 62: "a,b", 75: "a,b,c", 88: "a,b,c,d"}),
+        ("cubic", {0: "none", 50: "a", 51: "a,b", 56: "a,b,c", 71: "a,b,c,d"}),
+    ],
+)
+def test_freezeout_stop_times(scaling, want):
+    schedule = lf.freezeout(["a", "b", "c", "d", "head"], 100, t0=0.5, scaling=scaling)
+    assert {p.start: p.spec.describe() for p in schedule.phases} == want
+    assert schedule.unit == "step" and schedule.total == 100
+
+
+def test_freezeout_keeps_a_fixed_freeze_and_merges_equal_stops():
+    schedule = lf.freezeout(["a", "b", "c", "head"], 4, t0=0.9, scaling="linear", frozen=["a"])
+    # b stops at round(0.9 * 4) = 4 = the end: it never freezes.
+    assert [(p.start, p.spec.describe()) for p in schedule.phases] == [(0, "a")]
+    assert lf.freezeout(["a", "head"], 10, t0=1.0).phases[0].spec.describe() == "none"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"t0": 0.0}, r"t0 must be a number in \(0, 1\]"),
+        ({"t0": 1.5}, r"t0 must be a number in \(0, 1\]"),
+        ({"scaling": "cosine"}, r"unknown scaling 'cosine'; valid: linear, squared, cubic"),
+    ],
+)
+def test_freezeout_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lf.freezeout(GROUPS, 10, **kwargs)
+
+
+def test_group_norms_are_the_norms_of_each_groups_trainable_gradients():
+    loss_fn = _loss(constant=set())
+    steps = train.make_steps(
+        None, optax.sgd(0.1), "stem", PARAMS, loss_fn=loss_fn, group_norms=("body", "stem")
+    )
+    state = steps.init_state(PARAMS, jax.random.key(0))
+    _, metrics = steps.train_step(state, BATCH)
+    grads = jax.grad(loss_fn)(PARAMS, BATCH, None)
+    assert float(metrics["grad_norm/body"]) == pytest.approx(
+        float(jnp.linalg.norm(grads["body"]["w"])), rel=1e-6
+    )
+    assert float(metrics["grad_norm/stem"]) == 0.0  # frozen: no gradient taken
+    assert "grad_norm/head" not in metrics
+
+
+def test_group_norms_bad_groups():
+    with pytest.raises(ValueError, match=r"'neck' is no parameter's path prefix; .* body, head"):
+        train.make_steps(
+            None, optax.sgd(0.1), "none", PARAMS, loss_fn=_loss(()), group_norms=["neck"]
+        )
+    with pytest.raises(TypeError, match=r"sequence of groups such as \('stem',\)"):
+        train.make_steps(
+            None, optax.sgd(0.1), "none", PARAMS, loss_fn=_loss(()), group_norms="stem"
+        )
+
+
+def test_extend_refuses_a_schedule_that_rewrites_the_past():
+    policy = lf.AutoFreeze(GROUPS, interval=2)
+    phases = _phases(policy, _loss(()))
+    with pytest.raises(ValueError, match=r"keeps every phase of the current one"):
+        phases.extend(lf.explicit({0: "stem"}, unit="step"))
