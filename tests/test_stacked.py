@@ -407,3 +407,19 @@ def test_unstack_round_trip_keeps_a_stacked_spec_meaningful():
     unrolled = lf.summary(unstack_blocks(_params(True)), _unrolled_spec([0, 1]))
     assert scanned.trainable_params == unrolled.trainable_params
     assert scanned.total_params == unrolled.total_params
+
+
+def test_timm_rule_freezes_the_blocks_whose_decayed_rate_is_tiny():
+    groups = vit_groups(DEPTH, scan=True)
+    multipliers = lf.layerwise_decay([groups[:3], *groups[3 : 3 + DEPTH], groups[3 + DEPTH :]], 0.5)
+    spec = lf.lr.freeze_below(multipliers, 0.1)  # 0.5**4 and 0.5**5: embeddings and block 0
+    assert spec.describe() == EMB + ",Transformer/encoderblock[0]"
+    resolved = spec.resolve_blocks(_params(True))
+    assert resolved["Transformer/encoderblock/MlpBlock_3/Dense_0/kernel"] == (
+        True,
+        False,
+        False,
+        False,
+    )
+    with pytest.raises(ValueError, match=r"threshold must be > 0"):
+        lf.lr.freeze_below(multipliers, 0)

@@ -18,6 +18,7 @@ from layerfreeze import _paths, _rows, _spec
 
 __all__ = [
     "MultipliersLike",
+    "freeze_below",
     "geometric_multipliers",
     "layerwise_decay",
     "scale_by_group",
@@ -100,9 +101,9 @@ def layerwise_decay(layers: Sequence[str | Sequence[str]], decay: float) -> dict
     >>> layerwise_decay([("embedding", "cls"), "block_0", "block_1", "head"], 0.5)
     {'embedding': 0.125, 'cls': 0.125, 'block_0': 0.25, 'block_1': 0.5, 'head': 1.0}
     """
-    decay = _positive("decay", decay)
-    if decay > 1:
+    if isinstance(decay, int | float) and not isinstance(decay, bool) and not 0 < decay <= 1:
         raise ValueError(f"decay must be in (0, 1], got {decay!r}; 0.65-0.75 is usual.")
+    decay = _positive("decay", decay)
     if isinstance(layers, str) or not isinstance(layers, Iterable):
         raise TypeError(
             f"layers must be a sequence of groups (or tuples of groups), got {layers!r}."
@@ -111,6 +112,30 @@ def layerwise_decay(layers: Sequence[str | Sequence[str]], decay: float) -> dict
     _check_groups([g for layer in layers for g in layer])  # unique, non-empty names
     n = len(layers)
     return {g: decay ** (n - 1 - i) for i, layer in enumerate(layers) for g in layer}
+
+
+def freeze_below(multipliers: MultipliersLike, threshold: float) -> "_spec.FreezeSpec":
+    """timm's rule: freeze the groups whose multiplier is below `threshold`.
+
+    With layer-wise decay the lowest layers train at tiny rates; freezing them
+    instead gives the same updates to within that rate and skips their
+    gradients and optimizer state.
+
+    Args:
+      multipliers: `{group: multiplier}`, e.g. from `layerwise_decay`.
+      threshold: a multiplier > 0; groups strictly below it are frozen.
+
+    Returns:
+      A `FreezeSpec` freezing those groups (`none` when there are none);
+      combine it with `scale_by_group(multipliers)` for the rest.
+
+    >>> m = layerwise_decay([("embedding", "cls"), "blocks[0]", "blocks[1]", "head"], 0.5)
+    >>> freeze_below(m, 0.2).describe()
+    'embedding,cls'
+    """
+    table = _check_multipliers(multipliers)
+    threshold = _positive("threshold", threshold)
+    return _spec.FreezeSpec(tuple(_spec.Rule(g) for g, m in table.items() if m < threshold))
 
 
 def scale_by_group(
