@@ -240,9 +240,13 @@ class FreezeSchedule:
         Checks the group of each group rule of each spec (the first component
         of `stage1/Block_0`) and each learning-rate multiplier's group. Globs
         and regexes are checked when the spec is resolved against params.
+        Groups may be path prefixes (a ViT's `Transformer/encoderblock_0`):
+        then a name is checked by its first component, which must be the first
+        component of one of them, and resolving the spec against the params
+        finds the rules that match nothing.
 
         Args:
-          groups: the model's top-level groups.
+          groups: the model's groups: top-level names or path prefixes.
 
         Returns:
           The schedule itself, so `schedule = parse_schedule(...).validate(groups)`.
@@ -256,11 +260,7 @@ class FreezeSchedule:
             for rule in phase.spec.rules:
                 if rule.kind == "group":
                     _check_group(
-                        rule.pattern.split("/", 1)[0],
-                        groups,
-                        phase,
-                        self.unit,
-                        f"freeze rule {rule.pattern!r}",
+                        rule.pattern, groups, phase, self.unit, f"freeze rule {rule.pattern!r}"
                     )
             for group, _ in phase.lr_multipliers:
                 _check_group(group, groups, phase, self.unit, "learning-rate multiplier")
@@ -805,8 +805,10 @@ def _index(what: str, value: Any) -> int:
         raise TypeError(f"{what} must be an integer, got {value!r}.") from None
 
 
-def _check_group(group: str, groups: Sequence[str], phase: Phase, unit: str, where: str) -> None:
-    if group not in groups:
+def _check_group(name: str, groups: Sequence[str], phase: Phase, unit: str, where: str) -> None:
+    """`name`'s first path component must be that of some group."""
+    group = name.split("/", 1)[0]
+    if name not in groups and group not in {g.split("/", 1)[0] for g in groups}:
         raise ValueError(
             f"Unknown group {group!r} ({where}, phase starting at {unit} {phase.start}). "
             f"Valid groups: {', '.join(groups)}."
