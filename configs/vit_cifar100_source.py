@@ -8,13 +8,14 @@ stacks the blocks (`Transformer/encoderblock`); a run of either layout initialis
 the other. A big_vision/AugReg `.npz` checkpoint starts a run too
 (`--config.init_from=<file.npz>`, with the checkpoint's `vit_*` sizes and `pool`).
 
-Offline smoke run (synthetic data, CIFAR shapes; 2 CPU cores):
+Offline smoke run (synthetic data, CIFAR shapes, 10 classes):
 
   python experiments/cifar.py --config=configs/vit_cifar100_source.py \
-      --config.dataset=synthetic --config.num_train_steps=60 \
+      --config.dataset=synthetic --config.num_train_steps=60 --config.batch_size=32 \
       --workdir=/tmp/vit_source
 
-Result: the training loss falls from about 2.3 to below 1 (see README, ViT).
+Result (2 shared CPU cores, about 3.5 minutes): the training loss falls from 2.16 (mean
+of steps 1-10) to 1.09 (steps 51-60); test accuracy 0.548.
 """
 
 import ml_collections

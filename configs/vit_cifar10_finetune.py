@@ -9,11 +9,16 @@ Blocks 6-11, the final norm and the head train with layer-wise learning-rate dec
 (BEiT/MAE): the head at the base rate, block 11 at 0.75 of it, block 6 at 0.75**6.
 The 100-class head of the source run is re-initialised for 10 classes.
 
-Offline smoke run (synthetic data; the source run of configs/vit_cifar100_source.py):
+Offline smoke run (synthetic data, from the smoke run of configs/vit_cifar100_source.py;
+both have 10 classes, so the head is kept):
 
   python experiments/cifar.py --config=configs/vit_cifar10_finetune.py \
-      --config.dataset=synthetic --config.num_train_steps=40 \
+      --config.dataset=synthetic --config.num_train_steps=40 --config.batch_size=32 \
       --config.init_from=/tmp/vit_source --workdir=/tmp/vit_finetune
+
+Result (2 shared CPU cores, 1.5 minutes): 2,671,498 of 5,362,570 parameters train; the
+training loss goes from 1.00 (steps 1-10) to 0.87 (steps 31-40); test accuracy 0.654
+(0.548 at the source run's end).
 """
 
 import ml_collections
