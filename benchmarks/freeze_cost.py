@@ -1,6 +1,6 @@
 """What freezing saves: compiled FLOPs, memory and step time of layerfreeze's train step.
 
-For each model and freeze spec, builds `layerfreeze.train.make_steps` under both
+For each (model, freeze spec) row of `ROWS`, builds `layerfreeze.train.make_steps` under both
 methods (`zero`, `lr0`) with a clipped AdamW (the global-norm clip is on purpose:
 it is what brings frozen backward work back in a naive step), and reports
 
@@ -11,12 +11,17 @@ it is what brings frozen backward work back in a naive step), and reports
   all configurations of a model so that machine-load drift hits every row alike;
 * ratios to the all-trainable step of the same run (`xfull`) and the FLOPs
   ratio to an "ideal" hand-written step (`xideal`) that differentiates only
-  the trainable groups and runs the same optimizer on them alone.
+  the trainable parameters and runs the same optimizer on them alone.
+
+Models: CIFAR ResNet-18, ResNet-50 (ImageNet stem), and ViT-Ti/4 on 32x32
+images, with its blocks unrolled (`vit_ti4`) or stacked by `nn.scan`
+(`vit_ti4_scan`).
 
 Wall time on shared machines is noisy: read it only as a ratio within one run.
 
 Commands:
   python benchmarks/freeze_cost.py --quick
+  python benchmarks/freeze_cost.py --models vit_ti4 --steps 3
   python benchmarks/freeze_cost.py --json /tmp/freeze_cost.json \
       --markdown /tmp/freeze_cost.md --plot benchmarks/freeze_cost.png
 """
@@ -36,26 +41,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 import layerfreeze
-from layerfreeze.models import create_model
+from layerfreeze.models import create_model, create_vit, vit_groups
 from layerfreeze.train import make_steps
 
 
 class ModelSetup(NamedTuple):
-    """How a model is benchmarked: its stem, image size and default batch."""
+    """How a model is benchmarked.
+
+    Attributes:
+      name: the name the model is built from (`create_model` or `create_vit`).
+      image_size: image side in pixels.
+      batch_size: default images per step.
+      kwargs: further constructor arguments (a ResNet's stem, a ViT's `scan`).
+    """
 
     name: str
-    stem: str
     image_size: int
     batch_size: int
+    kwargs: dict[str, Any]
 
 
 MODELS: dict[str, ModelSetup] = {
-    "resnet18": ModelSetup("resnet18", "cifar", 32, 32),
-    "resnet50": ModelSetup("resnet50", "imagenet", 224, 4),
+    "resnet18": ModelSetup("resnet18", 32, 32, {"stem": "cifar"}),
+    "resnet50": ModelSetup("resnet50", 224, 4, {"stem": "imagenet"}),
+    "vit_ti4": ModelSetup("vit_ti4", 32, 32, {}),
+    "vit_ti4_scan": ModelSetup("vit_ti4", 32, 32, {"scan": True}),
 }
-# Ordered by depth: 0 stages frozen ... 4 (everything but the head).
+# A ResNet's specs, ordered by depth: 0 stages frozen ... 4 (everything but the head).
 FREEZES: tuple[str, ...] = (
     "none",
     "stem,stage1",
@@ -63,13 +78,72 @@ FREEZES: tuple[str, ...] = (
     "stem,stage1,stage2,stage3",
     "all-but:head",
 )
+_VIT_DEPTH = 12  # ViT-Ti's
+_VIT_EMBEDDINGS = ",".join(vit_groups(_VIT_DEPTH)[:3])  # embedding,pos_embedding,cls
+_VIT_HALF = ",".join(vit_groups(_VIT_DEPTH)[: 3 + _VIT_DEPTH // 2])  # ... blocks 0-5
+# The ViT's specs, ordered by depth: nothing, the embeddings, the embeddings and the
+# first half of the blocks, everything but the head. With stacked blocks, freezing
+# blocks 0-5 is a slice of each stacked leaf, 'embedding,pos_embedding,cls,
+# Transformer/encoderblock[:6]': add it to the scanned rows where specs can slice.
+VIT_FREEZES: tuple[str, ...] = ("none", _VIT_EMBEDDINGS, _VIT_HALF, "all-but:head")
+VIT_SCAN_FREEZES: tuple[str, ...] = ("none", _VIT_EMBEDDINGS, "all-but:head")
+# The rows measured, as (model, freeze spec) pairs; each model's specs in depth order.
+ROWS: tuple[tuple[str, str], ...] = (
+    *(("resnet18", f) for f in FREEZES),
+    *(("resnet50", f) for f in FREEZES),
+    *(("vit_ti4", f) for f in VIT_FREEZES),
+    *(("vit_ti4_scan", f) for f in VIT_SCAN_FREEZES),
+)
 FREEZE_LABELS: dict[str, str] = {
     "none": "none",
     "stem,stage1": "stem+s1",
     "stem,stage1,stage2": "stem+s1-2",
     "stem,stage1,stage2,stage3": "stem+s1-3",
     "all-but:head": "all but head",
+    _VIT_EMBEDDINGS: "emb",
+    _VIT_HALF: "emb+blocks 0-5",
 }
+
+
+def model_freezes(model_name: str) -> tuple[str, ...]:
+    """The freeze specs `ROWS` measures for `model_name`, in depth order."""
+    _check_choices("model", [model_name], list(MODELS))
+    return tuple(f for m, f in ROWS if m == model_name)
+
+
+def freeze_label(freeze: str) -> str:
+    """A short name of a freeze spec for tables and plots (the spec if it has none)."""
+    return FREEZE_LABELS.get(freeze, freeze)
+
+
+def build_model(
+    model_name: str,
+    *,
+    width: int | None = None,
+    dtype: str = "float32",
+    **overrides: Any,
+) -> Any:
+    """The model of `MODELS[model_name]`, `NUM_CLASSES` outputs.
+
+    Args:
+      model_name: a key of `MODELS`.
+      width: a ResNet's base channels (default 64) or a ViT's token width
+        (default: the size's).
+      dtype: compute dtype, a key of `DTYPES`.
+      **overrides: further constructor arguments, e.g. a small ViT's `depth`,
+        `mlp_dim` and `num_heads` for tests.
+    """
+    _check_choices("model", [model_name], list(MODELS))
+    _check_choices("dtype", [dtype], list(DTYPES))
+    setup = MODELS[model_name]
+    kwargs = {**setup.kwargs, **overrides, "dtype": DTYPES[dtype]}
+    if width is not None:
+        kwargs["width"] = width
+    if setup.name.startswith("vit_"):
+        return create_vit(setup.name, num_classes=NUM_CLASSES, **kwargs)
+    return create_model(setup.name, num_classes=NUM_CLASSES, **kwargs)
+
+
 METHODS: tuple[str, ...] = ("zero", "lr0")
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ROW_KEYS: tuple[str, ...] = (
@@ -132,48 +206,52 @@ def init_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, Any]
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def _frozen_groups(params: dict[str, Any], freeze: str) -> frozenset[str]:
-    """Top-level groups frozen by `freeze`; every group must be all frozen or all trainable."""
-    groups = layerfreeze.frozen_bn_groups(params, freeze)
-    mask = layerfreeze.frozen_mask(params, freeze)
-    for group, sub in mask.items():
-        if group not in groups and any(jax.tree.leaves(sub)):
-            raise ValueError(
-                f"Freeze spec {freeze!r} freezes part of group {group!r}; the ideal step "
-                "splits whole top-level groups only."
-            )
-    return groups
-
-
 def make_ideal_step(
     model: Any,
     optimizer: optax.GradientTransformation,
     params: dict[str, Any],
     freeze: str,
 ) -> tuple[Callable[..., Any], Callable[[dict[str, Any]], tuple[Any, Any, Any]]]:
-    """A hand-written step that differentiates the trainable groups only.
+    """A hand-written step that differentiates the trainable parameters only.
 
-    The parameters are split by top-level group into a trainable and a frozen
-    dict; `jax.value_and_grad` runs w.r.t. the trainable dict, `optimizer` sees
-    the trainable dict alone, and frozen groups' BatchNorm runs on running
-    statistics. No freezing library involved: this is the cost to beat.
+    The parameters are split leaf by leaf (by `layerfreeze.frozen_mask`) into
+    a trainable and a frozen nested dict; `jax.value_and_grad` runs w.r.t. the
+    trainable dict, `optimizer` sees the trainable dict alone, and frozen
+    groups' BatchNorm runs on running statistics. No freezing library in the
+    step: this is the cost to beat. (A spec that freezes part of a stacked
+    leaf cannot be split this way; its ideal is the unrolled model's.)
 
     Returns:
       `(step, split)`: the jitted `step(trainable, frozen, batch_stats,
       opt_state, batch)` and `split(params) -> (trainable, frozen, opt_state)`.
     """
-    frozen_groups = _frozen_groups(params, freeze)
+    frozen_paths = {
+        path
+        for path, is_frozen in traverse_util.flatten_dict(
+            layerfreeze.frozen_mask(params, freeze)
+        ).items()
+        if is_frozen
+    }
 
     def split(params):
-        trainable = {k: v for k, v in params.items() if k not in frozen_groups}
-        frozen = {k: v for k, v in params.items() if k in frozen_groups}
+        flat = traverse_util.flatten_dict(params)
+        trainable = {k: v for k, v in flat.items() if k not in frozen_paths}
+        frozen = {k: v for k, v in flat.items() if k in frozen_paths}
+        trainable, frozen = (
+            traverse_util.unflatten_dict(trainable),
+            traverse_util.unflatten_dict(frozen),
+        )
         return trainable, frozen, optimizer.init(trainable)
+
+    def merge(frozen, trainable):
+        flat = {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)}
+        return traverse_util.unflatten_dict(flat)
 
     def step(trainable, frozen, batch_stats, opt_state, batch):
         images = batch["image"].astype(jnp.float32)
 
         def loss_fn(trainable):
-            merged = {**frozen, **trainable}
+            merged = merge(frozen, trainable)
             with layerfreeze.frozen_batchnorm(merged, freeze):
                 logits, updates = model.apply(
                     {"params": merged, "batch_stats": batch_stats},
@@ -184,7 +262,7 @@ def make_ideal_step(
             loss = optax.softmax_cross_entropy_with_integer_labels(
                 logits.astype(jnp.float32), batch["label"]
             ).mean()
-            return loss, updates["batch_stats"]
+            return loss, updates.get("batch_stats", batch_stats)
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
@@ -206,9 +284,10 @@ def measure_model(
     *,
     batch_size: int | None = None,
     image_size: int | None = None,
-    width: int = 64,
+    width: int | None = None,
     dtype: str = "float32",
-    freezes: Sequence[str] = FREEZES,
+    freezes: Sequence[str] | None = None,
+    model_kw: dict[str, Any] | None = None,
     methods: Sequence[str] = METHODS,
     steps: int = 10,
     warmup: int = 3,
@@ -221,11 +300,13 @@ def measure_model(
       model_name: a key of `MODELS`.
       batch_size: images per step (default: the model's, see `MODELS`).
       image_size: image side (default: the model's).
-      width: channels of the stem and stage1 (64 is the real ResNet; smaller
-        for tests).
+      width: a ResNet's channels of the stem and stage1 (default 64, the real
+        ResNet), or a ViT's token width (default: the size's); smaller for tests.
       dtype: compute dtype, a key of `DTYPES`.
-      freezes: freeze specs; `none` is measured first whether listed or not,
-        as the all-trainable baseline of the ratios.
+      freezes: freeze specs (default: the model's in `ROWS`); `none` is
+        measured first whether listed or not, as the all-trainable baseline
+        of the ratios. Each must resolve against the model's parameters.
+      model_kw: further constructor arguments (a small ViT's `depth`, ...).
       methods: freeze methods, from `METHODS`.
       steps: timed steps per configuration (median reported).
       warmup: untimed steps per configuration before timing.
@@ -233,14 +314,15 @@ def measure_model(
       log: progress messages go here.
 
     Returns:
-      Rows with the keys of `ROW_KEYS`, plus `step_ms_samples` (every timed
-      step), `trainable_params`, `ideal_flops`, `batch_size`, `image_size`
-      and `dtype`.
+      Rows with the keys of `ROW_KEYS`, plus `label` (`freeze_label`),
+      `step_ms_samples` (every timed step), `trainable_params`, `ideal_flops`,
+      `batch_size`, `image_size` and `dtype`.
     """
     _check_choices("model", [model_name], list(MODELS))
     _check_choices("dtype", [dtype], list(DTYPES))
-    _check_choices("freeze", list(freezes), list(FREEZES))
     _check_choices("method", list(methods), list(METHODS))
+    if freezes is None:
+        freezes = model_freezes(model_name)
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0; got {steps} and {warmup}.")
     setup = MODELS[model_name]
@@ -251,10 +333,9 @@ def measure_model(
     if "zero" not in methods:
         methods = ["zero", *methods]
 
-    model = create_model(
-        model_name, num_classes=NUM_CLASSES, stem=setup.stem, width=width, dtype=DTYPES[dtype]
-    )
+    model = build_model(model_name, width=width, dtype=dtype, **(model_kw or {}))
     variables = init_variables(model, image_size, seed)
+    variables = {**variables, "batch_stats": variables.get("batch_stats", {})}
     params = variables["params"]
     optimizer = make_optimizer()
     rng = np.random.default_rng(seed)
@@ -318,6 +399,7 @@ def measure_model(
         row = {
             "model": model_name,
             "freeze": config["freeze"],
+            "label": freeze_label(config["freeze"]),
             "method": config["method"],
             "flops": config["flops"],
             "flops_ratio_full": config["flops"] / full["flops"],
@@ -349,9 +431,10 @@ def ideal_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
     ]
 
 
+# The freeze column shows `freeze_label` (the JSON rows keep the full spec).
 _COLUMNS = (
     ("model", "model", "{}"),
-    ("freeze", "freeze", "{}"),
+    ("freeze", "label", "{}"),
     ("method", "method", "{}"),
     ("GFLOP", "flops", "{:.2f}"),
     ("xfull", "flops_ratio_full", "{:.3f}"),
@@ -366,7 +449,7 @@ _COLUMNS = (
 def _cells(row: dict[str, Any]) -> list[str]:
     out = []
     for _, key, fmt in _COLUMNS:
-        value = row[key]
+        value = row.get(key, row["freeze"]) if key == "label" else row[key]
         if key == "flops":
             value /= 1e9
         elif key.endswith("_bytes"):
@@ -450,21 +533,36 @@ def write_plot(path: str, rows: Sequence[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (cost_ax, mem_ax) = plt.subplots(1, 2, figsize=(13, 5.2))
-    # Blue/green: method zero; red/orange: lr0. Circles: ResNet-18, squares: ResNet-50.
+    # Blue/green/purple: method zero; red/orange/brown: lr0. Circles: ResNet-18,
+    # squares: ResNet-50, triangles: ViT-Ti/4 (filled unrolled, hollow scanned).
     colors = {
         ("resnet18", "zero"): "tab:blue",
         ("resnet50", "zero"): "tab:green",
+        ("vit_ti4", "zero"): "tab:purple",
+        ("vit_ti4_scan", "zero"): "tab:cyan",
         ("resnet18", "lr0"): "tab:red",
         ("resnet50", "lr0"): "tab:orange",
+        ("vit_ti4", "lr0"): "tab:brown",
+        ("vit_ti4_scan", "lr0"): "tab:pink",
     }
-    markers = {"resnet18": "o", "resnet50": "s"}
+    markers = {"resnet18": "o", "resnet50": "s", "vit_ti4": "^", "vit_ti4_scan": "v"}
     models = list(dict.fromkeys(r["model"] for r in rows))
+    # x: a spec's depth among its model's specs (0: none ... last: all but head).
+    depth = {
+        (m, f): i
+        for m in models
+        for i, f in enumerate(dict.fromkeys(r["freeze"] for r in rows if r["model"] == m))
+    }
+    tick_labels: dict[int, list[str]] = {}
+    for (_, f), i in depth.items():
+        if freeze_label(f) not in tick_labels.setdefault(i, []):
+            tick_labels[i].append(freeze_label(f))
     for model in models:
         for method in METHODS:
             sel = [r for r in rows if r["model"] == model and r["method"] == method]
             if not sel:
                 continue
-            x = [FREEZES.index(r["freeze"]) for r in sel]
+            x = [depth[model, r["freeze"]] for r in sel]
             style = {"color": colors.get((model, method)), "marker": markers.get(model, "^")}
             name = f"{model} {method}"
             cost_ax.plot(
@@ -479,10 +577,10 @@ def write_plot(path: str, rows: Sequence[dict[str, Any]]) -> None:
                 **style,
             )
             mem_ax.plot(x, [r["temp_bytes"] / _MIB for r in sel], "-", label=name, **style)
-    ticks = [f"{FREEZE_LABELS[f]}\n({i if i < 4 else 'head only'})" for i, f in enumerate(FREEZES)]
+    ticks = ["\n".join(tick_labels[i]) for i in sorted(tick_labels)]
     for ax in (cost_ax, mem_ax):
-        ax.set_xticks(range(len(FREEZES)), ticks)
-        ax.set_xlabel("freeze spec (stages frozen)")
+        ax.set_xticks(sorted(tick_labels), ticks)
+        ax.set_xlabel("freeze spec, by depth")
         ax.grid(alpha=0.3)
     cost_ax.set_ylabel("train step cost / all-trainable step")
     cost_ax.set_ylim(bottom=0)
@@ -517,14 +615,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--models",
-        default="resnet18,resnet50",
-        help=f"comma-separated, from: {', '.join(MODELS)} (default: both)",
+        default=",".join(MODELS),
+        help=f"comma-separated, from: {', '.join(MODELS)} (default: all)",
     )
     parser.add_argument("--quick", action="store_true", help="resnet18 only, batch 8, 10 steps")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3)")
     parser.add_argument("--batch_size_r18", type=int, default=None, help="default 32 (quick: 8)")
     parser.add_argument("--batch_size_r50", type=int, default=None, help="default 4")
+    parser.add_argument("--batch_size_vit", type=int, default=None, help="default 32")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     parser.add_argument("--markdown", default=None, help="append a markdown table here")
@@ -544,7 +643,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         _check_choices("dtype", [args.dtype], list(DTYPES))
     except ValueError as e:
         parser.error(str(e))
-    for flag in ("steps", "batch_size_r18", "batch_size_r50"):
+    for flag in ("steps", "batch_size_r18", "batch_size_r50", "batch_size_vit"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be a positive integer; got {value}.")
@@ -558,7 +657,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs the benchmark from command-line arguments; returns the rows."""
     args = parse_args(argv)
     command = "python benchmarks/freeze_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    batch_sizes = {"resnet18": args.batch_size_r18, "resnet50": args.batch_size_r50}
+    batch_sizes = {
+        "resnet18": args.batch_size_r18,
+        "resnet50": args.batch_size_r50,
+        "vit_ti4": args.batch_size_vit,
+        "vit_ti4_scan": args.batch_size_vit,
+    }
     print(f"machine: {machine_description()}", flush=True)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -567,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         print(f"{model}:", flush=True)
         rows += measure_model(
             model,
-            batch_size=batch_sizes[model],
+            batch_size=batch_sizes.get(model),
             dtype=args.dtype,
             steps=args.steps,
             warmup=3 if args.warmup is None else args.warmup,

@@ -33,12 +33,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment = True  # random crop (pad 4) + horizontal flip, on device
 
     # Model.
-    config.model = "resnet18"  # resnet18 | resnet34 | resnet50
+    config.model = "resnet18"  # resnet18 | resnet34 | resnet50 | vit_ti4 | vit_s4 | ...
+    # ResNets only:
     config.stem = "cifar"  # cifar (3x3, no max-pool) | imagenet (7x7 + max-pool)
     config.width = 64  # base channels (64 = the standard ResNet)
-    config.head = "linear"  # linear | mlp
+    config.head = "linear"  # linear | mlp (a ViT's head is linear)
     config.head_hidden = 512
     config.head_dropout = 0.5
+    # ViTs only (configs/vit_cifar100_source.py): 0 keeps the size's default.
+    config.pool = "tok"  # tok (class token) | gap (mean of the tokens)
+    config.scan = False  # stack the blocks with nn.scan (Transformer/encoderblock)
+    config.vit_width = 0
+    config.vit_depth = 0
+    config.vit_mlp_dim = 0
+    config.vit_heads = 0
     config.dtype = "float32"  # float32 | bfloat16 (compute; params stay float32)
 
     # Freezing.
@@ -48,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_bn = False  # keep BatchNorm training inside frozen stages (fastai)
     # '' | 'ulmfit' | 'ulmfit:2.6' | 'geometric:1e-2' (stem/head ratio) | 'stem=0.1,stage1=0.3'
     config.lr_multipliers = ""
+    # Layer-wise decay (BEiT/MAE, timm's layer_decay) in (0, 1], 0 = off: the last layer
+    # at the base rate, each one below `layer_decay` times slower; a ViT's embeddings are
+    # its first layer, its final norm and head its last. Not with lr_multipliers.
+    config.layer_decay = 0.0
     config.cache_frozen_features = False
     # Automatic freezing for speed, config.schedule = 'auto' | 'freezeout': `freeze` is
     # then a fixed freeze of whole groups for the whole run ('none' to leave all to the
@@ -74,7 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_steps = -1  # > 0 overrides num_epochs
 
     # Init, checkpoints and logging.
-    config.init_from = ""  # workdir of another run, or a torchvision .pth/.safetensors file
+    # Workdir of another run, a torchvision .pth/.safetensors file (ResNets) or a
+    # big_vision .npz checkpoint (ViTs).
+    config.init_from = ""
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
     config.eval_every = 500

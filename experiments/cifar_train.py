@@ -7,6 +7,10 @@ distinct phase, optimizer state carried over, resume in the right phase),
 step), `pretrained` (`init_from`), `features.FeatureCache`, `metrics`
 (`metrics.jsonl`, exact across resumes, and `curves.png`), `auto` (automatic
 freezing for speed: `config.schedule='auto'` or `'freezeout'`).
+
+Models: the ResNets (`resnet18`, ...) and the ViTs (`vit_ti4`, ...); a model's
+ordered layer groups (`model_groups`) drive its schedules, learning-rate
+multipliers and summary.
 """
 
 import json
@@ -56,10 +60,16 @@ def _choice(name: str, value: Any, valid: tuple[str, ...] | list[str]) -> None:
         raise UsageError(f"Unknown {name} {value!r}; valid: {', '.join(map(str, valid))}.")
 
 
+def is_vit(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config.model` names a ViT (`models.VIT_NAMES`)."""
+    return config.model in models.VIT_NAMES
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks the fields that name choices, before any work is done."""
     _choice("dataset", config.dataset, data.DATASETS)
-    _choice("model", config.model, models.MODEL_NAMES)
+    _choice("model", config.model, models.MODEL_NAMES + models.VIT_NAMES)
+    _choice("pool", config.pool, models.POOLS)
     _choice("stem", config.stem, models.STEMS)
     _choice("head", config.head, models.HEADS)
     _choice("dtype", config.dtype, list(DTYPES))
@@ -77,6 +87,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ):
         if int(config[field]) <= 0:
             raise UsageError(f"config.{field} must be > 0, got {config[field]}.")
+    for field in ("vit_width", "vit_depth", "vit_mlp_dim", "vit_heads"):
+        if int(config[field]) < 0:
+            raise UsageError(
+                f"config.{field} must be >= 0 (0: the size's default), got {config[field]}."
+            )
+    if is_vit(config):
+        _check_vit_options(config)
+    elif config.scan:
+        raise UsageError(
+            f"config.scan=True stacks a ViT's blocks; {config.model!r} is a ResNet. Pick a "
+            f"ViT ({', '.join(models.VIT_NAMES)}) or leave config.scan=False."
+        )
     if config.log_every < 0:
         raise UsageError(
             f"config.log_every must be >= 0 (0: about 50 rows per run), got {config.log_every}."
@@ -101,7 +123,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.init_from and not pathlib.Path(config.init_from).exists():
         raise UsageError(
             f"config.init_from={config.init_from!r} does not exist; give the workdir of an "
-            "earlier run or a torchvision .pth/.safetensors file."
+            "earlier run, a torchvision .pth/.safetensors file (ResNets) or a big_vision .npz "
+            "file (ViTs)."
+        )
+
+
+def _check_vit_options(config: ml_collections.ConfigDict) -> None:
+    """Refuses the ResNet-only options for a ViT, which has no BatchNorm and no stages."""
+    name = config.model
+    if config.train_bn:
+        raise UsageError(
+            f"config.train_bn=True keeps BatchNorm training in frozen groups; {name!r} is a "
+            "ViT and has no BatchNorm (its LayerNorms freeze with their group). Leave "
+            "config.train_bn=False."
+        )
+    if config.cache_frozen_features:
+        raise UsageError(
+            "config.cache_frozen_features=True is supported for the ResNets only (their "
+            f"stages' outputs are cached); {name!r} is a ViT. Leave it False."
+        )
+    if config.head != "linear":
+        raise UsageError(
+            f"config.head={config.head!r}: a ViT's head is one Dense layer (big_vision's "
+            "'head'); leave config.head='linear'."
         )
 
 
@@ -189,7 +233,25 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
         raise UsageError(str(e)) from e
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet | models.ViT:
+    if is_vit(config):
+        sizes = {
+            "width": config.vit_width,
+            "depth": config.vit_depth,
+            "mlp_dim": config.vit_mlp_dim,
+            "num_heads": config.vit_heads,
+        }
+        try:
+            return models.create_vit(
+                config.model,
+                num_classes=num_classes,
+                pool=config.pool,
+                scan=config.scan,
+                dtype=DTYPES[config.dtype],
+                **{k: int(v) for k, v in sizes.items() if v},
+            )
+        except ValueError as e:  # e.g. heads that do not divide the width
+            raise UsageError(f"config.model={config.model!r}: {e}") from e
     return models.create_model(
         config.model,
         num_classes=num_classes,
@@ -223,8 +285,22 @@ def build_optimizer(
     return opt
 
 
-def build_schedule(config: ml_collections.ConfigDict) -> schedules.FreezeSchedule:
-    groups = list(models.GROUPS)
+def model_groups(model: models.ResNet | models.ViT) -> tuple[str, ...]:
+    """The model's layer groups, input to output, as path prefixes.
+
+    ResNet: `stem`, `stage1`..`stage4`, `head`. ViT: `models.vit_groups`, one
+    group per block (`Transformer/encoderblock[i]` for the stacked blocks of
+    `scan=True`).
+    """
+    if isinstance(model, models.ViT):
+        return models.vit_groups(model.depth, pool=model.pool, scan=model.scan)
+    return models.GROUPS
+
+
+def build_schedule(
+    config: ml_collections.ConfigDict, groups: tuple[str, ...] = models.GROUPS
+) -> schedules.FreezeSchedule:
+    groups = list(groups)
     try:
         if config.schedule in auto.POLICIES:  # the fixed part; the policy adds phases
             schedule = schedules.constant(config.freeze, unit="step")
@@ -234,21 +310,62 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedules.FreezeSchedul
             schedule = schedules.constant(config.freeze)
         schedule.validate(groups)
     except (TypeError, ValueError) as e:
+        if is_vit(config) and any(f"'{g}'" in str(e) for g in models.GROUPS):
+            # e.g. configs/cifar10.py's default freeze 'stem,stage1' with --config.model=vit_*
+            raise UsageError(
+                f"{e} The spec names a ResNet's stages; for a ViT freeze its groups, e.g. "
+                "--freeze=embedding,pos_embedding,cls, or start from "
+                "configs/vit_cifar10_finetune.py."
+            ) from e
         policies = f" Automatic freezing: {' or '.join(map(repr, auto.POLICIES))}."
         raise UsageError(str(e) + (policies if config.schedule else "")) from e
+    if config.lr_multipliers and config.layer_decay:
+        raise UsageError(
+            f"config.lr_multipliers={config.lr_multipliers!r} and config.layer_decay="
+            f"{config.layer_decay} both set learning-rate multipliers; set one of them."
+        )
     if config.lr_multipliers:
         try:
             multipliers = schedules.parse_lr_multipliers(config.lr_multipliers, groups)
         except (TypeError, ValueError) as e:
             raise UsageError(f"config.lr_multipliers={config.lr_multipliers!r}: {e}") from e
         schedule = schedule.with_lr_multipliers(multipliers)
+    if config.layer_decay:
+        try:
+            multipliers = lr.layerwise_decay(decay_layers(groups), config.layer_decay)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"config.layer_decay={config.layer_decay!r}: {e}") from e
+        schedule = schedule.with_lr_multipliers(multipliers)
     return schedule
 
 
-def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> tuple[dict, str]:
-    """Params and batch_stats from another run's workdir or a torchvision file."""
+def decay_layers(groups: tuple[str, ...] | list[str]) -> list[tuple[str, ...]]:
+    """The layers of layer-wise learning-rate decay over a model's groups.
+
+    As in BEiT and timm's `param_groups_layer_decay`: a ViT's embeddings
+    (`embedding`, `pos_embedding`, `cls`) are layer 0, block `i` is layer
+    `i + 1`, and the final norm and the head share the last layer (the base
+    rate). Any other model: one layer per group. Stacked blocks (`scan=True`)
+    are groups `Transformer/encoderblock[i]`: one rate per block along the
+    stacked axis.
+    """
+    groups = list(groups)
+    blocks = [g for g in groups if g.startswith("Transformer/encoderblock")]
+    if not blocks:
+        return [(g,) for g in groups]
+    first, last = groups.index(blocks[0]), groups.index(blocks[-1])
+    return [tuple(groups[:first]), *((b,) for b in blocks), tuple(groups[last + 1 :])]
+
+
+def _load_source_variables(
+    path: str, model: models.ResNet | models.ViT, variables: dict
+) -> tuple[dict, str]:
+    """Params and batch_stats from another run's workdir, a torchvision or a big_vision file."""
     source = pathlib.Path(path)
-    if source.is_file():
+    if source.is_file() and (source.suffix == ".npz" or isinstance(model, models.ViT)):
+        loaded = {"params": _load_npz(source, model, variables["params"]), "batch_stats": {}}
+        note = f"big_vision weights from {source}"
+    elif source.is_file():
         try:
             loaded = models.load_torchvision_resnet(source, model)
         except (ValueError, ImportError) as e:
@@ -264,6 +381,8 @@ def _load_source_variables(path: str, model: models.ResNet, variables: dict) -> 
             loaded, step, damaged = pretrained.load_run(source)
         except (FileNotFoundError, ValueError, checkpoint.CheckpointDamagedError) as e:
             raise UsageError(f"config.init_from={path!r}: {e}") from e
+        if isinstance(model, models.ViT):  # a source run with the other block layout
+            loaded["params"] = _vit_layout(loaded["params"], scan=model.scan)
         for bad, reason in damaged:
             print(
                 f"warning: init_from checkpoint step {bad} is damaged ({reason}); "
@@ -293,6 +412,12 @@ def _speed_policy(
     `config.freeze` is the fixed freeze, whole groups only; the policy may
     freeze `config.auto.groups` (default: every other group but the head).
     """
+    if is_vit(config):
+        raise UsageError(
+            f"config.schedule={config.schedule!r} (automatic freezing) runs the ResNets in this "
+            "experiment; for a ViT use a freeze spec or a schedule such as 'gradual' (the "
+            "library's lf.AutoFreeze takes any model's groups)."
+        )
     fixed_spec = lf.as_spec(config.freeze)
     resolved = fixed_spec.resolve(params)
     fixed, partly = [], []
@@ -336,6 +461,38 @@ def _speed_policy(
             f"config.auto.groups={text!r} lists what the policy may freeze)"
         ) from e
     return policy.schedule, policy
+
+
+def _load_npz(source: pathlib.Path, model: models.ResNet | models.ViT, params: Any) -> dict:
+    if not isinstance(model, models.ViT):
+        raise UsageError(
+            f"config.init_from={str(source)!r} is an .npz file: big_vision ViT weights, but "
+            "config.model is a ResNet. Use a ViT "
+            f"({', '.join(models.VIT_NAMES)}), or a torchvision .pth/.safetensors file."
+        )
+    if source.suffix != ".npz":
+        raise UsageError(
+            f"config.init_from={str(source)!r}: a ViT loads weights from a big_vision .npz "
+            "file or from the workdir of an earlier run; this is neither."
+        )
+    try:
+        return models.load_big_vision_npz(source, params)
+    except ValueError as e:
+        raise UsageError(
+            f"config.init_from={str(source)!r} does not fit this model: {e} Set "
+            "config.vit_width, vit_depth, vit_mlp_dim, vit_heads and config.pool to the "
+            "checkpoint's."
+        ) from e
+
+
+def _vit_layout(params: dict, *, scan: bool) -> dict:
+    """ViT params with stacked blocks if `scan`, else unrolled (as they are if so already)."""
+    encoder = params.get("Transformer", {}) if isinstance(params, dict) else {}
+    if scan and "encoderblock_0" in encoder:
+        return models.stack_blocks(params)
+    if not scan and "encoderblock" in encoder:
+        return models.unstack_blocks(params)
+    return params
 
 
 def _local(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -391,14 +548,17 @@ def _final_test_row(path: pathlib.Path, step: int) -> dict[str, Any] | None:
     return next((r for r in reversed(rows) if r["split"] == "test" and r["step"] == step), None)
 
 
-def _frozen_groups(schedule: schedules.FreezeSchedule, params: Any) -> list[str]:
-    """Top-level groups with a parameter frozen in some phase, in model order."""
-    frozen: set[str] = set()
-    for phase in schedule.phases:
-        for path, is_frozen in phase.spec.resolve(params).items():
-            if is_frozen:
-                frozen.add(path.split("/", 1)[0])
-    return [g for g in models.GROUPS if g in frozen]
+def _frozen_groups(
+    schedule: schedules.FreezeSchedule, params: Any, groups: tuple[str, ...]
+) -> list[str]:
+    """The groups with a parameter frozen in some phase, in model order."""
+    frozen = {
+        path
+        for phase in schedule.phases
+        for path, is_frozen in phase.spec.resolve(params).items()
+        if is_frozen
+    }
+    return [g for g in groups if any(p == g or p.startswith(g + "/") for p in frozen)]
 
 
 def _frozen_now(spec: lf.FreezeSpec, params: Any) -> list[str]:
@@ -447,13 +607,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir_path = pathlib.Path(workdir)
     _check_workdir(workdir_path)
 
-    schedule = build_schedule(config).replace_specs(train_bn=config.train_bn)
     num_classes = (
         config.synthetic_num_classes
         if config.dataset == "synthetic"
         else data.NUM_CLASSES[config.dataset]
     )
     model = build_model(config, num_classes)
+    groups = model_groups(model)
+    schedule = build_schedule(config, groups).replace_specs(train_bn=config.train_bn)
     rng = jax.random.PRNGKey(config.seed)
     sample = jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32)
     shapes = jax.eval_shape(lambda r: model.init(r, sample, train=False), rng)
@@ -602,12 +763,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "phase": phases.current,
                 "state": state,
             }
-    frozen_random = [] if config.init_from else _frozen_groups(schedule, shapes["params"])
+    frozen_random = [] if config.init_from else _frozen_groups(schedule, shapes["params"], groups)
     if frozen_random:
         print(
             f"warning: no config.init_from, so the frozen layers ({', '.join(frozen_random)}) "
             "keep their random initial weights; transfer learning freezes pretrained layers. "
-            "Pass --config.init_from=<workdir of a source run, or a .pth file>, or "
+            "Pass --config.init_from=<workdir of a source run, or a .pth/.npz file>, or "
             "--freeze=none to train from scratch.",
             file=sys.stderr,
         )
@@ -621,7 +782,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{total_steps} steps of {config.batch_size} ({spe} per epoch), "
         f"schedule: {schedule.describe()}"
     )
-    print(lf.summary(state.params, steps.spec, state.opt_state, order=models.GROUPS))
+    print(lf.summary(state.params, steps.spec, state.opt_state, groups=groups))
 
     writer = metrics.MetricsWriter(workdir_path / "metrics.jsonl", resume_step=start_step)
     feature_cache = (

@@ -1,11 +1,14 @@
-"""`benchmarks/freeze_cost.py` on a tiny ResNet-18: rows, ratios, JSON, bad input."""
+"""`benchmarks/freeze_cost.py` on a tiny ResNet-18 and tiny ViTs: rows, ratios, JSON, bad input."""
 
 import importlib.util
 import json
 import pathlib
 import sys
 
+import jax
 import pytest
+
+from layerfreeze import FreezeSpec
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "freeze_cost.py"
 
@@ -75,7 +78,7 @@ def test_zero_method_matches_the_ideal_step(rows):
 
 def test_table_and_markdown_name_every_row(rows, tmp_path):
     table = freeze_cost.format_table(rows)
-    assert "xideal" in table and "all-but:head" in table
+    assert "xideal" in table and "all but head" in table
     path = tmp_path / "results.md"
     freeze_cost.write_markdown(str(path), rows, "python benchmarks/freeze_cost.py --quick")
     text = path.read_text()
@@ -87,6 +90,61 @@ def test_warning_when_frozen_work_survives(rows):
     bad = [dict(rows[1], flops_ratio_ideal=1.5)]
     (line,) = freeze_cost.ideal_warnings(bad)
     assert line.startswith("WARNING") and "stem,stage1,stage2" in line
+
+
+# Two blocks of width 32 on 16x16 images (16 tokens): the ViT path at a few seconds a step.
+TINY_VIT = {"width": 32, "model_kw": {"depth": 2, "mlp_dim": 64, "num_heads": 2}}
+EMBEDDINGS = "embedding,pos_embedding,cls"
+
+
+@pytest.fixture(scope="module")
+def vit_rows():
+    # Compiling dominates (seconds per step function): two specs per layout.
+    common = dict(batch_size=4, image_size=16, methods=("zero",), steps=1, warmup=0)
+    unrolled = freeze_cost.measure_model(
+        "vit_ti4",
+        freezes=("none", f"{EMBEDDINGS},Transformer/encoderblock_0"),
+        log=lambda msg: None,
+        **common,
+        **TINY_VIT,
+    )
+    scanned = freeze_cost.measure_model(
+        "vit_ti4_scan", freezes=("none", EMBEDDINGS), log=lambda msg: None, **common, **TINY_VIT
+    )
+    return unrolled, scanned
+
+
+def test_vit_rows_shrink_and_match_the_ideal_step(vit_rows):
+    unrolled, scanned = vit_rows
+    assert [r["freeze"] for r in scanned] == ["none", EMBEDDINGS]
+    # The same model in both layouts: the same all-trainable optimizer state.
+    assert unrolled[0]["opt_state_bytes"] == scanned[0]["opt_state_bytes"]
+    full = unrolled[0]["opt_state_bytes"]
+    assert unrolled[1]["opt_state_bytes"] < scanned[1]["opt_state_bytes"] < full
+    for rows in (unrolled, scanned):
+        assert rows[1]["flops"] < rows[0]["flops"], rows
+        assert rows[1]["flops_ratio_ideal"] <= freeze_cost.IDEAL_TOLERANCE, rows[1]
+    assert freeze_cost.ideal_warnings(unrolled + scanned) == []
+    table = freeze_cost.format_table(unrolled + scanned)
+    assert "vit_ti4_scan  emb " in table and "Transformer/encoderblock_0" in table
+
+
+@pytest.mark.parametrize("model", list(freeze_cost.MODELS))
+def test_every_row_spec_resolves_against_its_model(model):
+    freezes = freeze_cost.model_freezes(model)
+    assert freezes[0] == "none" and freezes[-1] == "all-but:head"
+    setup = freeze_cost.MODELS[model]
+    net = freeze_cost.build_model(model)
+    x = jax.ShapeDtypeStruct((1, setup.image_size, setup.image_size, 3), "float32")
+    params = jax.eval_shape(lambda x: net.init(jax.random.key(0), x, train=False), x)["params"]
+    frozen_counts = [sum(FreezeSpec.parse(f).resolve(params).values()) for f in freezes]
+    assert frozen_counts == sorted(frozen_counts) and frozen_counts[0] == 0, frozen_counts
+    assert all(freeze_cost.freeze_label(f) for f in freezes)
+
+
+def test_models_flag_picks_the_vit():
+    assert freeze_cost.parse_args(["--models", "vit_ti4"]).models == ["vit_ti4"]
+    assert freeze_cost.parse_args([]).models == list(freeze_cost.MODELS)
 
 
 def test_unknown_model_is_an_error(capsys):

@@ -600,3 +600,23 @@ def test_phase_at_is_last_phase_started(gaps, t):
     assert schedule.phase_at(t).start <= t
     if expected + 1 < len(starts):
         assert starts[expected + 1] > t
+
+
+def test_validate_and_parse_with_path_prefix_groups():
+    # A ViT's groups: path prefixes under a shared top-level `Transformer`.
+    groups = ("embedding", "Transformer/encoderblock_0", "Transformer/encoderblock_1", "head")
+    s = S.constant(
+        "embedding,Transformer/encoderblock_0", lr_multipliers={"Transformer/encoderblock_1": 0.5}
+    )
+    assert s.validate(groups) is s
+    with pytest.raises(ValueError, match=r"'stage1/Block_0'.*Valid groups: embedding, Tr"):
+        S.constant("stage1/Block_0").validate(groups)
+    gradual = S.parse_schedule("gradual", groups)
+    assert [p.spec.describe() for p in gradual.phases] == [
+        "all-but:head",
+        "all-but:head,Transformer/encoderblock_1",
+        "all-but:head,Transformer/encoderblock_1,Transformer/encoderblock_0",
+        "none",
+    ]
+    spec = S.parse_schedule("embedding,Transformer/encoderblock_0", groups).phases[0].spec
+    assert spec.describe() == "embedding,Transformer/encoderblock_0"

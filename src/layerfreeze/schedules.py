@@ -240,9 +240,13 @@ class FreezeSchedule:
         Checks the group of each group rule of each spec (the first component
         of `stage1/Block_0`) and each learning-rate multiplier's group. Globs
         and regexes are checked when the spec is resolved against params.
+        Groups may be path prefixes (a ViT's `Transformer/encoderblock_0`):
+        then a name is checked by its first component, which must be the first
+        component of one of them, and resolving the spec against the params
+        finds the rules that match nothing.
 
         Args:
-          groups: the model's top-level groups.
+          groups: the model's groups: top-level names or path prefixes.
 
         Returns:
           The schedule itself, so `schedule = parse_schedule(...).validate(groups)`.

@@ -1,4 +1,4 @@
-"""ResNets with named parameter groups, an importer for torchvision weights, and a ViT.
+"""ResNets with named parameter groups, a ViT, and importers for torchvision and big_vision weights.
 
 Example:
     >>> from layerfreeze.models import GROUPS, create_model
@@ -7,6 +7,7 @@ Example:
     ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head')
 """
 
+from layerfreeze.models.big_vision import load_big_vision_npz
 from layerfreeze.models.resnet import (
     BLOCKS,
     GROUPS,
@@ -45,6 +46,7 @@ __all__ = [
     "ViT",
     "create_model",
     "create_vit",
+    "load_big_vision_npz",
     "load_torchvision_resnet",
     "resnet18",
     "resnet34",
