@@ -15,7 +15,9 @@ it is what brings frozen backward work back in a naive step), and reports
 
 Models: CIFAR ResNet-18, ResNet-50 (ImageNet stem), and ViT-Ti/4 on 32x32
 images, with its blocks unrolled (`vit_ti4`) or stacked by `nn.scan`
-(`vit_ti4_scan`).
+(`vit_ti4_scan`; its scans fully unrolled, since XLA's cost analysis counts a loop body
+once). A scanned row freezing some blocks (`Transformer/encoderblock[:6]`) has as ideal the
+unrolled model with the same blocks frozen.
 
 Wall time on shared machines is noisy: read it only as a ratio within one run.
 
@@ -44,7 +46,7 @@ import optax
 from flax import traverse_util
 
 import layerfreeze
-from layerfreeze.models import create_model, create_vit, vit_groups
+from layerfreeze.models import create_model, create_vit, unstack_blocks, vit_groups
 from layerfreeze.train import make_steps
 
 
@@ -68,7 +70,9 @@ MODELS: dict[str, ModelSetup] = {
     "resnet18": ModelSetup("resnet18", 32, 32, {"stem": "cifar"}),
     "resnet50": ModelSetup("resnet50", 224, 4, {"stem": "imagenet"}),
     "vit_ti4": ModelSetup("vit_ti4", 32, 32, {}),
-    "vit_ti4_scan": ModelSetup("vit_ti4", 32, 32, {"scan": True}),
+    # XLA's cost analysis counts a loop body once: the scan is unrolled so that
+    # FLOPs count every block (the blocks still run as scans over stacked leaves).
+    "vit_ti4_scan": ModelSetup("vit_ti4", 32, 32, {"scan": True, "scan_unroll": True}),
 }
 # A ResNet's specs, ordered by depth: 0 stages frozen ... 4 (everything but the head).
 FREEZES: tuple[str, ...] = (
@@ -81,12 +85,12 @@ FREEZES: tuple[str, ...] = (
 _VIT_DEPTH = 12  # ViT-Ti's
 _VIT_EMBEDDINGS = ",".join(vit_groups(_VIT_DEPTH)[:3])  # embedding,pos_embedding,cls
 _VIT_HALF = ",".join(vit_groups(_VIT_DEPTH)[: 3 + _VIT_DEPTH // 2])  # ... blocks 0-5
+# With stacked blocks, freezing blocks 0-5 selects rows of each stacked leaf.
+_VIT_SCAN_HALF = _VIT_EMBEDDINGS + f",Transformer/encoderblock[:{_VIT_DEPTH // 2}]"
 # The ViT's specs, ordered by depth: nothing, the embeddings, the embeddings and the
-# first half of the blocks, everything but the head. With stacked blocks, freezing
-# blocks 0-5 is a slice of each stacked leaf, 'embedding,pos_embedding,cls,
-# Transformer/encoderblock[:6]': add it to the scanned rows where specs can slice.
+# first half of the blocks, everything but the head.
 VIT_FREEZES: tuple[str, ...] = ("none", _VIT_EMBEDDINGS, _VIT_HALF, "all-but:head")
-VIT_SCAN_FREEZES: tuple[str, ...] = ("none", _VIT_EMBEDDINGS, "all-but:head")
+VIT_SCAN_FREEZES: tuple[str, ...] = ("none", _VIT_EMBEDDINGS, _VIT_SCAN_HALF, "all-but:head")
 # The rows measured, as (model, freeze spec) pairs; each model's specs in depth order.
 ROWS: tuple[tuple[str, str], ...] = (
     *(("resnet18", f) for f in FREEZES),
@@ -102,6 +106,7 @@ FREEZE_LABELS: dict[str, str] = {
     "all-but:head": "all but head",
     _VIT_EMBEDDINGS: "emb",
     _VIT_HALF: "emb+blocks 0-5",
+    _VIT_SCAN_HALF: "emb+blocks[:6]",
 }
 
 
@@ -204,6 +209,28 @@ def init_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, Any]
         return jnp.asarray(value, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _ideal_setup(model: Any, params: Any, freeze: str) -> tuple[Any, Any, Any]:
+    """The model, params and spec of `freeze`'s ideal step.
+
+    A spec that freezes some blocks of stacked leaves cannot be split leaf by
+    leaf; its ideal is the unrolled model's with the same blocks frozen (the
+    same computation, each block its own leaves).
+    """
+    resolved = layerfreeze.FreezeSpec.parse(freeze).resolve_blocks(params)
+    if all(isinstance(f, bool) for f in resolved.values()):
+        return model, params, freeze
+    frozen = []
+    for path, state in resolved.items():
+        head, _, rest = path.partition("/encoderblock/")
+        if not rest:
+            frozen += [path] if state else []
+            continue
+        rows = state if isinstance(state, tuple) else (state,) * model.depth
+        frozen += [f"{head}/encoderblock_{i}/{rest}" for i, f in enumerate(rows) if f]
+    spec = layerfreeze.FreezeSpec(tuple(frozen))
+    return model.clone(scan=False), unstack_blocks(params), spec
 
 
 def make_ideal_step(
@@ -351,8 +378,9 @@ def measure_model(
     ideal_flops: dict[str, float] = {}
     configs = []
     for freeze in freezes:
-        ideal_step, split = make_ideal_step(model, optimizer, params, freeze)
-        trainable, frozen, opt_state = jax.eval_shape(split, params)
+        ideal_model, ideal_params, ideal_freeze = _ideal_setup(model, params, freeze)
+        ideal_step, split = make_ideal_step(ideal_model, optimizer, ideal_params, ideal_freeze)
+        trainable, frozen, opt_state = jax.eval_shape(split, ideal_params)
         lowered = ideal_step.lower(trainable, frozen, variables["batch_stats"], opt_state, batch)
         ideal_flops[freeze] = _compiled_cost(lowered.compile())[0]
         for method in methods:
