@@ -653,6 +653,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch_size_r50", type=int, default=None, help="default 4")
     parser.add_argument("--batch_size_vit", type=int, default=None, help="default 32")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    parser.add_argument(
+        "--methods", default="zero,lr0", help="comma-separated, from: zero, lr0 (default: both)"
+    )
     parser.add_argument("--json", default=None, help="write the rows as JSON here")
     parser.add_argument("--markdown", default=None, help="append a markdown table here")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
@@ -669,6 +672,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise ValueError(f"--models is empty; valid choices: {', '.join(MODELS)}.")
         _check_choices("model", models, list(MODELS))
         _check_choices("dtype", [args.dtype], list(DTYPES))
+        args.methods = _parse_list(args.methods)
+        if not args.methods:
+            raise ValueError("--methods is empty; valid choices: zero, lr0.")
+        _check_choices("method", args.methods, ["zero", "lr0"])
     except ValueError as e:
         parser.error(str(e))
     for flag in ("steps", "batch_size_r18", "batch_size_r50", "batch_size_vit"):
@@ -703,6 +710,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             dtype=args.dtype,
             steps=args.steps,
             warmup=3 if args.warmup is None else args.warmup,
+            methods=tuple(args.methods),
             log=lambda msg: print(msg, flush=True),
         )
         print(f"  {model} done in {time.perf_counter() - t0:.0f} s", flush=True)
