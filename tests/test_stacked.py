@@ -423,3 +423,55 @@ def test_timm_rule_freezes_the_blocks_whose_decayed_rate_is_tiny():
     )
     with pytest.raises(ValueError, match=r"threshold must be > 0"):
         lf.lr.freeze_below(multipliers, 0)
+
+
+def test_nnx_scanned_blocks_freeze_by_block():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(4, 4, rngs=rngs)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.blocks = make(rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            def body(x, block):
+                return jnp.tanh(block.dense(x)), None
+
+            x, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.blocks)
+            return self.head(x)
+
+    model = Net(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    spec = "blocks[:2]"
+    assert lf.FreezeSpec.parse(spec).resolve_blocks(params)["blocks/dense/kernel"] == (
+        True,
+        True,
+        False,
+    )
+    with pytest.raises(ValueError, match="an nnx filter selects whole variables"):
+        lf.nnx_filter(model, spec)
+    x = jnp.ones((5, 4))
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+
+    tx = lf.freeze(_optimizer(), spec)
+    state = tx.init(params)
+    p = params
+    for _ in range(3):
+        _, g = lf.value_and_grad(loss, spec)(p)
+        u, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, u)
+    before, after = _flat(params), _flat(p)
+    kernel = next(k for k in before if k.startswith("blocks/dense/kernel"))
+    np.testing.assert_array_equal(after[kernel][:2], before[kernel][:2])
+    assert np.any(after[kernel][2] != before[kernel][2])

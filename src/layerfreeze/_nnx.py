@@ -73,7 +73,15 @@ def nnx_filter(model: nnx.Module, spec: _spec.SpecLike) -> Callable[[Any, Any], 
     """
     params = as_params(model)
     spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), _batchnorm.batchnorm_modules(model))
-    resolved = spec.resolve(params)
+    resolved = spec.resolve_blocks(params)
+    partly = [path for path, frozen in resolved.items() if not isinstance(frozen, bool)]
+    if partly:
+        raise ValueError(
+            f"The spec freezes some blocks of the stacked parameters {partly[:3]} and not "
+            "others; an nnx filter selects whole variables. Differentiate with "
+            "layerfreeze.value_and_grad(loss, spec) on nnx.state(model, nnx.Param) and update "
+            "with layerfreeze.freeze(optimizer, spec), which split stacked leaves by block."
+        )
     trainable = frozenset(path for path, frozen in resolved.items() if not frozen)
 
     def is_trainable(path: Any, value: Any) -> bool:
