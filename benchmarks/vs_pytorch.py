@@ -1,0 +1,866 @@
+"""Side by side with PyTorch: the same frozen and full train steps, timed in one run.
+
+A CIFAR ResNet-18 (3x3 stem, batch 32, 32x32 images, Adam, cross-entropy) is
+trained one step at a time three ways in each framework:
+
+* `full`: everything trains (layerfreeze: `make_steps` with spec `none`);
+* `frozen`: stem, stage1 and stage2 frozen, their BatchNorm on running
+  statistics. PyTorch: `requires_grad_(False)` on `conv1, bn1, layer1, layer2`,
+  their BatchNorm modules in eval mode, Adam over the trainable parameters only.
+  layerfreeze: `make_steps(..., "stem,stage1,stage2", method="zero")`;
+* `lr0`: the same frozen set given learning rate 0 (PyTorch: a param group with
+  `lr=0`, every parameter requires grad; layerfreeze: `method="lr0"`), frozen
+  BatchNorm on running statistics in both.
+
+The PyTorch model is written here with torchvision's module names and gets the
+layerfreeze model's weights by name; before timing, the script checks that both
+have the same parameter count, the same convolution and matmul FLOPs
+(`torch.utils.flop_counter` against the jaxpr) and the same eval-mode logits.
+
+Steps are timed round-robin over every (framework, setting) after warm-up, so
+load drift on a shared machine hits every row alike. Reported per row: the
+median, min, max and interquartile range of the step time, `xtorch` (median /
+PyTorch's median for the same setting) and `xfull` (median / the same
+framework's full step). PyTorch gets as many threads as XLA's CPU client uses
+(the CPUs this process may run on), and the output says how many.
+
+`--parts` also times the three parts of a frozen step alone in each framework
+(the frozen prefix's forward pass, the trainable part's forward and backward
+pass, the Adam update) and the forward convolutions of the frozen stages, to
+show where the difference lies.
+
+`--xla_variant` adds layerfreeze rows compiled with other XLA CPU options
+(`compiler_options` of `Lowered.compile`, so every variant runs in the same
+process): `eigen-conv` sends convolutions to Eigen instead of XNNPACK's YNN
+kernels (XLA's default on this jaxlib), `no-ynn` turns YNN off altogether.
+
+Commands:
+  python benchmarks/vs_pytorch.py --quick
+  python benchmarks/vs_pytorch.py --parts --json /tmp/vs_pytorch.json \
+      --markdown /tmp/vs_pytorch.md
+"""
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+
+# Run as a script, this file's folder is on sys.path.
+from freeze_cost import init_variables, machine_description, write_json
+from torch import nn as tnn
+from torch.utils.flop_counter import FlopCounterMode
+
+from layerfreeze import train
+from layerfreeze.models import resnet18
+
+SETTINGS: tuple[str, ...] = ("full", "frozen", "lr0")
+FRAMEWORKS: tuple[str, ...] = ("pytorch", "layerfreeze")
+FREEZE = "stem,stage1,stage2"
+TORCH_FROZEN: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
+# The default list of YNN fusion types of jaxlib 0.10.2 is individual dots,
+# individual convolutions and reductions (read from compiled HLO).
+XLA_VARIANTS: dict[str, Mapping[str, Any]] = {
+    "eigen-conv": {
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+        )
+    },
+    "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
+}
+ROW_KEYS: tuple[str, ...] = (
+    "framework",
+    "setting",
+    "step_ms",
+    "min_ms",
+    "q1_ms",
+    "q3_ms",
+    "max_ms",
+    "ratio_torch",
+    "ratio_full",
+    "trainable_params",
+)
+NUM_CLASSES = 10
+LEARNING_RATE = 1e-3
+LOGITS_TOLERANCE = 1e-3  # relative to the largest logit; float32 summation order differs
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may run on: the size of XLA's CPU thread pool."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+class BasicBlock(tnn.Module):
+    """torchvision's BasicBlock (conv-bn-relu-conv-bn, projection shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(cout)
+        self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = tnn.Sequential(
+                tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class TorchResNet18(tnn.Module):
+    """torchvision's resnet18 with the CIFAR stem (3x3 stride-1 conv, no max-pool).
+
+    Module names are torchvision's (`conv1, bn1, layerN.i.convK, fc`), the layout
+    of `layerfreeze.models.resnet18(stem="cifar")`. Inputs are NCHW.
+    """
+
+    def __init__(self, num_classes: int, width: int = 64):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(width)
+        cin = width
+        for i in range(4):
+            cout = width * 2**i
+            stride = 1 if i == 0 else 2
+            blocks = tnn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1))
+            setattr(self, f"layer{i + 1}", blocks)
+            cin = cout
+        self.fc = tnn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+_BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def flax_path(torch_key: str) -> tuple[str, ...] | None:
+    """The layerfreeze ResNet variable of a torchvision key; None for `num_batches_tracked`.
+
+    >>> flax_path("layer2.0.downsample.1.running_var")
+    ('batch_stats', 'stage2', 'Block_0', 'Downsample_BatchNorm', 'var')
+    """
+    *modules, leaf = torch_key.split(".")
+    if leaf == "num_batches_tracked":
+        return None
+    if modules[0] == "fc":
+        return ("params", "head", "Dense_0", {"weight": "kernel", "bias": "bias"}[leaf])
+    if modules[0].startswith("layer"):
+        group = ("stage" + modules[0].removeprefix("layer"), "Block_" + modules[1])
+        rest = modules[2:]
+    else:
+        group, rest = ("stem",), modules
+    if rest[0] == "downsample":
+        kind = "Conv" if rest[1] == "0" else "BatchNorm"
+        module = f"Downsample_{kind}"
+    else:
+        kind = "Conv" if rest[0].startswith("conv") else "BatchNorm"
+        module = f"{kind}_{int(rest[0][-1]) - 1}"
+    if kind == "Conv":
+        return ("params", *group, module, "kernel")
+    name = _BN_NAMES[leaf]
+    collection = "batch_stats" if name in ("mean", "var") else "params"
+    return (collection, *group, module, name)
+
+
+def load_into_torch(torch_model: tnn.Module, variables: Mapping[str, Any]) -> None:
+    """Copies layerfreeze ResNet variables into the PyTorch model, by name."""
+    state = {}
+    for key, tensor in torch_model.state_dict().items():
+        path = flax_path(key)
+        if path is None:
+            state[key] = tensor
+            continue
+        value = variables
+        for part in path:
+            value = value[part]
+        value = np.asarray(value)
+        if value.ndim == 4:
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif value.ndim == 2:
+            value = value.T
+        if value.shape != tuple(tensor.shape):
+            raise ValueError(f"{key}: torch shape {tuple(tensor.shape)}, flax {value.shape}.")
+        state[key] = torch.from_numpy(np.array(value))  # a writable copy
+    torch_model.load_state_dict(state)
+
+
+def torch_step(
+    model: tnn.Module, setting: str, images: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], float]:
+    """Configures `model` for `setting` (frozen modules, BN modes, Adam); returns a step."""
+    _check_choices("setting", [setting], SETTINGS)
+    model.train()
+    frozen_modules = [getattr(model, name) for name in TORCH_FROZEN]
+    frozen_ids = {id(p) for m in frozen_modules for p in m.parameters()}
+    frozen = [p for p in model.parameters() if id(p) in frozen_ids]
+    trainable = [p for p in model.parameters() if id(p) not in frozen_ids]
+    if setting != "full":
+        for module in frozen_modules:
+            for sub in module.modules():
+                if isinstance(sub, tnn.BatchNorm2d):
+                    sub.eval()  # running statistics, and they stay unchanged
+    if setting == "frozen":
+        for p in frozen:
+            p.requires_grad_(False)
+        optimizer = torch.optim.Adam(trainable, lr=LEARNING_RATE)
+    elif setting == "lr0":
+        optimizer = torch.optim.Adam(
+            [{"params": trainable}, {"params": frozen, "lr": 0.0}], lr=LEARNING_RATE
+        )
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images.float()), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+# ------------------------------------------------------------------------- model check
+
+
+def _jaxpr_matmul_flops(jaxpr: Any) -> int:
+    """2 x multiply-adds of every convolution and dot_general, sub-jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            lhs, rhs = (v.aval for v in eqn.invars)
+            out = eqn.outvars[0].aval
+            dn = eqn.params["dimension_numbers"]
+            kernel_in = rhs.shape[dn.rhs_spec[1]]
+            kernel_spatial = int(np.prod([rhs.shape[d] for d in dn.rhs_spec[2:]]))
+            total += 2 * int(np.prod(out.shape)) * kernel_in * kernel_spatial
+        elif eqn.primitive.name == "dot_general":
+            lhs = eqn.invars[0].aval
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            k = int(np.prod([lhs.shape[d] for d in contract]))
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * k
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += _jaxpr_matmul_flops(sub)
+    return total
+
+
+def check_same_model(
+    model: Any, variables: Mapping[str, Any], torch_model: tnn.Module, images: np.ndarray
+) -> dict[str, Any]:
+    """Parameter counts, forward conv/matmul FLOPs and eval logits of both models.
+
+    Raises:
+      ValueError: the counts or FLOPs differ, or the logits differ by more
+        than `LOGITS_TOLERANCE` of the largest logit.
+    """
+    jax_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    torch_params = sum(p.numel() for p in torch_model.parameters())
+    x = images.astype(np.float32)
+
+    def forward(v, x):
+        return model.apply(v, x, train=False)
+
+    jax_flops = _jaxpr_matmul_flops(jax.make_jaxpr(forward)(variables, x).jaxpr)
+    jax_logits = np.asarray(jax.jit(forward)(variables, x))
+    torch_model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        torch_logits = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    torch_flops = int(counter.get_total_flops())
+    diff = float(np.max(np.abs(jax_logits - torch_logits)) / np.max(np.abs(jax_logits)))
+    check = {
+        "params": jax_params,
+        "torch_params": torch_params,
+        "forward_flops": jax_flops,
+        "torch_forward_flops": torch_flops,
+        "logits_rel_diff": diff,
+    }
+    if jax_params != torch_params or jax_flops != torch_flops or not diff <= LOGITS_TOLERANCE:
+        raise ValueError(f"The PyTorch and layerfreeze ResNet-18 differ: {check}.")
+    return check
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def _check_choices(what: str, values: Sequence[str], valid: Sequence[str]) -> None:
+    unknown = [v for v in values if v not in valid]
+    if unknown:
+        raise ValueError(
+            f"Unknown {what} {', '.join(map(repr, unknown))}; valid choices: {', '.join(valid)}."
+        )
+
+
+def time_round_robin(
+    fns: Sequence[Callable[[], Any]], *, steps: int, warmup: int, pause: float
+) -> list[list[float]]:
+    """Milliseconds of each call, calling every function once per round.
+
+    Each call is preceded by `pause` seconds of sleep, so the worker threads of
+    the framework that ran before (OpenMP threads spin-wait after a parallel
+    region) are idle and do not take CPU from the next one.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(warmup + steps):
+        for i, fn in enumerate(fns):
+            time.sleep(pause)
+            t0 = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[i].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def _quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    if len(samples) < 2:
+        return samples[0], samples[0], samples[0]
+    q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _jax_step(
+    model: Any,
+    variables: Mapping[str, Any],
+    setting: str,
+    batch: Mapping[str, jax.Array],
+    compiler_options: Mapping[str, Any],
+    seed: int,
+) -> tuple[Callable[[], Any], int]:
+    spec, method = ("none", "zero") if setting == "full" else (FREEZE, "zero")
+    if setting == "lr0":
+        method = "lr0"
+    # No gradient-norm metric: the PyTorch step computes none either.
+    steps = train.make_steps(
+        model, optax.adam(LEARNING_RATE), spec, variables["params"], method=method, grad_norm=False
+    )
+    state = steps.init_state(variables, jax.random.key(seed))
+    compiled = steps.train_step.lower(state, batch).compile(
+        compiler_options=dict(compiler_options) or None
+    )
+    box = [state]
+
+    def step():
+        box[0], metrics = compiled(box[0], batch)
+        return jax.block_until_ready(metrics["loss"])
+
+    return step, steps.trainable_params
+
+
+def measure(
+    *,
+    batch_size: int = 32,
+    image_size: int = 32,
+    width: int = 64,
+    settings: Sequence[str] = SETTINGS,
+    xla_variants: Sequence[str] = (),
+    steps: int = 10,
+    warmup: int = 3,
+    threads: int | None = None,
+    pause: float = 0.05,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Times every (framework, setting) round-robin; returns the rows and the run's facts.
+
+    Args:
+      batch_size: images per step.
+      image_size: image side.
+      width: channels of the stem and stage1 (64 is ResNet-18; smaller for tests).
+      settings: from `SETTINGS`; `full` is always measured (the `xfull` baseline).
+      xla_variants: extra layerfreeze rows compiled with the options of these
+        `XLA_VARIANTS` (framework `layerfreeze+<name>`).
+      steps: timed steps per row.
+      warmup: untimed steps per row before timing.
+      threads: PyTorch intra-op threads (default: `cpu_threads()`, what XLA uses).
+      pause: seconds of sleep before each timed call (see `time_round_robin`).
+      seed: seed of the weights and the batch.
+      log: progress messages go here.
+
+    Returns:
+      `(rows, info)`: rows with the keys of `ROW_KEYS` plus `samples_ms`; `info`
+      with the model check (`check_same_model`), threads and setup.
+    """
+    _check_choices("setting", list(settings), SETTINGS)
+    _check_choices("XLA variant", list(xla_variants), list(XLA_VARIANTS))
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0; got {steps} and {warmup}.")
+    settings = ["full"] + [s for s in dict.fromkeys(settings) if s != "full"]
+    threads = threads or cpu_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+    model, variables, images, labels = _setup(batch_size, image_size, width, seed)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    torch_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    torch_labels = torch.from_numpy(labels.astype(np.int64))
+
+    reference = TorchResNet18(NUM_CLASSES, width)
+    load_into_torch(reference, variables)
+    check = check_same_model(model, variables, reference, images)
+    log(
+        f"  same model: {check['params']:,} parameters, "
+        f"{check['forward_flops'] / 1e9:.3f} GFLOP conv+matmul forward, logits within "
+        f"{check['logits_rel_diff']:.1e}"
+    )
+
+    variants = {"layerfreeze": {}} | {f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants}
+    configs = []
+    for setting in settings:
+        torch_model = TorchResNet18(NUM_CLASSES, width)
+        load_into_torch(torch_model, variables)
+        step = torch_step(torch_model, setting, torch_images, torch_labels)
+        trainable = sum(p.numel() for p in torch_model.parameters() if p.requires_grad)
+        if setting == "lr0":
+            trainable = sum(
+                p.numel()
+                for name, p in torch_model.named_parameters()
+                if name.split(".")[0] not in TORCH_FROZEN
+            )
+        configs.append(("pytorch", setting, step, trainable))
+        for framework, options in variants.items():
+            t0 = time.perf_counter()
+            step, trainable = _jax_step(model, variables, setting, batch, options, seed)
+            log(f"  compiled {framework} {setting} ({time.perf_counter() - t0:.1f} s)")
+            configs.append((framework, setting, step, trainable))
+
+    log(f"  timing {len(configs)} rows: {warmup} warm-up + {steps} timed rounds, round-robin")
+    times = time_round_robin([c[2] for c in configs], steps=steps, warmup=warmup, pause=pause)
+
+    medians = {(f, s): statistics.median(t) for (f, s, _, _), t in zip(configs, times, strict=True)}
+    rows = []
+    for (framework, setting, _, trainable), samples in zip(configs, times, strict=True):
+        q1, _, q3 = _quartiles(samples)
+        median = medians[(framework, setting)]
+        rows.append(
+            {
+                "framework": framework,
+                "setting": setting,
+                "step_ms": median,
+                "min_ms": min(samples),
+                "q1_ms": q1,
+                "q3_ms": q3,
+                "max_ms": max(samples),
+                "ratio_torch": median / medians[("pytorch", setting)],
+                "ratio_full": median / medians[(framework, "full")],
+                "trainable_params": trainable,
+                "samples_ms": [round(t, 3) for t in samples],
+            }
+        )
+    info = {
+        "check": check,
+        "threads": threads,
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "width": width,
+        "steps": steps,
+        "warmup": warmup,
+        "pause": pause,
+    }
+    return rows, info
+
+
+def _run(compiled: Any, *args: Any) -> Any:
+    return jax.block_until_ready(compiled(*args))
+
+
+def _conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _setup(batch_size: int, image_size: int, width: int, seed: int) -> tuple[Any, ...]:
+    model = resnet18(NUM_CLASSES, stem="cifar", width=width)
+    variables = init_variables(model, image_size, seed)
+    # Non-trivial running statistics, so the model check means something.
+    rng = np.random.default_rng(seed)
+    variables["batch_stats"] = jax.tree.map(
+        lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype), variables["batch_stats"]
+    )
+    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, (batch_size,), dtype=np.int32)
+    return model, variables, images, labels
+
+
+def measure_parts(
+    *,
+    batch_size: int = 32,
+    image_size: int = 32,
+    width: int = 64,
+    xla_variants: Sequence[str] = (),
+    steps: int = 10,
+    warmup: int = 3,
+    threads: int | None = None,
+    pause: float = 0.05,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Where a frozen step's time goes, in each framework: its parts timed alone.
+
+    * `frozen forward`: stem..stage2 on running statistics, no gradients
+      (layerfreeze: `ResNet.features(upto="stage2")`, jitted; PyTorch: the frozen
+      modules in eval mode under `torch.no_grad`);
+    * `trainable fwd+bwd`: stage3..head in train mode from stage2's output, loss,
+      and the gradients of their parameters (layerfreeze: `jax.value_and_grad`
+      of `apply(..., start_after="stage2")`; PyTorch: `loss.backward()`);
+    * `Adam update`: one Adam step of the trainable parameters from given
+      gradients (optax `adam` + `apply_updates`, jitted; `torch.optim.Adam.step`);
+    * `conv 3x3 HxWxC`: one forward convolution of stage1's and of stage2's
+      shape (NHWC in XLA, NCHW in PyTorch, as the models run them).
+
+    Returns:
+      Rows with `part`, `framework`, `step_ms`, `q1_ms`, `q3_ms`, `ratio_torch`.
+    """
+    _check_choices("XLA variant", list(xla_variants), list(XLA_VARIANTS))
+    torch.set_num_threads(threads or cpu_threads())
+    model, variables, images, labels = _setup(batch_size, image_size, width, seed)
+    params, stats = variables["params"], variables["batch_stats"]
+    frozen_groups = ("stem", "stage1", "stage2")
+    x = jnp.asarray(images)
+    y = jnp.asarray(labels)
+    feats = model.apply(variables, x, upto="stage2", method=type(model).features)
+    trainable = {k: v for k, v in params.items() if k not in frozen_groups}
+    optimizer = optax.adam(LEARNING_RATE)
+    opt_state = optimizer.init(trainable)
+
+    def features(variables, x):
+        return model.apply(variables, x, upto="stage2", method=type(model).features)
+
+    def loss_grad(trainable, feats, y):
+        def loss_fn(trainable):
+            logits, updates = model.apply(
+                {"params": {**params, **trainable}, "batch_stats": stats},
+                feats,
+                train=True,
+                start_after="stage2",
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+    (_, _), grads = jax.jit(loss_grad)(trainable, feats, y)
+
+    def update(trainable, grads, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    rng = np.random.default_rng(seed + 1)
+
+    def rng_normal(shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    fns: list[tuple[str, str, Callable[[], Any]]] = []
+    variants = {"layerfreeze": {}} | {f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants}
+    for framework, options in variants.items():
+        opts = dict(options) or None
+        f = jax.jit(features).lower(variables, x).compile(compiler_options=opts)
+        g = jax.jit(loss_grad).lower(trainable, feats, y).compile(compiler_options=opts)
+        u = jax.jit(update).lower(trainable, grads, opt_state).compile(compiler_options=opts)
+        fns += [
+            ("frozen forward", framework, lambda f=f: jax.block_until_ready(f(variables, x))),
+            (
+                "trainable fwd+bwd",
+                framework,
+                lambda g=g: jax.block_until_ready(g(trainable, feats, y)),
+            ),
+            (
+                "Adam update",
+                framework,
+                lambda u=u: jax.block_until_ready(u(trainable, grads, opt_state)),
+            ),
+        ]
+
+    net = TorchResNet18(NUM_CLASSES, width)
+    load_into_torch(net, variables)
+    net.train()
+    frozen_net = tnn.Sequential(net.conv1, net.bn1, tnn.ReLU(), net.layer1, net.layer2).eval()
+    for p in frozen_net.parameters():
+        p.requires_grad_(False)
+    t_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    t_labels = torch.from_numpy(labels.astype(np.int64))
+    with torch.no_grad():
+        t_feats = frozen_net(t_images.float())
+    t_trainable = [p for p in net.parameters() if p.requires_grad]
+    t_opt = torch.optim.Adam(t_trainable, lr=LEARNING_RATE)
+
+    def t_forward():
+        with torch.no_grad():
+            return frozen_net(t_images.float())
+
+    def t_fwd_bwd():
+        t_opt.zero_grad(set_to_none=True)
+        out = net.fc(net.layer4(net.layer3(t_feats)).mean(dim=(2, 3)))
+        F.cross_entropy(out, t_labels).backward()
+
+    t_fwd_bwd()  # gradients for the update to read
+    fns += [
+        ("frozen forward", "pytorch", t_forward),
+        ("trainable fwd+bwd", "pytorch", t_fwd_bwd),
+        ("Adam update", "pytorch", t_opt.step),
+    ]
+    # The forward convolutions of stage1 and stage2 (3x3, stride 1), alone.
+    for side, channels in ((image_size, width), (image_size // 2, 2 * width)):
+        part = f"conv 3x3 {side}x{side}x{channels}"
+        conv_x = rng_normal((batch_size, side, side, channels))
+        conv_w = rng_normal((3, 3, channels, channels)) * 0.05
+        for framework, options in variants.items():
+            c = (
+                jax.jit(_conv3x3)
+                .lower(conv_x, conv_w)
+                .compile(compiler_options=dict(options) or None)
+            )
+            fns.append((part, framework, functools.partial(_run, c, conv_x, conv_w)))
+        tx = torch.from_numpy(np.asarray(conv_x).transpose(0, 3, 1, 2).copy())
+        tw = torch.from_numpy(np.asarray(conv_w).transpose(3, 2, 0, 1).copy())
+
+        def t_conv(tx=tx, tw=tw):
+            with torch.no_grad():
+                return F.conv2d(tx, tw, padding=1)
+
+        fns.append((part, "pytorch", t_conv))
+    log(f"  timing {len(fns)} parts: {warmup} warm-up + {steps} timed rounds, round-robin")
+    times = time_round_robin([f for _, _, f in fns], steps=steps, warmup=warmup, pause=pause)
+    medians = {(p, fw): statistics.median(t) for (p, fw, _), t in zip(fns, times, strict=True)}
+    rows = []
+    for part in dict.fromkeys(p for p, _, _ in fns):
+        for (p, framework, _), samples in zip(fns, times, strict=True):
+            if p != part:
+                continue
+            q1, _, q3 = _quartiles(samples)
+            rows.append(
+                {
+                    "part": part,
+                    "framework": framework,
+                    "step_ms": medians[(part, framework)],
+                    "q1_ms": q1,
+                    "q3_ms": q3,
+                    "ratio_torch": medians[(part, framework)] / medians[(part, "pytorch")],
+                    "samples_ms": [round(t, 3) for t in samples],
+                }
+            )
+    return rows
+
+
+def format_parts(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
+    """The parts table, plain text or markdown."""
+    header = ["part", "framework", "ms", "IQR", "xtorch"]
+    body = [
+        [
+            r["part"],
+            r["framework"],
+            f"{r['step_ms']:.1f}",
+            f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f}",
+            f"{r['ratio_torch']:.2f}",
+        ]
+        for r in rows
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|"]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), "-" * len(line(header))] + [line(c) for c in body])
+
+
+# --------------------------------------------------------------------------- output
+
+_COLUMNS = (
+    ("framework", "framework", "{}"),
+    ("setting", "setting", "{}"),
+    ("trainable", "trainable_params", "{:,}"),
+    ("ms/step", "step_ms", "{:.1f}"),
+    ("min", "min_ms", "{:.1f}"),
+    ("IQR", None, None),
+    ("max", "max_ms", "{:.1f}"),
+    ("xtorch", "ratio_torch", "{:.2f}"),
+    ("xfull", "ratio_full", "{:.2f}"),
+)
+
+
+def _cells(row: Mapping[str, Any]) -> list[str]:
+    out = []
+    for _, key, fmt in _COLUMNS:
+        if key is None:
+            out.append(f"{row['q1_ms']:.1f}-{row['q3_ms']:.1f}")
+        else:
+            out.append(fmt.format(row[key]))
+    return out
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A plain-text table: text columns left-aligned, numbers right-aligned."""
+    header = [h for h, _, _ in _COLUMNS]
+    body = [_cells(r) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), "-" * len(line(header))] + [line(c) for c in body])
+
+
+def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The table as GitHub markdown."""
+    header = [h for h, _, _ in _COLUMNS]
+    align = ["---" if i < 2 else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
+
+
+def describe(info: Mapping[str, Any]) -> str:
+    """The setup and the model check, one paragraph."""
+    check = info["check"]
+    return (
+        f"ResNet-18 (CIFAR stem, width {info['width']}), batch {info['batch_size']}, "
+        f"{info['image_size']}x{info['image_size']}, float32, Adam; frozen = {FREEZE}; "
+        f"torch {info['torch']} with {info['threads']} threads "
+        f"(`torch.set_num_threads`, the {info['threads']} CPUs XLA uses), jax {info['jax']}; "
+        f"{info['warmup']} warm-up + {info['steps']} timed steps per row, round-robin, "
+        f"{1e3 * info['pause']:.0f} ms sleep before each. "
+        f"Same model in both: {check['params']:,} parameters, "
+        f"{check['forward_flops'] / 1e9:.3f} GFLOP of convolutions and matmuls per forward "
+        f"pass, eval logits equal to {check['logits_rel_diff']:.1e} (relative)."
+    )
+
+
+def write_markdown(
+    path: str,
+    rows: Sequence[Mapping[str, Any]],
+    info: Mapping[str, Any],
+    command: str,
+    parts: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Appends a section with the machine, the setup, the command and the tables."""
+    text = (
+        "## vs_pytorch: ResNet-18\n\n"
+        f"Machine: {machine_description()}.\n\n"
+        f"Setup: {describe(info)}\n\n"
+        f"Command: `{command}`\n\n"
+        f"{format_markdown(rows)}\n"
+    )
+    if parts:
+        text += f"\nThe parts of a frozen step, each timed alone:\n\n{format_parts(parts, True)}\n"
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(("\n" if exists else "") + text)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="layerfreeze and PyTorch train steps (full, frozen, lr0) in one run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="5 timed steps, 2 warm-up")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3)")
+    parser.add_argument("--batch_size", type=int, default=32, help="default 32")
+    parser.add_argument("--width", type=int, default=64, help="stem/stage1 channels (64)")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"from: {', '.join(SETTINGS)}"
+    )
+    parser.add_argument(
+        "--xla_variant",
+        default="",
+        help=f"comma-separated extra layerfreeze rows, from: {', '.join(XLA_VARIANTS)}",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs)")
+    parser.add_argument(
+        "--pause_ms", type=float, default=50.0, help="sleep before each timed call (default 50)"
+    )
+    parser.add_argument(
+        "--parts", action="store_true", help="also time a frozen step's parts alone in each"
+    )
+    parser.add_argument("--json", default=None, help="write the rows and setup as JSON here")
+    parser.add_argument("--markdown", default=None, help="append a markdown section here")
+    args = parser.parse_args(argv)
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    args.xla_variant = [s.strip() for s in args.xla_variant.split(",") if s.strip()]
+    try:
+        _check_choices("setting", args.settings, SETTINGS)
+        _check_choices("XLA variant", args.xla_variant, list(XLA_VARIANTS))
+    except ValueError as e:
+        parser.error(str(e))
+    if args.steps is None:
+        args.steps = 5 if args.quick else 10
+    if args.warmup is None:
+        args.warmup = 2 if args.quick else 3
+    for flag in ("steps", "batch_size", "width", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be a positive integer; got {value}.")
+    if args.warmup < 0 or args.pause_ms < 0:
+        parser.error(f"--warmup and --pause_ms must be >= 0; got {args.warmup}, {args.pause_ms}.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the benchmark from command-line arguments; returns the rows."""
+    args = parse_args(argv)
+    command = "python benchmarks/vs_pytorch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"machine: {machine_description()}", flush=True)
+    start = time.perf_counter()
+    common = {
+        "batch_size": args.batch_size,
+        "width": args.width,
+        "xla_variants": args.xla_variant,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "pause": args.pause_ms / 1e3,
+        "log": lambda msg: print(msg, flush=True),
+    }
+    rows, info = measure(settings=args.settings, **common)
+    parts = measure_parts(**common) if args.parts else []
+    print()
+    print(describe(info))
+    print(format_table(rows))
+    if parts:
+        print()
+        print(format_parts(parts))
+    print(f"total {time.perf_counter() - start:.0f} s")
+    if args.json:
+        write_json(args.json, [{**row, "setup": info} for row in rows] + parts)
+    if args.markdown:
+        write_markdown(args.markdown, rows, info, command.strip(), parts)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
