@@ -1,0 +1,176 @@
+"""`benchmarks/vs_pytorch.py` on a tiny ResNet-18: the model check, the PyTorch setups, rows."""
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load():
+    # vs_pytorch imports freeze_cost as a sibling script.
+    if str(_DIR) not in sys.path:
+        sys.path.insert(0, str(_DIR))
+    spec = importlib.util.spec_from_file_location("vs_pytorch", _DIR / "vs_pytorch.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+vs_pytorch = _load()
+
+WIDTH, IMAGE, BATCH = 4, 8, 2
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return vs_pytorch._setup(BATCH, IMAGE, WIDTH, seed=0)
+
+
+def test_every_torch_key_maps_to_a_distinct_flax_variable(setup):
+    _, variables, _, _ = setup
+    keys = vs_pytorch.TorchResNet18(10, WIDTH).state_dict()
+    paths = [vs_pytorch.flax_path(k) for k in keys]
+    mapped = [p for p in paths if p is not None]
+    flat = {
+        tuple(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]
+    }
+    assert len(set(mapped)) == len(mapped)
+    assert set(mapped) == flat
+    unmapped = [k for k, p in zip(keys, paths, strict=True) if p is None]
+    assert unmapped and all(k.endswith("num_batches_tracked") for k in unmapped)
+
+
+def test_same_model_check_passes_and_catches_a_difference(setup):
+    model, variables, images, _ = setup
+    net = vs_pytorch.TorchResNet18(10, WIDTH)
+    vs_pytorch.load_into_torch(net, variables)
+    check = vs_pytorch.check_same_model(model, variables, net, images)
+    assert check["params"] == check["torch_params"]
+    assert check["forward_flops"] == check["torch_forward_flops"] > 0
+    assert check["logits_rel_diff"] <= vs_pytorch.LOGITS_TOLERANCE
+
+    with torch.no_grad():
+        net.layer3[0].conv1.weight.mul_(2.0)
+    with pytest.raises(ValueError, match="differ"):
+        vs_pytorch.check_same_model(model, variables, net, images)
+
+
+@pytest.mark.parametrize("setting", ["frozen", "lr0"])
+def test_torch_frozen_settings_keep_frozen_modules_bit_identical(setup, setting):
+    _, variables, images, labels = setup
+    net = vs_pytorch.TorchResNet18(10, WIDTH)
+    vs_pytorch.load_into_torch(net, variables)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    step = vs_pytorch.torch_step(
+        net,
+        setting,
+        torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+        torch.from_numpy(labels.astype(np.int64)),
+    )
+    for _ in range(2):
+        step()
+    after = net.state_dict()
+    frozen = [k for k in before if k.split(".")[0] in vs_pytorch.TORCH_FROZEN]
+    trained = [k for k in before if k.startswith("layer3") and k.endswith("weight")]
+    assert frozen and trained
+    for key in frozen:
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_torch_step_rejects_an_unknown_setting(setup):
+    with pytest.raises(ValueError, match="full, frozen, lr0"):
+        vs_pytorch.torch_step(vs_pytorch.TorchResNet18(10, WIDTH), "half", None, None)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return vs_pytorch.measure(
+        batch_size=BATCH,
+        image_size=IMAGE,
+        width=WIDTH,
+        steps=2,
+        warmup=1,
+        threads=1,
+        pause=0.0,
+        log=lambda msg: None,
+    )
+
+
+def test_rows_cover_both_frameworks_and_every_setting(measured):
+    rows, info = measured
+    assert [(r["framework"], r["setting"]) for r in rows] == [
+        (f, s) for s in vs_pytorch.SETTINGS for f in vs_pytorch.FRAMEWORKS
+    ]
+    assert info["threads"] == 1 and info["check"]["params"] == rows[0]["trainable_params"]
+    by = {(r["framework"], r["setting"]): r for r in rows}
+    for row in rows:
+        assert set(vs_pytorch.ROW_KEYS) <= set(row)
+        assert len(row["samples_ms"]) == 2
+        assert row["min_ms"] <= row["q1_ms"] <= row["step_ms"] <= row["q3_ms"] <= row["max_ms"]
+        assert row["ratio_full"] == pytest.approx(
+            row["step_ms"] / by[(row["framework"], "full")]["step_ms"]
+        )
+    for setting in vs_pytorch.SETTINGS:
+        assert by[("pytorch", setting)]["ratio_torch"] == 1.0
+        assert (
+            by[("pytorch", setting)]["trainable_params"]
+            == by[("layerfreeze", setting)]["trainable_params"]
+        )
+    assert by[("layerfreeze", "frozen")]["trainable_params"] < rows[0]["trainable_params"]
+
+
+def test_table_and_markdown_name_the_setup(measured, tmp_path):
+    rows, info = measured
+    table = vs_pytorch.format_table(rows)
+    assert "xtorch" in table and "layerfreeze" in table
+    path = tmp_path / "results.md"
+    vs_pytorch.write_markdown(str(path), rows, info, "python benchmarks/vs_pytorch.py --quick")
+    text = path.read_text()
+    assert "Machine:" in text and "--quick" in text and "1 threads" in text
+    assert text.count("| pytorch |") == len(vs_pytorch.SETTINGS)
+
+
+def test_parts_rows(setup):
+    rows = vs_pytorch.measure_parts(
+        batch_size=BATCH,
+        image_size=IMAGE,
+        width=WIDTH,
+        steps=1,
+        warmup=0,
+        threads=1,
+        pause=0.0,
+        log=lambda msg: None,
+    )
+    parts = list(dict.fromkeys(r["part"] for r in rows))
+    assert parts[:3] == ["frozen forward", "trainable fwd+bwd", "Adam update"]
+    assert parts[3:] == [f"conv 3x3 {IMAGE}x{IMAGE}x{WIDTH}", "conv 3x3 4x4x8"]
+    for part in parts:
+        frameworks = sorted(r["framework"] for r in rows if r["part"] == part)
+        assert frameworks == ["layerfreeze", "pytorch"], part
+    assert all(r["ratio_torch"] == 1.0 for r in rows if r["framework"] == "pytorch")
+    assert "Adam update" in vs_pytorch.format_parts(rows, markdown=True)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--settings", "full,half"], "full, frozen, lr0"),
+        (["--xla_variant", "fast"], "eigen-conv"),
+        (["--steps", "0"], "--steps"),
+        (["--pause_ms", "-1"], "--pause_ms"),
+    ],
+)
+def test_bad_arguments_exit_nonzero(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vs_pytorch.main(argv)
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
