@@ -47,7 +47,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend
@@ -63,10 +63,11 @@ from torch import nn as tnn
 from torch.utils.flop_counter import FlopCounterMode
 
 from layerfreeze import train
-from layerfreeze.models import resnet18
+from layerfreeze.models import create_vit, resnet18, vit_groups
 
 SETTINGS: tuple[str, ...] = ("full", "frozen", "lr0")
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "layerfreeze")
+MODELS: tuple[str, ...] = ("resnet18", "vit_ti4")
 FREEZE = "stem,stage1,stage2"
 TORCH_FROZEN: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
 # The default list of YNN fusion types of jaxlib 0.10.2 is individual dots,
@@ -80,6 +81,7 @@ XLA_VARIANTS: dict[str, Mapping[str, Any]] = {
     "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 ROW_KEYS: tuple[str, ...] = (
+    "model",
     "framework",
     "setting",
     "step_ms",
@@ -209,21 +211,31 @@ def load_into_torch(torch_model: tnn.Module, variables: Mapping[str, Any]) -> No
     torch_model.load_state_dict(state)
 
 
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def torch_step(
-    model: tnn.Module, setting: str, images: torch.Tensor, labels: torch.Tensor
+    model: tnn.Module,
+    setting: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    frozen_prefixes: Sequence[str] = TORCH_FROZEN,
 ) -> Callable[[], float]:
-    """Configures `model` for `setting` (frozen modules, BN modes, Adam); returns a step."""
+    """Configures `model` for `setting` (frozen modules, BN modes, Adam); returns a step.
+
+    Parameters and modules named `frozen_prefixes` (or below them) are the
+    frozen ones of settings `frozen` and `lr0`.
+    """
     _check_choices("setting", [setting], SETTINGS)
     model.train()
-    frozen_modules = [getattr(model, name) for name in TORCH_FROZEN]
-    frozen_ids = {id(p) for m in frozen_modules for p in m.parameters()}
-    frozen = [p for p in model.parameters() if id(p) in frozen_ids]
-    trainable = [p for p in model.parameters() if id(p) not in frozen_ids]
+    named = list(model.named_parameters())
+    frozen = [p for name, p in named if _under(name, frozen_prefixes)]
+    trainable = [p for name, p in named if not _under(name, frozen_prefixes)]
     if setting != "full":
-        for module in frozen_modules:
-            for sub in module.modules():
-                if isinstance(sub, tnn.BatchNorm2d):
-                    sub.eval()  # running statistics, and they stay unchanged
+        for name, module in model.named_modules():
+            if _under(name, frozen_prefixes) and isinstance(module, tnn.BatchNorm2d):
+                module.eval()  # running statistics, and they stay unchanged
     if setting == "frozen":
         for p in frozen:
             p.requires_grad_(False)
@@ -243,6 +255,103 @@ def torch_step(
         return loss.item()
 
     return step
+
+
+class TorchEncoderBlock(tnn.Module):
+    """A pre-norm ViT block with big_vision's layout (q, k, v, out projections)."""
+
+    def __init__(self, width: int, mlp_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.LayerNorm_0 = tnn.LayerNorm(width, eps=1e-6)  # flax's default epsilon
+        self.query = tnn.Linear(width, width)
+        self.key = tnn.Linear(width, width)
+        self.value = tnn.Linear(width, width)
+        self.out = tnn.Linear(width, width)
+        self.LayerNorm_2 = tnn.LayerNorm(width, eps=1e-6)
+        self.Dense_0 = tnn.Linear(width, mlp_dim)
+        self.Dense_1 = tnn.Linear(mlp_dim, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        y = self.LayerNorm_0(x)
+
+        def heads(t):
+            return t.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            heads(self.query(y)), heads(self.key(y)), heads(self.value(y))
+        )
+        x = x + self.out(y.transpose(1, 2).reshape(b, n, c))
+        # flax's nn.gelu is the tanh approximation by default.
+        y = self.Dense_1(F.gelu(self.Dense_0(self.LayerNorm_2(x)), approximate="tanh"))
+        return x + y
+
+
+class TorchViT(tnn.Module):
+    """`layerfreeze.models.ViT` (pool "tok", unrolled blocks) in PyTorch; NCHW inputs."""
+
+    def __init__(self, vit: Any, image_size: int):
+        super().__init__()
+        p, width = vit.patch_size, vit.width
+        tokens = (image_size // p) ** 2
+        self.embedding = tnn.Conv2d(3, width, p, p)
+        self.pos_embedding = tnn.Parameter(torch.zeros(1, tokens, width))
+        self.cls = tnn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = tnn.ModuleList(
+            TorchEncoderBlock(width, vit.mlp_dim, vit.num_heads) for _ in range(vit.depth)
+        )
+        self.encoder_norm = tnn.LayerNorm(width, eps=1e-6)
+        self.head = tnn.Linear(width, vit.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(x).flatten(2).transpose(1, 2) + self.pos_embedding
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.encoder_norm(x)[:, 0])
+
+
+def vit_flax_path(torch_key: str) -> tuple[str, ...]:
+    """The layerfreeze ViT parameter of a `TorchViT` key.
+
+    >>> vit_flax_path("blocks.3.query.weight")
+    ('params', 'Transformer', 'encoderblock_3', 'MultiHeadDotProductAttention_1', 'query', 'kernel')
+    """
+    *modules, leaf = torch_key.split(".")
+    if not modules:  # pos_embedding, cls
+        return ("params", leaf)
+    leaf = {"weight": "kernel", "bias": "bias"}[leaf]
+    if modules[0] == "blocks":
+        block = ("Transformer", f"encoderblock_{modules[1]}")
+        name = modules[2]
+        if name in ("query", "key", "value", "out"):
+            return ("params", *block, "MultiHeadDotProductAttention_1", name, leaf)
+        if name.startswith("Dense"):
+            return ("params", *block, "MlpBlock_3", name, leaf)
+        return ("params", *block, name, "scale" if leaf == "kernel" else "bias")
+    if modules[0] == "encoder_norm":
+        return ("params", "Transformer", "encoder_norm", "scale" if leaf == "kernel" else "bias")
+    return ("params", modules[0], leaf)
+
+
+def load_vit_into_torch(torch_model: TorchViT, variables: Mapping[str, Any]) -> None:
+    """Copies layerfreeze ViT parameters into the PyTorch ViT, by name."""
+    state = {}
+    for key, tensor in torch_model.state_dict().items():
+        value = variables
+        for part in vit_flax_path(key):
+            value = value[part]
+        value = np.asarray(value)
+        if value.ndim == 4:
+            value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        elif key.endswith(".weight") and value.ndim >= 2 and "pos" not in key:
+            # Dense (in, out), DenseGeneral q/k/v (in, heads, dim), out (heads, dim, out).
+            out_features = tensor.shape[0]
+            value = value.reshape(-1, out_features).T
+        value = value.reshape(tuple(tensor.shape))
+        state[key] = torch.from_numpy(np.array(value))
+    torch_model.load_state_dict(state)
 
 
 # ------------------------------------------------------------------------- model check
@@ -289,7 +398,9 @@ def check_same_model(
     jax_logits = np.asarray(jax.jit(forward)(variables, x))
     torch_model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    # The math attention kernel is made of matmuls that the counter sees.
+    math = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+    with torch.no_grad(), math, counter:
         torch_logits = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     torch_flops = int(counter.get_total_flops())
     diff = float(np.max(np.abs(jax_logits - torch_logits)) / np.max(np.abs(jax_logits)))
@@ -301,7 +412,7 @@ def check_same_model(
         "logits_rel_diff": diff,
     }
     if jax_params != torch_params or jax_flops != torch_flops or not diff <= LOGITS_TOLERANCE:
-        raise ValueError(f"The PyTorch and layerfreeze ResNet-18 differ: {check}.")
+        raise ValueError(f"The PyTorch and layerfreeze models differ: {check}.")
     return check
 
 
@@ -346,14 +457,13 @@ def _quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
 def _jax_step(
     model: Any,
     variables: Mapping[str, Any],
+    spec: str,
     setting: str,
     batch: Mapping[str, jax.Array],
     compiler_options: Mapping[str, Any],
     seed: int,
 ) -> tuple[Callable[[], Any], int]:
-    spec, method = ("none", "zero") if setting == "full" else (FREEZE, "zero")
-    if setting == "lr0":
-        method = "lr0"
+    method = "lr0" if setting == "lr0" else "zero"
     # No gradient-norm metric: the PyTorch step computes none either.
     steps = train.make_steps(
         model, optax.adam(LEARNING_RATE), spec, variables["params"], method=method, grad_norm=False
@@ -373,9 +483,10 @@ def _jax_step(
 
 def measure(
     *,
+    model: str = "resnet18",
     batch_size: int = 32,
     image_size: int = 32,
-    width: int = 64,
+    model_kw: Mapping[str, Any] | None = None,
     settings: Sequence[str] = SETTINGS,
     xla_variants: Sequence[str] = (),
     steps: int = 10,
@@ -388,9 +499,11 @@ def measure(
     """Times every (framework, setting) round-robin; returns the rows and the run's facts.
 
     Args:
+      model: one of `MODELS`.
       batch_size: images per step.
       image_size: image side.
-      width: channels of the stem and stage1 (64 is ResNet-18; smaller for tests).
+      model_kw: attributes of the layerfreeze model (see `make_case`), e.g.
+        a smaller `width` for tests.
       settings: from `SETTINGS`; `full` is always measured (the `xfull` baseline).
       xla_variants: extra layerfreeze rows compiled with the options of these
         `XLA_VARIANTS` (framework `layerfreeze+<name>`).
@@ -414,14 +527,13 @@ def measure(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
 
-    model, variables, images, labels = _setup(batch_size, image_size, width, seed)
+    case = make_case(model, image_size, model_kw, seed)
+    images, labels = _batch(batch_size, image_size, seed)
     batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
     torch_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     torch_labels = torch.from_numpy(labels.astype(np.int64))
 
-    reference = TorchResNet18(NUM_CLASSES, width)
-    load_into_torch(reference, variables)
-    check = check_same_model(model, variables, reference, images)
+    check = check_same_model(case.model, case.variables, case.make_torch(), images)
     log(
         f"  same model: {check['params']:,} parameters, "
         f"{check['forward_flops'] / 1e9:.3f} GFLOP conv+matmul forward, logits within "
@@ -431,20 +543,20 @@ def measure(
     variants = {"layerfreeze": {}} | {f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants}
     configs = []
     for setting in settings:
-        torch_model = TorchResNet18(NUM_CLASSES, width)
-        load_into_torch(torch_model, variables)
-        step = torch_step(torch_model, setting, torch_images, torch_labels)
-        trainable = sum(p.numel() for p in torch_model.parameters() if p.requires_grad)
-        if setting == "lr0":
-            trainable = sum(
-                p.numel()
-                for name, p in torch_model.named_parameters()
-                if name.split(".")[0] not in TORCH_FROZEN
-            )
+        torch_model = case.make_torch()
+        step = torch_step(torch_model, setting, torch_images, torch_labels, case.torch_frozen)
+        trainable = sum(
+            p.numel()
+            for name, p in torch_model.named_parameters()
+            if setting == "full" or not _under(name, case.torch_frozen)
+        )
         configs.append(("pytorch", setting, step, trainable))
         for framework, options in variants.items():
             t0 = time.perf_counter()
-            step, trainable = _jax_step(model, variables, setting, batch, options, seed)
+            spec = "none" if setting == "full" else case.freeze
+            step, trainable = _jax_step(
+                case.model, case.variables, spec, setting, batch, options, seed
+            )
             log(f"  compiled {framework} {setting} ({time.perf_counter() - t0:.1f} s)")
             configs.append((framework, setting, step, trainable))
 
@@ -458,6 +570,7 @@ def measure(
         median = medians[(framework, setting)]
         rows.append(
             {
+                "model": model,
                 "framework": framework,
                 "setting": setting,
                 "step_ms": median,
@@ -472,13 +585,15 @@ def measure(
             }
         )
     info = {
+        "model": model,
+        "description": case.description,
         "check": check,
         "threads": threads,
+        "cpus": cpu_threads(),
         "torch": torch.__version__,
         "jax": jax.__version__,
         "batch_size": batch_size,
         "image_size": image_size,
-        "width": width,
         "steps": steps,
         "warmup": warmup,
         "pause": pause,
@@ -496,17 +611,86 @@ def _conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
     )
 
 
-def _setup(batch_size: int, image_size: int, width: int, seed: int) -> tuple[Any, ...]:
-    model = resnet18(NUM_CLASSES, stem="cifar", width=width)
-    variables = init_variables(model, image_size, seed)
-    # Non-trivial running statistics, so the model check means something.
-    rng = np.random.default_rng(seed)
-    variables["batch_stats"] = jax.tree.map(
-        lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype), variables["batch_stats"]
+class Case(NamedTuple):
+    """One benchmarked model in both frameworks."""
+
+    model: Any
+    variables: dict[str, Any]
+    freeze: str
+    torch_frozen: tuple[str, ...]
+    make_torch: Callable[[], tnn.Module]
+    description: str
+
+
+def make_case(
+    name: str, image_size: int = 32, model_kw: Mapping[str, Any] | None = None, seed: int = 0
+) -> Case:
+    """The layerfreeze model, its variables and its PyTorch twin (weights copied).
+
+    `resnet18`: CIFAR stem, frozen stem..stage2 (`model_kw`: `width`).
+    `vit_ti4`: ViT-Ti/4, unrolled blocks, frozen embeddings and the first half of
+    the blocks (`model_kw`: any `ViT` attribute, e.g. a smaller `depth`).
+    """
+    _check_choices("model", [name], MODELS)
+    model_kw = dict(model_kw or {})
+    if name == "resnet18":
+        model = resnet18(NUM_CLASSES, stem="cifar", **model_kw)
+        variables = init_variables(model, image_size, seed)
+        # Non-trivial running statistics, so the model check means something.
+        rng = np.random.default_rng(seed)
+        variables["batch_stats"] = jax.tree.map(
+            lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype),
+            variables["batch_stats"],
+        )
+
+        def make_torch():
+            net = TorchResNet18(NUM_CLASSES, model.width)
+            load_into_torch(net, variables)
+            return net
+
+        return Case(
+            model,
+            variables,
+            FREEZE,
+            TORCH_FROZEN,
+            make_torch,
+            f"ResNet-18 (CIFAR stem, width {model.width}), frozen = {FREEZE}",
+        )
+    model = create_vit(name, num_classes=NUM_CLASSES, **{"head_zeroinit": False, **model_kw})
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(lambda r: model.init(r, x))(jax.random.key(seed))
+    half = model.depth // 2
+    groups = vit_groups(model.depth, pool=model.pool)
+    freeze = ",".join(groups[: 3 + half])  # embedding, pos_embedding, cls, blocks
+    blocks = tuple(f"blocks.{i}" for i in range(half))
+    torch_frozen = ("embedding", "pos_embedding", "cls", *blocks)
+
+    def make_torch():
+        net = TorchViT(model, image_size)
+        load_vit_into_torch(net, variables)
+        return net
+
+    return Case(
+        model,
+        variables,
+        freeze,
+        torch_frozen,
+        make_torch,
+        f"ViT (patch {model.patch_size}, width {model.width}, depth {model.depth}, "
+        f"{model.num_heads} heads, unrolled), frozen = embeddings + blocks 0-{half - 1}",
     )
+
+
+def _batch(batch_size: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
     labels = rng.integers(0, NUM_CLASSES, (batch_size,), dtype=np.int32)
-    return model, variables, images, labels
+    return images, labels
+
+
+def _setup(batch_size: int, image_size: int, width: int, seed: int) -> tuple[Any, ...]:
+    case = make_case("resnet18", image_size, {"width": width}, seed)
+    return (case.model, case.variables, *_batch(batch_size, image_size, seed))
 
 
 def measure_parts(
@@ -700,6 +884,7 @@ def format_parts(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
 # --------------------------------------------------------------------------- output
 
 _COLUMNS = (
+    ("model", "model", "{}"),
     ("framework", "framework", "{}"),
     ("setting", "setting", "{}"),
     ("trainable", "trainable_params", "{:,}"),
@@ -730,7 +915,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
     def line(cells):
         return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
+            c.ljust(w) if i < 3 else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
@@ -740,7 +925,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The table as GitHub markdown."""
     header = [h for h, _, _ in _COLUMNS]
-    align = ["---" if i < 2 else "---:" for i in range(len(header))]
+    align = ["---" if i < 3 else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
 
@@ -749,10 +934,11 @@ def describe(info: Mapping[str, Any]) -> str:
     """The setup and the model check, one paragraph."""
     check = info["check"]
     return (
-        f"ResNet-18 (CIFAR stem, width {info['width']}), batch {info['batch_size']}, "
-        f"{info['image_size']}x{info['image_size']}, float32, Adam; frozen = {FREEZE}; "
-        f"torch {info['torch']} with {info['threads']} threads "
-        f"(`torch.set_num_threads`, the {info['threads']} CPUs XLA uses), jax {info['jax']}; "
+        f"{info['description']}; batch {info['batch_size']}, "
+        f"{info['image_size']}x{info['image_size']}, float32, Adam; "
+        f"torch {info['torch']} with {info['threads']} threads (`torch.set_num_threads`; "
+        f"XLA's CPU client uses the {info['cpus']} CPUs this process may run on), "
+        f"jax {info['jax']}; "
         f"{info['warmup']} warm-up + {info['steps']} timed steps per row, round-robin, "
         f"{1e3 * info['pause']:.0f} ms sleep before each. "
         f"Same model in both: {check['params']:,} parameters, "
@@ -763,19 +949,15 @@ def describe(info: Mapping[str, Any]) -> str:
 
 def write_markdown(
     path: str,
-    rows: Sequence[Mapping[str, Any]],
-    info: Mapping[str, Any],
+    runs: Sequence[tuple[Sequence[Mapping[str, Any]], Mapping[str, Any]]],
     command: str,
     parts: Sequence[Mapping[str, Any]] = (),
 ) -> None:
-    """Appends a section with the machine, the setup, the command and the tables."""
-    text = (
-        "## vs_pytorch: ResNet-18\n\n"
-        f"Machine: {machine_description()}.\n\n"
-        f"Setup: {describe(info)}\n\n"
-        f"Command: `{command}`\n\n"
-        f"{format_markdown(rows)}\n"
-    )
+    """Appends a section: the machine, the command, each model's setup and table, the parts."""
+    models = ", ".join(info["model"] for _, info in runs)
+    text = f"## vs_pytorch: {models}\n\nMachine: {machine_description()}.\n\nCommand: `{command}`\n"
+    for rows, info in runs:
+        text += f"\n{info['model']}: {describe(info)}\n\n{format_markdown(rows)}\n"
     if parts:
         text += f"\nThe parts of a frozen step, each timed alone:\n\n{format_parts(parts, True)}\n"
     exists = os.path.exists(path) and os.path.getsize(path) > 0
@@ -791,7 +973,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3)")
     parser.add_argument("--batch_size", type=int, default=32, help="default 32")
-    parser.add_argument("--width", type=int, default=64, help="stem/stage1 channels (64)")
+    parser.add_argument(
+        "--models", default="resnet18", help=f"comma-separated, from: {', '.join(MODELS)}"
+    )
+    parser.add_argument("--width", type=int, default=64, help="ResNet stem channels (64)")
     parser.add_argument(
         "--settings", default=",".join(SETTINGS), help=f"from: {', '.join(SETTINGS)}"
     )
@@ -812,7 +997,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     args.xla_variant = [s.strip() for s in args.xla_variant.split(",") if s.strip()]
+    args.models = [s.strip() for s in args.models.split(",") if s.strip()]
     try:
+        if not args.models:
+            raise ValueError(f"--models is empty; valid choices: {', '.join(MODELS)}.")
+        _check_choices("model", args.models, MODELS)
         _check_choices("setting", args.settings, SETTINGS)
         _check_choices("XLA variant", args.xla_variant, list(XLA_VARIANTS))
     except ValueError as e:
@@ -838,7 +1027,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     start = time.perf_counter()
     common = {
         "batch_size": args.batch_size,
-        "width": args.width,
         "xla_variants": args.xla_variant,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -846,19 +1034,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "pause": args.pause_ms / 1e3,
         "log": lambda msg: print(msg, flush=True),
     }
-    rows, info = measure(settings=args.settings, **common)
-    parts = measure_parts(**common) if args.parts else []
-    print()
-    print(describe(info))
-    print(format_table(rows))
+    runs = []
+    for model in args.models:
+        print(f"{model}:", flush=True)
+        model_kw = {"width": args.width} if model == "resnet18" else {}
+        runs.append(measure(model=model, model_kw=model_kw, settings=args.settings, **common))
+    parts = measure_parts(width=args.width, **common) if args.parts else []
+    for rows, info in runs:
+        print()
+        print(describe(info))
+        print(format_table(rows))
     if parts:
         print()
         print(format_parts(parts))
     print(f"total {time.perf_counter() - start:.0f} s")
+    rows = [row for rows, _ in runs for row in rows]
     if args.json:
-        write_json(args.json, [{**row, "setup": info} for row in rows] + parts)
+        write_json(args.json, [{**row, "setup": info} for rs, info in runs for row in rs] + parts)
     if args.markdown:
-        write_markdown(args.markdown, rows, info, command.strip(), parts)
+        write_markdown(args.markdown, runs, command.strip(), parts)
     return rows
 
 

@@ -86,6 +86,44 @@ def test_torch_frozen_settings_keep_frozen_modules_bit_identical(setup, setting)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
 
 
+VIT_KW = {"width": 8, "depth": 2, "mlp_dim": 16, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def vit_case():
+    return vs_pytorch.make_case("vit_ti4", IMAGE, VIT_KW)
+
+
+def test_vit_same_model_check_passes(vit_case):
+    images, _ = vs_pytorch._batch(BATCH, IMAGE, seed=0)
+    net = vit_case.make_torch()
+    assert set(vit_case.variables["params"]) == {
+        vs_pytorch.vit_flax_path(k)[1] for k in net.state_dict()
+    }
+    check = vs_pytorch.check_same_model(vit_case.model, vit_case.variables, net, images)
+    assert check["params"] == check["torch_params"]
+    assert check["forward_flops"] == check["torch_forward_flops"] > 0
+    assert vit_case.freeze == "embedding,pos_embedding,cls,Transformer/encoderblock_0"
+    assert vit_case.torch_frozen == ("embedding", "pos_embedding", "cls", "blocks.0")
+
+
+def test_vit_frozen_setting_trains_only_the_second_half(vit_case):
+    images, labels = vs_pytorch._batch(BATCH, IMAGE, seed=0)
+    net = vit_case.make_torch()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    step = vs_pytorch.torch_step(
+        net,
+        "frozen",
+        torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+        torch.from_numpy(labels.astype(np.int64)),
+        vit_case.torch_frozen,
+    )
+    step()
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("blocks.1.", "encoder_norm", "head")) for k in changed)
+
+
 def test_torch_step_rejects_an_unknown_setting(setup):
     with pytest.raises(ValueError, match="full, frozen, lr0"):
         vs_pytorch.torch_step(vs_pytorch.TorchResNet18(10, WIDTH), "half", None, None)
@@ -96,7 +134,7 @@ def measured():
     return vs_pytorch.measure(
         batch_size=BATCH,
         image_size=IMAGE,
-        width=WIDTH,
+        model_kw={"width": WIDTH},
         steps=2,
         warmup=1,
         threads=1,
@@ -110,6 +148,7 @@ def test_rows_cover_both_frameworks_and_every_setting(measured):
     assert [(r["framework"], r["setting"]) for r in rows] == [
         (f, s) for s in vs_pytorch.SETTINGS for f in vs_pytorch.FRAMEWORKS
     ]
+    assert all(r["model"] == "resnet18" for r in rows)
     assert info["threads"] == 1 and info["check"]["params"] == rows[0]["trainable_params"]
     by = {(r["framework"], r["setting"]): r for r in rows}
     for row in rows:
@@ -133,9 +172,10 @@ def test_table_and_markdown_name_the_setup(measured, tmp_path):
     table = vs_pytorch.format_table(rows)
     assert "xtorch" in table and "layerfreeze" in table
     path = tmp_path / "results.md"
-    vs_pytorch.write_markdown(str(path), rows, info, "python benchmarks/vs_pytorch.py --quick")
+    vs_pytorch.write_markdown(str(path), [(rows, info)], "python benchmarks/vs_pytorch.py --quick")
     text = path.read_text()
-    assert "Machine:" in text and "--quick" in text and "1 threads" in text
+    assert text.startswith("## vs_pytorch: resnet18")
+    assert "Machine:" in text and "--quick" in text and "with 1 threads" in text
     assert text.count("| pytorch |") == len(vs_pytorch.SETTINGS)
 
 
@@ -166,6 +206,7 @@ def test_parts_rows(setup):
         (["--settings", "full,half"], "full, frozen, lr0"),
         (["--xla_variant", "fast"], "eigen-conv"),
         (["--steps", "0"], "--steps"),
+        (["--models", "resnet18,vgg"], "resnet18, vit_ti4"),
         (["--pause_ms", "-1"], "--pause_ms"),
     ],
 )
