@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,47 @@ def test_frozen_params_and_batch_stats_bit_identical(method):
             assert changed != frozen, f"{collection}/{path} changed={changed}"
     assert set(metrics) == {"loss", "accuracy", "grad_norm"}
     assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+
+
+def _ynn_convolutions(steps, state, batch):
+    """How many XNNPACK (YNN) fusions of the compiled train step hold a convolution."""
+    text = steps.train_step.lower(state, batch).compile().as_text()
+    bodies = dict(re.findall(r"^%?([\w.-]+) .*?\{\n(.*?)\n\}", text, re.S | re.M))
+    called = re.findall(r"calls=%?([\w.-]+).*__ynn_fusion", text)
+    return sum("convolution(" in bodies.get(name, "") for name in called)
+
+
+def test_compiler_options_send_convolutions_to_eigen_and_keep_frozen_exact():
+    model = _tiny()
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
+    runs = {}
+    for name, options in (("default", None), ("eigen", train.CPU_EIGEN_CONV)):
+        s = train.make_steps(
+            model, optax.adam(1e-2), "stem,stage1", variables["params"], compiler_options=options
+        )
+        state = s.init_state(variables, jax.random.key(1))
+        ynn_convs = _ynn_convolutions(s, state, _batch())
+        before = jax.tree.map(np.array, state.as_dict())
+        for i in range(2):
+            state, metrics = s.train_step(state, _batch(seed=i))
+        runs[name] = (ynn_convs, before, jax.tree.map(np.array, state.as_dict()), metrics)
+        s.eval_step(state, _batch())  # compiles with the same options
+    # The default CPU compile puts convolutions in XNNPACK (YNN) fusions; the
+    # option leaves them as plain HLO convolutions (Eigen).
+    assert runs["default"][0] > 0
+    assert runs["eigen"][0] == 0
+    _, before, after, metrics = runs["eigen"]
+    for collection in ("params", "batch_stats"):
+        for path, changed in _changed(before[collection], after[collection]).items():
+            assert changed != (path.split("/")[0] in ("stem", "stage1")), path
+    # Same computation up to the summation order of the convolutions.
+    np.testing.assert_allclose(metrics["loss"], runs["default"][3]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(
+        after["params"]["head"]["Dense_0"]["kernel"],
+        runs["default"][2]["params"]["head"]["Dense_0"]["kernel"],
+        rtol=1e-3,
+        atol=1e-5,
+    )
 
 
 def test_train_bn_trains_batchnorm_inside_frozen_stages():

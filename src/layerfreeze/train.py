@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from layerfreeze import _batchnorm, _freeze, _grad, _labels, _nnx, _paths, _rows, _spec
 
 __all__ = [
+    "CPU_EIGEN_CONV",
     "LossFn",
     "TrainState",
     "TrainSteps",
@@ -50,6 +51,24 @@ Batch = Any
 Preprocess = Callable[[jax.Array, Any], Any]
 LossFn = Callable[[Any, Batch], Any]
 """`(outputs, batch) -> loss` or `(loss, {name: scalar metric})`; the loss a float scalar."""
+
+CPU_EIGEN_CONV: Mapping[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    ),
+}
+"""XLA CPU options (`make_steps(..., compiler_options=...)`): convolutions through Eigen.
+
+jaxlib 0.10.2 runs CPU convolutions, dots and reductions through XNNPACK's YNN
+kernels. This keeps dots and reductions there and sends convolutions back to
+Eigen. Measured on a 2-core CPU (`benchmarks/vs_pytorch.py --parts`): the
+YNN forward convolution of a CIFAR ResNet's first stage (32x32x64, batch 32)
+takes as long in wall time as its CPU time, i.e. it runs on one core, while
+Eigen's uses both; see `benchmarks/RESULTS.md` for what it gives per step.
+Only the summation order of convolutions changes: frozen parameters and
+BatchNorm statistics stay bit-identical, other values agree to float
+rounding. Other backends ignore these CPU options.
+"""
 
 
 @flax.struct.dataclass
@@ -166,6 +185,7 @@ def make_steps(
     donate: bool = True,
     start_after: str | None = None,
     previous: Sequence[_spec.SpecLike] = (),
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> TrainSteps:
     """Builds the frozen-aware optimizer and the jitted train and eval steps.
 
@@ -223,6 +243,8 @@ def make_steps(
       previous: the specs of the earlier phases, oldest first, passed to
         `layerfreeze.freeze` (e.g. `schedule.previous_specs(i)`), so leaves
         unfrozen by this phase start with fresh optimizer step counts.
+      compiler_options: XLA options for compiling both steps
+        (`jax.jit(..., compiler_options=...)`), e.g. `CPU_EIGEN_CONV`.
 
     Returns:
       `TrainSteps`.
@@ -351,14 +373,17 @@ def make_steps(
 
     jit_kwargs: dict[str, Any] = {}
     eval_kwargs_jit: dict[str, Any] = {}
+    if compiler_options:
+        jit_kwargs["compiler_options"] = dict(compiler_options)
+        eval_kwargs_jit["compiler_options"] = dict(compiler_options)
     if mesh is not None:
         replicated = NamedSharding(mesh, P())
         data = NamedSharding(mesh, P("data"))
-        jit_kwargs = {
+        jit_kwargs |= {
             "in_shardings": (replicated, data),
             "out_shardings": (replicated, replicated),
         }
-        eval_kwargs_jit = {"in_shardings": (replicated, data), "out_shardings": replicated}
+        eval_kwargs_jit |= {"in_shardings": (replicated, data), "out_shardings": replicated}
     return TrainSteps(
         spec=spec,
         method=method,
