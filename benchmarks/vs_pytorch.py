@@ -70,14 +70,10 @@ FRAMEWORKS: tuple[str, ...] = ("pytorch", "layerfreeze")
 MODELS: tuple[str, ...] = ("resnet18", "vit_ti4")
 FREEZE = "stem,stage1,stage2"
 TORCH_FROZEN: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
-# The default list of YNN fusion types of jaxlib 0.10.2 is individual dots,
-# individual convolutions and reductions (read from compiled HLO).
+# jaxlib 0.10.2's default YNN fusion types are individual dots, individual
+# convolutions and reductions (read from compiled HLO).
 XLA_VARIANTS: dict[str, Mapping[str, Any]] = {
-    "eigen-conv": {
-        "xla_cpu_experimental_ynn_fusion_type": (
-            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-        )
-    },
+    "eigen-conv": train.CPU_EIGEN_CONV,
     "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 ROW_KEYS: tuple[str, ...] = (
@@ -428,22 +424,34 @@ def _check_choices(what: str, values: Sequence[str], valid: Sequence[str]) -> No
 
 
 def time_round_robin(
-    fns: Sequence[Callable[[], Any]], *, steps: int, warmup: int, pause: float
+    fns: Sequence[Callable[[], Any]],
+    *,
+    steps: int,
+    warmup: int,
+    pause: float,
+    cpu_times: list[list[float]] | None = None,
 ) -> list[list[float]]:
-    """Milliseconds of each call, calling every function once per round.
+    """Wall milliseconds of each call, calling every function once per round.
 
     Each call is preceded by `pause` seconds of sleep, so the worker threads of
     the framework that ran before (OpenMP threads spin-wait after a parallel
-    region) are idle and do not take CPU from the next one.
+    region) are idle and do not take CPU from the next one. If `cpu_times` is
+    given, the process CPU milliseconds (all threads) of each call are appended
+    to it: CPU / wall near 1 means a call kept one core busy, near N all N.
     """
     times: list[list[float]] = [[] for _ in fns]
+    if cpu_times is not None:
+        cpu_times[:] = [[] for _ in fns]
     for round_ in range(warmup + steps):
         for i, fn in enumerate(fns):
             time.sleep(pause)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
+            t1, c1 = time.perf_counter(), time.process_time()
             if round_ >= warmup:
-                times[i].append(1e3 * (time.perf_counter() - t0))
+                times[i].append(1e3 * (t1 - t0))
+                if cpu_times is not None:
+                    cpu_times[i].append(1e3 * (c1 - c0))
     return times
 
 
@@ -561,11 +569,16 @@ def measure(
             configs.append((framework, setting, step, trainable))
 
     log(f"  timing {len(configs)} rows: {warmup} warm-up + {steps} timed rounds, round-robin")
-    times = time_round_robin([c[2] for c in configs], steps=steps, warmup=warmup, pause=pause)
+    cpu: list[list[float]] = []
+    times = time_round_robin(
+        [c[2] for c in configs], steps=steps, warmup=warmup, pause=pause, cpu_times=cpu
+    )
 
     medians = {(f, s): statistics.median(t) for (f, s, _, _), t in zip(configs, times, strict=True)}
     rows = []
-    for (framework, setting, _, trainable), samples in zip(configs, times, strict=True):
+    for (framework, setting, _, trainable), samples, cpu_samples in zip(
+        configs, times, cpu, strict=True
+    ):
         q1, _, q3 = _quartiles(samples)
         median = medians[(framework, setting)]
         rows.append(
@@ -581,6 +594,7 @@ def measure(
                 "ratio_torch": median / medians[("pytorch", setting)],
                 "ratio_full": median / medians[(framework, "full")],
                 "trainable_params": trainable,
+                "cpu_ms": statistics.median(cpu_samples),
                 "samples_ms": [round(t, 3) for t in samples],
             }
         )
@@ -720,7 +734,8 @@ def measure_parts(
       shape (NHWC in XLA, NCHW in PyTorch, as the models run them).
 
     Returns:
-      Rows with `part`, `framework`, `step_ms`, `q1_ms`, `q3_ms`, `ratio_torch`.
+      Rows with `part`, `framework`, `step_ms`, `q1_ms`, `q3_ms`, `ratio_torch`,
+      `cpu_ms` (median process CPU time of a call, see `time_round_robin`).
     """
     _check_choices("XLA variant", list(xla_variants), list(XLA_VARIANTS))
     torch.set_num_threads(threads or cpu_threads())
@@ -832,11 +847,14 @@ def measure_parts(
 
         fns.append((part, "pytorch", t_conv))
     log(f"  timing {len(fns)} parts: {warmup} warm-up + {steps} timed rounds, round-robin")
-    times = time_round_robin([f for _, _, f in fns], steps=steps, warmup=warmup, pause=pause)
+    cpu: list[list[float]] = []
+    times = time_round_robin(
+        [f for _, _, f in fns], steps=steps, warmup=warmup, pause=pause, cpu_times=cpu
+    )
     medians = {(p, fw): statistics.median(t) for (p, fw, _), t in zip(fns, times, strict=True)}
     rows = []
     for part in dict.fromkeys(p for p, _, _ in fns):
-        for (p, framework, _), samples in zip(fns, times, strict=True):
+        for (p, framework, _), samples, cpu_samples in zip(fns, times, cpu, strict=True):
             if p != part:
                 continue
             q1, _, q3 = _quartiles(samples)
@@ -848,6 +866,7 @@ def measure_parts(
                     "q1_ms": q1,
                     "q3_ms": q3,
                     "ratio_torch": medians[(part, framework)] / medians[(part, "pytorch")],
+                    "cpu_ms": statistics.median(cpu_samples),
                     "samples_ms": [round(t, 3) for t in samples],
                 }
             )
@@ -856,7 +875,7 @@ def measure_parts(
 
 def format_parts(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
     """The parts table, plain text or markdown."""
-    header = ["part", "framework", "ms", "IQR", "xtorch"]
+    header = ["part", "framework", "ms", "IQR", "xtorch", "CPU ms", "CPU/wall"]
     body = [
         [
             r["part"],
@@ -864,11 +883,13 @@ def format_parts(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
             f"{r['step_ms']:.1f}",
             f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f}",
             f"{r['ratio_torch']:.2f}",
+            f"{r['cpu_ms']:.1f}",
+            f"{r['cpu_ms'] / r['step_ms']:.2f}",
         ]
         for r in rows
     ]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|---|---:|---:|---:|"]
+        lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * 5]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
 

@@ -197,6 +197,7 @@ def test_parts_rows(setup):
         frameworks = sorted(r["framework"] for r in rows if r["part"] == part)
         assert frameworks == ["layerfreeze", "pytorch"], part
     assert all(r["ratio_torch"] == 1.0 for r in rows if r["framework"] == "pytorch")
+    assert all(r["cpu_ms"] >= 0 for r in rows)
     assert "Adam update" in vs_pytorch.format_parts(rows, markdown=True)
 
 
