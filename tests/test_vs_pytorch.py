@@ -160,6 +160,7 @@ def test_rows_cover_both_frameworks_and_every_setting(measured):
         )
     for setting in vs_pytorch.SETTINGS:
         assert by[("pytorch", setting)]["ratio_torch"] == 1.0
+        assert by[("pytorch", setting)]["ratio_torch_min"] == 1.0
         assert (
             by[("pytorch", setting)]["trainable_params"]
             == by[("layerfreeze", setting)]["trainable_params"]
