@@ -12,10 +12,14 @@ trained one step at a time three ways in each framework:
   `lr=0`, every parameter requires grad; layerfreeze: `method="lr0"`), frozen
   BatchNorm on running statistics in both.
 
-The PyTorch model is written here with torchvision's module names and gets the
-layerfreeze model's weights by name; before timing, the script checks that both
-have the same parameter count, the same convolution and matmul FLOPs
-(`torch.utils.flop_counter` against the jaxpr) and the same eval-mode logits.
+With `--models resnet18,vit_ti4` the ViT-Ti/4 (unrolled blocks) runs too, its
+embeddings (`embedding, pos_embedding, cls`) and first half of the blocks frozen.
+
+The PyTorch models are written here with torchvision's (ResNet) and big_vision's
+(ViT) names and get the layerfreeze model's weights by name; before timing, the
+script checks that both have the same parameter count, the same convolution and
+matmul FLOPs (`torch.utils.flop_counter` against the jaxpr) and the same eval-mode
+logits.
 
 Steps are timed round-robin over every (framework, setting) after warm-up, so
 load drift on a shared machine hits every row alike. Reported per row: the
@@ -37,8 +41,8 @@ kernels (XLA's default on this jaxlib), `no-ynn` turns YNN off altogether.
 
 Commands:
   python benchmarks/vs_pytorch.py --quick
-  python benchmarks/vs_pytorch.py --parts --json /tmp/vs_pytorch.json \
-      --markdown /tmp/vs_pytorch.md
+  python benchmarks/vs_pytorch.py --models resnet18,vit_ti4 --parts \
+      --xla_variant eigen-conv --json /tmp/vs_pytorch.json --markdown /tmp/vs_pytorch.md
 """
 
 import argparse
