@@ -7,7 +7,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 _DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
