@@ -67,7 +67,8 @@ takes as long in wall time as its CPU time, i.e. it runs on one core, while
 Eigen's uses both; see `benchmarks/RESULTS.md` for what it gives per step.
 Only the summation order of convolutions changes: frozen parameters and
 BatchNorm statistics stay bit-identical, other values agree to float
-rounding. Other backends ignore these CPU options.
+rounding. Pass it for CPU runs only: it names an experimental XLA CPU
+setting of this jaxlib, and it is not tested on other backends.
 """
 
 
