@@ -1,14 +1,15 @@
 """Automatic freezing for speed, measured as wall-clock time to accuracy.
 
 Real images, offline: scikit-learn's bundled handwritten digits (1,797 8x8
-grey images; `pip install -e .[bench]`), at `--image_size` (16 by default:
-each pixel repeated 2x2; 8 is the native size) with 3 channels, uint8. A CIFAR
-ResNet-18 (3x3 stem, no max-pool; width 16 by default) is trained from scratch
-on digits 0-4 (the source task, cached in `--source_cache` and reused by later
-runs with the same settings); its weights, head re-initialised, start four
-fine-tuning runs on digits 5-9 (the target task), with the same optimizer
-(AdamW, warmup + cosine), the same batches and the same number of steps, no
-augmentation:
+grey images; `pip install -e .[bench]`), at `--image_size` (32 by default,
+CIFAR's size: each pixel repeated 4x4; 8 is the native size) with 3 channels,
+uint8. A CIFAR ResNet-18 (3x3 stem, no max-pool; width 16 by default) is
+trained from scratch on digits 0-4 (the source task, peak rate 3e-3; cached in
+`--source_cache` and reused by later runs with the same settings); its
+weights, head re-initialised, start four fine-tuning runs on digits 5-9 (the
+target task: 10 epochs, peak rate 3e-4, a tenth of the source's), with the
+same optimizer (AdamW, warmup + cosine), the same batches and the same number
+of steps, no augmentation:
 
 * full: everything trains;
 * freezeout: `lf.freezeout` (t0 0.8, cubic scaling, the FreezeOut code's
@@ -30,7 +31,7 @@ shared machines is noisy: read it as ratios within one run; the load average
 before and after is printed and written with the table.
 
 Commands:
-  python benchmarks/auto_freeze.py                 # about 5-10 min on 2 CPU cores
+  python benchmarks/auto_freeze.py                 # about 5 min on 2 CPU cores
   python benchmarks/auto_freeze.py --quick         # a smoke run (a minute)
   python benchmarks/auto_freeze.py --json /tmp/auto_freeze.json --markdown benchmarks/RESULTS.md
 """
@@ -41,7 +42,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import jax
@@ -229,8 +230,12 @@ def warm_up(model, variables: dict[str, Any], ds: Task, args: argparse.Namespace
 
 def fine_tune(
     kind: str, model, variables: dict[str, Any], ds: Task, args: argparse.Namespace
-) -> dict[str, Any]:
-    """One target run; returns its accuracy curve, phases and FLOPs."""
+) -> Generator[None, None, dict[str, Any]]:
+    """One target run, paused after each evaluation; returns its curve, phases and FLOPs.
+
+    Its clock runs only between a resumption and the next evaluation, so
+    `interleave` can run several of these in turns.
+    """
     total = args.steps
     params = variables["params"]
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, total // 10, total))
@@ -299,6 +304,7 @@ def fine_tune(
             jax.block_until_ready(state.params)
             elapsed += time.perf_counter() - clock
             curve.append((elapsed, step + 1, _accuracy(steps, state, ds, args.batch_size)))
+            yield
             clock = time.perf_counter()
     ends = [p["start"] for p in seen[1:]] + [total]
     phase_rows = []
@@ -323,6 +329,25 @@ def fine_tune(
         "compile_seconds": sum(sec for _, sec in first_steps),
         "cache_mib": 0.0 if cache is None else cache.nbytes / 2**20,
     }
+
+
+def interleave(runs: Sequence[Generator[None, None, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Runs `fine_tune` generators in turns, one evaluation interval each; their results.
+
+    On a shared machine the load drifts over minutes (in sequential runs,
+    identical steps took 1.0 to 1.8 s per 10 in different runs); in turns,
+    every run sees the same drift, as `freeze_cost` times its rows round-robin.
+    """
+    results: list[dict[str, Any] | None] = [None] * len(runs)
+    active = list(range(len(runs)))
+    while active:
+        for i in tuple(active):
+            try:
+                next(runs[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    return results
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -435,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="a smoke run: small and short")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument(
-        "--image_size", type=int, default=16, choices=IMAGE_SIZES, help="8 is the native size"
+        "--image_size", type=int, default=32, choices=IMAGE_SIZES, help="8 is the native size"
     )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--source_steps", type=int, default=300)
@@ -444,9 +469,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         default="/tmp/layerfreeze_auto_freeze",
         help="folder of trained source models, one file per setting ('' trains afresh)",
     )
-    parser.add_argument("--steps", type=int, default=600, help="target fine-tuning steps")
-    parser.add_argument("--eval_every", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--steps", type=int, default=210, help="target fine-tuning steps (210: 10 epochs)"
+    )
+    parser.add_argument("--eval_every", type=int, default=10)
+    parser.add_argument(
+        "--lr", type=float, default=3e-4, help="fine-tuning peak rate (the source's: 3e-3)"
+    )
     parser.add_argument(
         "--interval",
         type=int,
@@ -486,18 +515,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     variables, source_accuracy = source_variables(model, source, args)
     setup = setup_line(args, source, target, source_accuracy)
     print(setup)
-    results = []
     warm = warm_up(model, variables, target, args)
     print(f"warm-up: {args.warmup_steps} untimed steps in {warm:.1f}s")
-    for kind in runs:
-        result = fine_tune(kind, model, variables, target, args)
+    results = interleave([fine_tune(kind, model, variables, target, args) for kind in runs])
+    for r in results:
         print(
-            f"{kind}: final accuracy {result['final_accuracy']:.4f} in {result['seconds']:.1f}s "
-            f"(compile {result['compile_seconds']:.1f}s); phases: "
-            + "; ".join(f"{p['start']}: {p['spec']}" for p in result["phases"]),
-            flush=True,
+            f"{r['run']}: final accuracy {r['final_accuracy']:.4f} in {r['seconds']:.1f}s "
+            f"(compile {r['compile_seconds']:.1f}s); phases: "
+            + "; ".join(f"{p['start']}: {p['spec']}" for p in r["phases"])
         )
-        results.append(result)
     results = summarise(results)
     table = format_markdown(results)
     load = f"load average (1/5/15 min) {load_before} before, {_load()} after"
