@@ -26,13 +26,16 @@ first reaches the full run's final accuracy minus 0.5 points, evaluated every
 `--eval_every` steps, with and without the compilations (the first step of
 each phase); the final accuracy; the compiled FLOPs of each phase's train step
 (`cost_analysis`) and their total over the run (the feature cache's forward
-passes not included). Plot: test accuracy against wall-clock. Wall time on
-shared machines is noisy: read it as ratios within one run; the load average
-before and after is printed and written with the table.
+passes not included); the step at the target and the compiled FLOPs of the
+steps before it (exact, unlike the seconds). Plot: test accuracy against
+wall-clock. The runs take turns, one evaluation interval each, after an
+untimed warm-up, so that a drifting load on a shared machine hits them alike;
+still, read the seconds as ratios within one run. The load average before and
+after is printed and written with the table.
 
 Commands:
-  python benchmarks/auto_freeze.py                 # about 5 min on 2 CPU cores
-  python benchmarks/auto_freeze.py --quick         # a smoke run (a minute)
+  python benchmarks/auto_freeze.py                 # 2 min on 2 CPU cores (4 to train the source)
+  python benchmarks/auto_freeze.py --quick         # a smoke run (1.5 min)
   python benchmarks/auto_freeze.py --json /tmp/auto_freeze.json --markdown benchmarks/RESULTS.md
 """
 
@@ -209,8 +212,8 @@ def warm_up(model, variables: dict[str, Any], ds: Task, args: argparse.Namespace
     """Compiles and runs a few untimed full steps, so the first timed run starts warm.
 
     Without it the first run in the process paid for starting up (thread pools,
-    allocations): in the first default run its first 60 steps, the same
-    computation in every run, took 1.7x as long as the second run's.
+    allocations): in a run of the four one after the other, the full run's
+    first 60 steps took 1.7x as long as the same 60 steps of the second run.
     """
     before = time.perf_counter()
     opt = optax.adamw(1e-4)
@@ -335,7 +338,7 @@ def interleave(runs: Sequence[Generator[None, None, dict[str, Any]]]) -> list[di
     """Runs `fine_tune` generators in turns, one evaluation interval each; their results.
 
     On a shared machine the load drifts over minutes (in sequential runs,
-    identical steps took 1.0 to 1.8 s per 10 in different runs); in turns,
+    identical steps took 1.0 to 1.9 s per 10 in different runs); in turns,
     every run sees the same drift, as `freeze_cost` times its rows round-robin.
     """
     results: list[dict[str, Any] | None] = [None] * len(runs)

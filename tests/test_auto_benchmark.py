@@ -116,3 +116,17 @@ def test_source_model_is_cached_per_setting_and_reloaded_exactly(tmp_path, monke
     args.source_steps = 4  # another setting: another file, trained again
     auto_freeze.source_variables(model, task, args)
     assert calls == [2, 2]
+
+
+def test_interleave_takes_turns_and_keeps_the_runs_order():
+    log = []
+
+    def run(name, chunks):
+        for i in range(chunks):
+            log.append((name, i))
+            yield
+        return {"run": name}
+
+    results = auto_freeze.interleave([run("a", 3), run("b", 1), run("c", 2)])
+    assert [r["run"] for r in results] == ["a", "b", "c"]
+    assert log == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]
