@@ -1,44 +1,58 @@
 """Automatic freezing for speed, measured as wall-clock time to accuracy.
 
 Real images, offline: scikit-learn's bundled handwritten digits (1,797 8x8
-grey images; `pip install -e .[bench]`), scaled to 32x32x3 uint8. A CIFAR
-ResNet-18 (width 16 by default) is trained from scratch on digits 0-4 (the
-source task); its weights, head re-initialised, start four fine-tuning runs on
-digits 5-9 (the target task), with the same optimizer (AdamW, warmup + cosine),
-the same batches and the same number of steps, no augmentation:
+grey images; `pip install -e .[bench]`), at `--image_size` (32 by default,
+CIFAR's size: each pixel repeated 4x4; 8 is the native size) with 3 channels,
+uint8. A CIFAR ResNet-18 (3x3 stem, no max-pool; width 16 by default) is
+trained from scratch on digits 0-4 (the source task, peak rate 3e-3; cached in
+`--source_cache` and reused by later runs with the same settings); its
+weights, head re-initialised, start four fine-tuning runs on digits 5-9 (the
+target task: 10 epochs, peak rate 3e-4, a tenth of the source's), with the
+same optimizer (AdamW, warmup + cosine), the same batches and the same number
+of steps, no augmentation:
 
 * full: everything trains;
-* freezeout: `lf.freezeout` (t0, cubic scaling): groups stop front first;
-* auto: `lf.AutoFreeze` (interval, percentile) on the train step's per-group
-  gradient norms, the frozen prefix still run forward on every batch;
+* freezeout: `lf.freezeout` (t0 0.8, cubic scaling, the FreezeOut code's
+  defaults): groups stop front first, from 80% of the run on;
+* auto: `lf.AutoFreeze` (percentile 50 and a decision every tenth of the run,
+  the AutoFreeze code's defaults) on the train step's per-group gradient
+  norms, the frozen prefix still run forward on every batch;
 * auto+cache: the same policy, the frozen prefix's outputs cached
   (`features.FeatureCache`) and the steps started after it.
 
 For each run: the wall-clock seconds (train steps, compilations, feature
 caching and policy decisions; evaluation excluded) until the test accuracy
 first reaches the full run's final accuracy minus 0.5 points, evaluated every
-`--eval_every` steps; the final accuracy; the compiled FLOPs of each phase's
-train step (`cost_analysis`) and their total over the run (the feature
-cache's forward passes not included). Plot: test accuracy against wall-clock.
-Wall time on shared machines is noisy: read it as ratios within one run.
+`--eval_every` steps, with and without the compilations (the first step of
+each phase); the final accuracy; the compiled FLOPs of each phase's train step
+(`cost_analysis`) and their total over the run (the feature cache's forward
+passes not included); the step at the target and the compiled FLOPs of the
+steps before it (exact, unlike the seconds). Plot: test accuracy against
+wall-clock. The runs take turns, one evaluation interval each, after an
+untimed warm-up, so that a drifting load on a shared machine hits them alike;
+still, read the seconds as ratios within one run. The load average before and
+after is printed and written with the table.
 
 Commands:
-  python benchmarks/auto_freeze.py                 # writes benchmarks/auto_freeze.png
-  python benchmarks/auto_freeze.py --quick         # a smoke run (a minute)
+  python benchmarks/auto_freeze.py                 # 2 min on 2 CPU cores (4 to train the source)
+  python benchmarks/auto_freeze.py --quick         # a smoke run (1.5 min)
   python benchmarks/auto_freeze.py --json /tmp/auto_freeze.json --markdown benchmarks/RESULTS.md
 """
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 # Run as a script, this file's folder is on sys.path.
 from freeze_cost import machine_description
@@ -50,10 +64,31 @@ from layerfreeze.models import GROUPS, resnet18
 RUNS = ("full", "freezeout", "auto", "auto+cache")
 TOLERANCE = 0.005  # accuracy points below the full run's final accuracy, as a fraction
 TARGET_SPEEDUP = 1.5
+IMAGE_SIZES = (8, 16, 32)  # the digits' 8x8, each pixel repeated 1, 2 or 4 times
 
 
-def load_digits_tasks(seed: int = 0, test_fraction: float = 0.25) -> tuple[data.Dataset, ...]:
-    """(source: digits 0-4, target: digits 5-9 relabelled 0-4) as 32x32x3 uint8 datasets."""
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task's images and labels (`data.Dataset` holds 32x32 images only)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    name: str
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+
+def load_digits_tasks(
+    seed: int = 0, test_fraction: float = 0.25, image_size: int = 16
+) -> tuple[Task, Task]:
+    """(source: digits 0-4, target: digits 5-9 relabelled 0-4), images uint8 [N, S, S, 3]."""
+    if image_size not in IMAGE_SIZES:
+        raise ValueError(f"image_size must be one of {IMAGE_SIZES}, got {image_size}.")
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -63,7 +98,8 @@ def load_digits_tasks(seed: int = 0, test_fraction: float = 0.25) -> tuple[data.
         ) from e
     digits = load_digits()
     images = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
-    images = np.kron(images, np.ones((1, 4, 4), np.uint8))  # 8x8 -> 32x32, nearest
+    scale = image_size // 8
+    images = np.kron(images, np.ones((1, scale, scale), np.uint8))  # nearest neighbour
     images = np.repeat(images[..., None], 3, axis=-1)
     labels = digits.target.astype(np.int32)
     rng = np.random.default_rng(seed)
@@ -73,7 +109,7 @@ def load_digits_tasks(seed: int = 0, test_fraction: float = 0.25) -> tuple[data.
         n_test = int(len(index) * test_fraction)
         test, tr = index[:n_test], index[n_test:]
         tasks.append(
-            data.Dataset(
+            Task(
                 train_images=images[tr],
                 train_labels=labels[tr] - classes[0],
                 test_images=images[test],
@@ -93,7 +129,7 @@ def _identity(rng: jax.Array, x: jax.Array) -> jax.Array:
     return x
 
 
-def _accuracy(steps: train.TrainSteps, state: train.TrainState, ds: data.Dataset, bs: int) -> float:
+def _accuracy(steps: train.TrainSteps, state: train.TrainState, ds: Task, bs: int) -> float:
     correct = count = 0.0
     for batch in data.eval_batches(ds.test_images, ds.test_labels, bs):
         out = steps.eval_step(
@@ -112,10 +148,48 @@ def _flops(steps: train.TrainSteps, variables: Any, batch: dict[str, np.ndarray]
     return float(cost["flops"])
 
 
-def train_source(model, ds: data.Dataset, args: argparse.Namespace) -> dict[str, Any]:
-    """The source model: every group trained from scratch on digits 0-4."""
-    sample = jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32)
-    variables = model.init(jax.random.key(args.seed), sample, train=False)
+def _sample(ds: Task) -> jax.Array:
+    return jnp.zeros((1, *ds.train_images.shape[1:]), jnp.float32)
+
+
+def source_cache_path(args: argparse.Namespace) -> str:
+    """The file of the source run with these settings under `--source_cache`."""
+    name = (
+        f"source-w{args.width}-i{args.image_size}-n{args.source_steps}-b{args.batch_size}"
+        f"-s{args.seed}.npz"
+    )
+    return os.path.join(args.source_cache, name)
+
+
+def source_variables(model, ds: Task, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    """The source model's variables, head re-initialised: from the cache or trained now."""
+    path = source_cache_path(args) if args.source_cache else ""
+    if path and os.path.exists(path):
+        with np.load(path) as f:
+            flat = {k: f[k] for k in f.files}
+        accuracy = float(flat.pop("source_accuracy"))
+        variables = traverse_util.unflatten_dict(flat, sep="/")
+        print(f"source (digits 0-4): test accuracy {accuracy:.4f}, loaded from {path}")
+    else:
+        before = time.perf_counter()
+        variables, accuracy = train_source(model, ds, args)
+        print(
+            f"source (digits 0-4): test accuracy {accuracy:.4f}, trained in "
+            f"{time.perf_counter() - before:.1f}s"
+        )
+        if path:
+            os.makedirs(args.source_cache, exist_ok=True)
+            flat = traverse_util.flatten_dict(variables, sep="/")
+            np.savez(path, source_accuracy=np.float64(accuracy), **flat)
+    fresh = model.init(jax.random.key(args.seed + 1), _sample(ds), train=False)
+    params = dict(variables["params"])
+    params["head"] = fresh["params"]["head"]  # the target's head starts afresh
+    return {"params": params, "batch_stats": variables["batch_stats"]}, accuracy
+
+
+def train_source(model, ds: Task, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    """The source model (every group trained from scratch on digits 0-4), its accuracy."""
+    variables = model.init(jax.random.key(args.seed), _sample(ds), train=False)
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, args.source_steps))
     steps = train.make_steps(
         model, opt, "none", variables["params"], preprocess=_normalize,
@@ -127,17 +201,44 @@ def train_source(model, ds: data.Dataset, args: argparse.Namespace) -> dict[str,
         state, _ = steps.train_step(
             state, {"image": ds.train_images[idx], "label": ds.train_labels[idx]}
         )
-    print(f"source (digits 0-4): test accuracy {_accuracy(steps, state, ds, args.batch_size):.4f}")
-    fresh = model.init(jax.random.key(args.seed + 1), sample, train=False)
-    params = dict(jax.device_get(state.params))
-    params["head"] = fresh["params"]["head"]  # the target's head starts afresh
-    return {"params": params, "batch_stats": jax.device_get(state.batch_stats)}
+    variables = {
+        "params": jax.device_get(state.params),
+        "batch_stats": jax.device_get(state.batch_stats),
+    }
+    return variables, _accuracy(steps, state, ds, args.batch_size)
+
+
+def warm_up(model, variables: dict[str, Any], ds: Task, args: argparse.Namespace) -> float:
+    """Compiles and runs a few untimed full steps, so the first timed run starts warm.
+
+    Without it the first run in the process paid for starting up (thread pools,
+    allocations): in a run of the four one after the other, the full run's
+    first 60 steps took 1.7x as long as the same 60 steps of the second run.
+    """
+    before = time.perf_counter()
+    opt = optax.adamw(1e-4)
+    steps = train.make_steps(
+        model, opt, "none", variables["params"], preprocess=_normalize,
+        preprocess_eval=data.normalize, grad_norm=False,
+    )  # fmt: skip
+    state = steps.init_state(variables, jax.random.key(args.seed))
+    for step in range(args.warmup_steps):
+        idx = data.batch_indices(args.seed + 1, step, ds.num_train, args.batch_size)
+        state, _ = steps.train_step(
+            state, {"image": ds.train_images[idx], "label": ds.train_labels[idx]}
+        )
+    jax.block_until_ready(state.params)
+    return time.perf_counter() - before
 
 
 def fine_tune(
-    kind: str, model, variables: dict[str, Any], ds: data.Dataset, args: argparse.Namespace
-) -> dict[str, Any]:
-    """One target run; returns its accuracy curve, phases and FLOPs."""
+    kind: str, model, variables: dict[str, Any], ds: Task, args: argparse.Namespace
+) -> Generator[None, None, dict[str, Any]]:
+    """One target run, paused after each evaluation; returns its curve, phases and FLOPs.
+
+    Its clock runs only between a resumption and the next evaluation, so
+    `interleave` can run several of these in turns.
+    """
     total = args.steps
     params = variables["params"]
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, total // 10, total))
@@ -206,6 +307,7 @@ def fine_tune(
             jax.block_until_ready(state.params)
             elapsed += time.perf_counter() - clock
             curve.append((elapsed, step + 1, _accuracy(steps, state, ds, args.batch_size)))
+            yield
             clock = time.perf_counter()
     ends = [p["start"] for p in seen[1:]] + [total]
     phase_rows = []
@@ -232,6 +334,25 @@ def fine_tune(
     }
 
 
+def interleave(runs: Sequence[Generator[None, None, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Runs `fine_tune` generators in turns, one evaluation interval each; their results.
+
+    On a shared machine the load drifts over minutes (in sequential runs,
+    identical steps took 1.0 to 1.9 s per 10 in different runs); in turns,
+    every run sees the same drift, as `freeze_cost` times its rows round-robin.
+    """
+    results: list[dict[str, Any] | None] = [None] * len(runs)
+    active = list(range(len(runs)))
+    while active:
+        for i in tuple(active):
+            try:
+                next(runs[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    return results
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Adds time to the target accuracy (full final - 0.5 points) and speed-ups."""
     target = results[0]["final_accuracy"] - TOLERANCE
@@ -239,6 +360,17 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         hit = next(((t, s) for t, s, acc in r["curve"] if acc >= target), None)
         r["target_accuracy"] = target
         r["seconds_to_target"] = None if hit is None else hit[0]
+        r["step_at_target"] = None if hit is None else hit[1]
+        # Deterministic, unlike the seconds: the compiled work of the steps before the hit.
+        r["tflops_to_target"] = (
+            None
+            if hit is None
+            else sum(
+                p["gflops"] * max(0, min(p["start"] + p["steps"], hit[1]) - p["start"])
+                for p in r["phases"]
+            )
+            / 1e3
+        )
         r["compile_before_target"] = sum(
             sec for start, sec in r["first_steps"] if hit is not None and start < hit[1]
         )
@@ -254,28 +386,40 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             None if hit is None or warm_base is None else warm_base / r["warm_seconds"]
         )
         r["flops_ratio"] = results[0]["total_tflops"] / r["total_tflops"]
+        base_flops = results[0]["tflops_to_target"]
+        r["flops_to_target_ratio"] = (
+            None if hit is None or base_flops is None else base_flops / r["tflops_to_target"]
+        )
     return results
 
 
 def format_markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | final acc | s to target | speed-up | total s | compile s | s to target"
-        " excl. compile | train TFLOP (vs full) | phases: start GFLOP/step (spec) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | final acc | s to target (incl. compile) | speed-up | s to target excl. compile"
+        " | step at target | TFLOP to target | total s | compile s | train TFLOP"
+        " | phases: start GFLOP/step (spec) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        hit = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"
-        speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        reached = r["seconds_to_target"] is not None
+        hit = f"{r['seconds_to_target']:.1f}" if reached else "not reached"
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
         warm = (
-            "-"
-            if r["warm_speedup"] is None
-            else f"{r['warm_seconds']:.1f} ({r['warm_speedup']:.2f}x)"
+            f"{r['warm_seconds']:.1f} ({r['warm_speedup']:.2f}x)"
+            if r["warm_speedup"] is not None
+            else "-"
+        )
+        step = str(r["step_at_target"]) if reached else "-"
+        work = (
+            f"{r['tflops_to_target']:.3f} ({r['flops_to_target_ratio']:.2f}x)"
+            if r["flops_to_target_ratio"] is not None
+            else "-"
         )
         phases = "; ".join(f"{p['start']}: {p['gflops']:.2f} ({p['spec']})" for p in r["phases"])
         lines.append(
-            f"| {r['run']} | {r['final_accuracy']:.4f} | {hit} | {speed} | {r['seconds']:.1f} | "
-            f"{r['compile_seconds']:.1f} | {warm} | "
-            f"{r['total_tflops']:.2f} ({r['flops_ratio']:.2f}x less) | {phases} |"
+            f"| {r['run']} | {r['final_accuracy']:.4f} | {hit} | {speed} | {warm} | {step} | "
+            f"{work} | {r['seconds']:.1f} | {r['compile_seconds']:.1f} | "
+            f"{r['total_tflops']:.2f} ({r['flops_ratio']:.2f}x) | {phases} |"
         )
     return "\n".join(lines)
 
@@ -295,46 +439,106 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def setup_line(args: argparse.Namespace, source: Task, target: Task, accuracy: float) -> str:
+    """The run's settings in words, for the console and the markdown section."""
+    epoch = target.num_train // args.batch_size
+    return (
+        f"CIFAR ResNet-18 width {args.width} on {args.image_size}x{args.image_size} digits; "
+        f"source: digits 0-4 ({source.num_train} train / {len(source.test_labels)} test), "
+        f"{args.source_steps} steps from scratch, test accuracy {accuracy:.4f}; target: digits "
+        f"5-9 ({target.num_train} train / {len(target.test_labels)} test, {epoch} steps per "
+        f"epoch), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warmup "
+        f"{args.steps // 10} steps, cosine), evaluated every {args.eval_every} steps; "
+        f"FreezeOut t0 {args.t0} {args.scaling}; AutoFreeze interval {args.interval} steps, "
+        f"percentile {args.percentile:g}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: small and short")
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--image_size", type=int, default=32, choices=IMAGE_SIZES, help="8 is the native size"
+    )
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--source_steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=600, help="target fine-tuning steps")
-    parser.add_argument("--eval_every", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--interval", type=int, default=30, help="AutoFreeze interval")
+    parser.add_argument(
+        "--source_cache",
+        default="/tmp/layerfreeze_auto_freeze",
+        help="folder of trained source models, one file per setting ('' trains afresh)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=210, help="target fine-tuning steps (210: 10 epochs)"
+    )
+    parser.add_argument("--eval_every", type=int, default=10)
+    parser.add_argument(
+        "--lr", type=float, default=3e-4, help="fine-tuning peak rate (the source's: 3e-3)"
+    )
+    parser.add_argument(
+        "--interval",
+        type=int,
+        default=None,
+        help="AutoFreeze: steps between decisions (default: a tenth of --steps)",
+    )
     parser.add_argument("--percentile", type=float, default=50.0, help="AutoFreeze percentile")
-    parser.add_argument("--t0", type=float, default=0.5, help="FreezeOut t0")
+    parser.add_argument("--t0", type=float, default=0.8, help="FreezeOut t0")
     parser.add_argument("--scaling", default="cubic", choices=list(lf.auto.SCALINGS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help=f"comma-separated, from {', '.join(RUNS)}; full first (it sets the target)",
+    )
+    parser.add_argument("--warmup_steps", type=int, default=20, help="untimed, before the runs")
     parser.add_argument("--plot", default="benchmarks/auto_freeze.png")
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="", help="append a section to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.width, args.source_steps, args.steps = 4, 30, 40
+        args.width, args.image_size, args.source_steps, args.steps = 4, 8, 30, 40
         args.eval_every, args.interval = 10, 5
+    runs = args.runs.split(",")
+    if not runs or runs[0] != "full" or any(r not in RUNS for r in runs):
+        parser.error(f"--runs must start with full and name runs from {', '.join(RUNS)}")
+    if args.interval is None:
+        args.interval = max(1, args.steps // 10)
     for name in ("width", "batch_size", "source_steps", "steps", "eval_every", "interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    source, target = load_digits_tasks(args.seed)
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    load_before, clock = _load(), time.perf_counter()
+    source, target = load_digits_tasks(args.seed, image_size=args.image_size)
     model = resnet18(5, stem="cifar", width=args.width)
-    variables = train_source(model, source, args)
-    results = []
-    for kind in RUNS:
-        result = fine_tune(kind, model, variables, target, args)
-        print(f"{kind}: final accuracy {result['final_accuracy']:.4f} in {result['seconds']:.1f}s")
-        results.append(result)
+    variables, source_accuracy = source_variables(model, source, args)
+    setup = setup_line(args, source, target, source_accuracy)
+    print(setup)
+    warm = warm_up(model, variables, target, args)
+    print(f"warm-up: {args.warmup_steps} untimed steps in {warm:.1f}s")
+    results = interleave([fine_tune(kind, model, variables, target, args) for kind in runs])
+    for r in results:
+        print(
+            f"{r['run']}: final accuracy {r['final_accuracy']:.4f} in {r['seconds']:.1f}s "
+            f"(compile {r['compile_seconds']:.1f}s); phases: "
+            + "; ".join(f"{p['start']}: {p['spec']}" for p in r["phases"])
+        )
     results = summarise(results)
     table = format_markdown(results)
-    print(table)
+    load = f"load average (1/5/15 min) {load_before} before, {_load()} after"
+    wall = f"{time.perf_counter() - clock:.0f} s in all"
+    print(f"{table}\n{load}; {wall}")
     if args.plot:
         plot(results, args.plot)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump(
+                {"args": vars(args), "setup": setup, "load": load, "results": results}, f, indent=2
+            )
     if args.markdown:
         command = "python benchmarks/auto_freeze.py " + " ".join(
             argv if argv is not None else sys.argv[1:]
@@ -343,7 +547,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f.write(
                 "\n## auto_freeze: time to accuracy, digits 0-4 -> 5-9, "
                 f"ResNet-18 width {args.width}\n\n"
-                f"Machine: {machine_description()}.\n\nCommand: `{command.strip()}`\n\n{table}\n"
+                f"Machine: {machine_description()}; {load}; {wall}.\n\n"
+                f"Setup: {setup}.\n\nCommand: `{command.strip()}`\n\n{table}\n"
             )
     return results
 
