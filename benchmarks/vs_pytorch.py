@@ -34,15 +34,16 @@ same framework's full step). PyTorch gets as many threads as XLA's CPU client us
 pass, the Adam update) and the forward convolutions of the frozen stages, to
 show where the difference lies.
 
-`--xla_variant` adds layerfreeze rows compiled with other XLA CPU options
-(`compiler_options` of `Lowered.compile`, so every variant runs in the same
-process): `eigen-conv` sends convolutions to Eigen instead of XNNPACK's YNN
-kernels (XLA's default on this jaxlib), `no-ynn` turns YNN off altogether.
+The `layerfreeze` rows compile as `make_steps` does by default: on CPU with
+`train.CPU_EIGEN_CONV` (convolutions through Eigen instead of XNNPACK's YNN
+kernels). `--xla_variant` adds layerfreeze rows compiled with other XLA CPU
+options in the same process: `ynn-conv` is XLA's own default on this jaxlib
+(convolutions through YNN too), `no-ynn` turns YNN off altogether.
 
 Commands:
   python benchmarks/vs_pytorch.py --quick
   python benchmarks/vs_pytorch.py --models resnet18,vit_ti4 --parts \
-      --xla_variant eigen-conv --json /tmp/vs_pytorch.json --markdown /tmp/vs_pytorch.md
+      --xla_variant ynn-conv --json /tmp/vs_pytorch.json --markdown /tmp/vs_pytorch.md
 """
 
 import argparse
@@ -77,8 +78,10 @@ FREEZE = "stem,stage1,stage2"
 TORCH_FROZEN: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
 # jaxlib 0.10.2's default YNN fusion types are individual dots, individual
 # convolutions and reductions (read from compiled HLO).
+# The `layerfreeze` rows compile with make_steps' default options
+# (`train.default_compiler_options()`: convolutions through Eigen on CPU).
 XLA_VARIANTS: dict[str, Mapping[str, Any]] = {
-    "eigen-conv": train.CPU_EIGEN_CONV,
+    "ynn-conv": {},  # XLA's own defaults: convolutions through YNN as well
     "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 ROW_KEYS: tuple[str, ...] = (
@@ -474,18 +477,22 @@ def _jax_step(
     spec: str,
     setting: str,
     batch: Mapping[str, jax.Array],
-    compiler_options: Mapping[str, Any],
+    compiler_options: Mapping[str, Any] | None,
     seed: int,
 ) -> tuple[Callable[[], Any], int]:
     method = "lr0" if setting == "lr0" else "zero"
     # No gradient-norm metric: the PyTorch step computes none either.
     steps = train.make_steps(
-        model, optax.adam(LEARNING_RATE), spec, variables["params"], method=method, grad_norm=False
+        model,
+        optax.adam(LEARNING_RATE),
+        spec,
+        variables["params"],
+        method=method,
+        grad_norm=False,
+        compiler_options=compiler_options,
     )
     state = steps.init_state(variables, jax.random.key(seed))
-    compiled = steps.train_step.lower(state, batch).compile(
-        compiler_options=dict(compiler_options) or None
-    )
+    compiled = steps.train_step.lower(state, batch).compile()
     box = [state]
 
     def step():
@@ -554,7 +561,9 @@ def measure(
         f"{check['logits_rel_diff']:.1e}"
     )
 
-    variants = {"layerfreeze": {}} | {f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants}
+    variants = {"layerfreeze": train.default_compiler_options()} | {
+        f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants
+    }
     configs = []
     for setting in settings:
         torch_model = case.make_torch()
@@ -786,7 +795,9 @@ def measure_parts(
         return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
     fns: list[tuple[str, str, Callable[[], Any]]] = []
-    variants = {"layerfreeze": {}} | {f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants}
+    variants = {"layerfreeze": train.default_compiler_options()} | {
+        f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants
+    }
     for framework, options in variants.items():
         opts = dict(options) or None
         f = jax.jit(features).lower(variables, x).compile(compiler_options=opts)

@@ -76,7 +76,8 @@ def test_compiler_options_send_convolutions_to_eigen_and_keep_frozen_exact():
     model = _tiny()
     variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
     runs = {}
-    for name, options in (("default", None), ("eigen", train.CPU_EIGEN_CONV)):
+    assert train.default_compiler_options() == train.CPU_EIGEN_CONV  # on CPU
+    for name, options in (("default", {}), ("eigen", None)):
         s = train.make_steps(
             model, optax.adam(1e-2), "stem,stage1", variables["params"], compiler_options=options
         )
@@ -87,8 +88,8 @@ def test_compiler_options_send_convolutions_to_eigen_and_keep_frozen_exact():
             state, metrics = s.train_step(state, _batch(seed=i))
         runs[name] = (ynn_convs, before, jax.tree.map(np.array, state.as_dict()), metrics)
         s.eval_step(state, _batch())  # compiles with the same options
-    # The default CPU compile puts convolutions in XNNPACK (YNN) fusions; the
-    # option leaves them as plain HLO convolutions (Eigen).
+    # XLA's default CPU compile puts convolutions in XNNPACK (YNN) fusions;
+    # make_steps' default leaves them as plain HLO convolutions (Eigen).
     assert runs["default"][0] > 0
     assert runs["eigen"][0] == 0
     _, before, after, metrics = runs["eigen"]

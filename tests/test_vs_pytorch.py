@@ -207,7 +207,7 @@ def test_parts_rows(setup):
     "argv, message",
     [
         (["--settings", "full,half"], "full, frozen, lr0"),
-        (["--xla_variant", "fast"], "eigen-conv"),
+        (["--xla_variant", "fast"], "ynn-conv"),
         (["--steps", "0"], "--steps"),
         (["--models", "resnet18,vgg"], "resnet18, vit_ti4"),
         (["--pause_ms", "-1"], "--pause_ms"),
