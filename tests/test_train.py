@@ -295,7 +295,9 @@ _PARALLEL = textwrap.dedent(
 
 def test_data_parallel_on_four_cpu_devices_matches_one_device():
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+        os.environ,
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
     )
     proc = subprocess.run(
         [sys.executable, "-c", _PARALLEL], env=env, capture_output=True, text=True, timeout=300
