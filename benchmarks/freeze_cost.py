@@ -486,26 +486,37 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return out
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table: text columns left-aligned, numbers right-aligned."""
-    header = [h for h, _, _ in _COLUMNS]
-    body = [_cells(r) for r in rows]
+def text_table(
+    header: Sequence[str],
+    body: Sequence[Sequence[str]],
+    left: int = 3,
+    sections: Sequence[Any] | None = None,
+) -> str:
+    """A plain-text table: the first `left` columns left-aligned, the others right-aligned.
+
+    With `sections` (one key per body row), a blank line where the key changes.
+    """
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
 
     def line(cells):
         return "  ".join(
-            c.ljust(w) if i < 3 else c.rjust(w)
+            c.ljust(w) if i < left else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
     out = [line(header), "-" * len(line(header))]
-    previous = None
-    for row, cells in zip(rows, body, strict=True):
-        if previous is not None and row["model"] != previous:
+    keys = list(sections) if sections is not None else [None] * len(body)
+    for i, cells in enumerate(body):
+        if i and keys[i] != keys[i - 1]:
             out.append("")
-        previous = row["model"]
         out.append(line(cells))
     return "\n".join(out)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table, one section per model: text left-aligned, numbers right-aligned."""
+    body = [_cells(r) for r in rows]
+    return text_table([h for h, _, _ in _COLUMNS], body, sections=[r["model"] for r in rows])
 
 
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:

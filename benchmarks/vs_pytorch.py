@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 # Run as a script, this file's folder is on sys.path.
-from freeze_cost import init_variables, machine_description, write_json
+from freeze_cost import init_variables, machine_description, text_table, write_json
 from torch import nn as tnn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -950,17 +950,7 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A plain-text table: text columns left-aligned, numbers right-aligned."""
-    header = [h for h, _, _ in _COLUMNS]
-    body = [_cells(r) for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-
-    def line(cells):
-        return "  ".join(
-            c.ljust(w) if i < 3 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(header), "-" * len(line(header))] + [line(c) for c in body])
+    return text_table([h for h, _, _ in _COLUMNS], [_cells(r) for r in rows])
 
 
 def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
