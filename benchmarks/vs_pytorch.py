@@ -31,8 +31,8 @@ same framework's full step). PyTorch gets as many threads as XLA's CPU client us
 
 `--parts` also times the three parts of a frozen step alone in each framework
 (the frozen prefix's forward pass, the trainable part's forward and backward
-pass, the Adam update) and the forward convolutions of the frozen stages, to
-show where the difference lies.
+pass, the Adam update) and each stage's 3x3 convolution alone (forward, input
+gradient, weight gradient), to show where the difference lies.
 
 The `layerfreeze` rows compile as `make_steps` does by default: on CPU with
 `train.CPU_EIGEN_CONV` (convolutions through Eigen instead of XNNPACK's YNN
@@ -642,6 +642,61 @@ def _conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
     )
 
 
+CONV_DIRECTIONS = ("forward", "input grad", "weight grad")
+"""The passes of one convolution that `--parts` times: a frozen layer runs only the
+forward; a trainable one runs all three (the first trainable layer skips the
+input gradient)."""
+
+
+def conv_shapes(image_size: int, width: int) -> list[tuple[int, int]]:
+    """(side, channels) of the four ResNet stages' 3x3 stride-1 convolutions."""
+    return [(image_size >> k, width << k) for k in range(4) if image_size >> k >= 1]
+
+
+def conv_part_name(side: int, channels: int, direction: str) -> str:
+    name = f"conv 3x3 {side}x{side}x{channels}"
+    return name if direction == "forward" else f"{name} {direction}"
+
+
+def jax_conv(direction: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`f(x, w, g)`: the convolution of `x` (NHWC) with `w` (HWIO), or the gradient
+    of `<conv(x, w), g>` with respect to `x` or `w`, as XLA compiles it inside a
+    train step."""
+    _check_choices("direction", [direction], CONV_DIRECTIONS)
+    if direction == "forward":
+        return lambda x, w, g: _conv3x3(x, w)
+    if direction == "input grad":
+        return lambda x, w, g: jax.vjp(lambda x: _conv3x3(x, w), x)[1](g)[0]
+    return lambda x, w, g: jax.vjp(lambda w: _conv3x3(x, w), w)[1](g)[0]
+
+
+def torch_conv(direction: str, x: Any, w: Any, g: Any) -> Callable[[], torch.Tensor]:
+    """PyTorch's same pass on the same (NHWC/HWIO) arrays, moved to NCHW/OIHW once:
+    `F.conv2d`, or `aten.convolution_backward` (what autograd calls) for one gradient."""
+    _check_choices("direction", [direction], CONV_DIRECTIONS)
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
+    tg = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
+
+    if direction == "forward":
+
+        def run():
+            with torch.no_grad():
+                return F.conv2d(tx, tw, padding=1)
+
+        return run
+    mask = [direction == "input grad", direction == "weight grad", False]
+
+    def run_backward():
+        with torch.no_grad():
+            grads = torch.ops.aten.convolution_backward(
+                tg, tx, tw, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask
+            )
+        return grads[0] if mask[0] else grads[1]
+
+    return run_backward
+
+
 class Case(NamedTuple):
     """One benchmarked model in both frameworks."""
 
@@ -747,8 +802,9 @@ def measure_parts(
       of `apply(..., start_after="stage2")`; PyTorch: `loss.backward()`);
     * `Adam update`: one Adam step of the trainable parameters from given
       gradients (optax `adam` + `apply_updates`, jitted; `torch.optim.Adam.step`);
-    * `conv 3x3 HxWxC`: one forward convolution of stage1's and of stage2's
-      shape (NHWC in XLA, NCHW in PyTorch, as the models run them).
+    * `conv 3x3 HxWxC[ input grad| weight grad]`: one 3x3 stride-1 convolution
+      of each stage's shape, forward or one of its two gradients (NHWC in XLA,
+      NCHW in PyTorch, as the models run them; `jax_conv`, `torch_conv`).
 
     Returns:
       Rows with `part`, `framework`, `step_ms`, `q1_ms`, `q3_ms`, `ratio_torch`,
@@ -845,26 +901,27 @@ def measure_parts(
         ("trainable fwd+bwd", "pytorch", t_fwd_bwd),
         ("Adam update", "pytorch", t_opt.step),
     ]
-    # The forward convolutions of stage1 and stage2 (3x3, stride 1), alone.
-    for side, channels in ((image_size, width), (image_size // 2, 2 * width)):
-        part = f"conv 3x3 {side}x{side}x{channels}"
-        conv_x = rng_normal((batch_size, side, side, channels))
-        conv_w = rng_normal((3, 3, channels, channels)) * 0.05
-        for framework, options in variants.items():
-            c = (
-                jax.jit(_conv3x3)
-                .lower(conv_x, conv_w)
-                .compile(compiler_options=dict(options) or None)
+    # Each stage's 3x3 stride-1 convolution alone: forward, input and weight gradients.
+    for side, channels in conv_shapes(image_size, width):
+        conv_x, conv_w, conv_g = (
+            rng_normal(s)
+            for s in (
+                (batch_size, side, side, channels),
+                (3, 3, channels, channels),
+                (batch_size, side, side, channels),
             )
-            fns.append((part, framework, functools.partial(_run, c, conv_x, conv_w)))
-        tx = torch.from_numpy(np.asarray(conv_x).transpose(0, 3, 1, 2).copy())
-        tw = torch.from_numpy(np.asarray(conv_w).transpose(3, 2, 0, 1).copy())
-
-        def t_conv(tx=tx, tw=tw):
-            with torch.no_grad():
-                return F.conv2d(tx, tw, padding=1)
-
-        fns.append((part, "pytorch", t_conv))
+        )
+        conv_w = conv_w * 0.05
+        for direction in CONV_DIRECTIONS:
+            part = conv_part_name(side, channels, direction)
+            for framework, options in variants.items():
+                c = (
+                    jax.jit(jax_conv(direction))
+                    .lower(conv_x, conv_w, conv_g)
+                    .compile(compiler_options=dict(options) or None)
+                )
+                fns.append((part, framework, functools.partial(_run, c, conv_x, conv_w, conv_g)))
+            fns.append((part, "pytorch", torch_conv(direction, conv_x, conv_w, conv_g)))
     log(f"  timing {len(fns)} parts: {warmup} warm-up + {steps} timed rounds, round-robin")
     cpu: list[list[float]] = []
     times = time_round_robin(

@@ -194,13 +194,33 @@ def test_parts_rows(setup):
     )
     parts = list(dict.fromkeys(r["part"] for r in rows))
     assert parts[:3] == ["frozen forward", "trainable fwd+bwd", "Adam update"]
-    assert parts[3:] == [f"conv 3x3 {IMAGE}x{IMAGE}x{WIDTH}", "conv 3x3 4x4x8"]
+    convs = [
+        vs_pytorch.conv_part_name(side, channels, direction)
+        for side, channels in [(8, 4), (4, 8), (2, 16), (1, 32)]
+        for direction in vs_pytorch.CONV_DIRECTIONS
+    ]
+    assert parts[3:] == convs
+    assert "conv 3x3 4x4x8 weight grad" in convs
     for part in parts:
         frameworks = sorted(r["framework"] for r in rows if r["part"] == part)
         assert frameworks == ["layerfreeze", "pytorch"], part
     assert all(r["ratio_torch"] == 1.0 for r in rows if r["framework"] == "pytorch")
     assert all(r["cpu_ms"] >= 0 for r in rows)
     assert "Adam update" in vs_pytorch.format_parts(rows, markdown=True)
+
+
+@pytest.mark.parametrize("direction", vs_pytorch.CONV_DIRECTIONS)
+def test_conv_parts_compute_the_same_pass(direction):
+    rng = np.random.default_rng(0)
+    x, g = (rng.normal(size=(2, 4, 4, 8)).astype(np.float32) for _ in range(2))
+    w = rng.normal(size=(3, 3, 8, 8)).astype(np.float32)
+    ours = np.asarray(jax.jit(vs_pytorch.jax_conv(direction))(x, w, g))
+    theirs = vs_pytorch.torch_conv(direction, x, w, g)().numpy()
+    # Back to NHWC / HWIO; the pass returns what the direction names.
+    to_ours = (2, 3, 1, 0) if direction == "weight grad" else (0, 2, 3, 1)
+    theirs = theirs.transpose(to_ours)
+    assert ours.shape == theirs.shape == (w.shape if direction == "weight grad" else x.shape)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(
