@@ -658,16 +658,18 @@ def conv_part_name(side: int, channels: int, direction: str) -> str:
     return name if direction == "forward" else f"{name} {direction}"
 
 
-def jax_conv(direction: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """`f(x, w, g)`: the convolution of `x` (NHWC) with `w` (HWIO), or the gradient
-    of `<conv(x, w), g>` with respect to `x` or `w`, as XLA compiles it inside a
-    train step."""
+def jax_conv(
+    direction: str, conv: Callable[[jax.Array, jax.Array], jax.Array] = _conv3x3
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`f(x, w, g)`: `conv(x, w)` of `x` (NHWC) with `w` (HWIO), or the gradient of
+    `<conv(x, w), g>` with respect to `x` or `w` (JAX's autodiff, as inside a
+    train step). `conv`: a 3x3, stride-1, padding-1 convolution, XLA's by default."""
     _check_choices("direction", [direction], CONV_DIRECTIONS)
     if direction == "forward":
-        return lambda x, w, g: _conv3x3(x, w)
+        return lambda x, w, g: conv(x, w)
     if direction == "input grad":
-        return lambda x, w, g: jax.vjp(lambda x: _conv3x3(x, w), x)[1](g)[0]
-    return lambda x, w, g: jax.vjp(lambda w: _conv3x3(x, w), w)[1](g)[0]
+        return lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]
+    return lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0]
 
 
 def torch_conv(direction: str, x: Any, w: Any, g: Any) -> Callable[[], torch.Tensor]:
