@@ -636,6 +636,15 @@ def _run(compiled: Any, *args: Any) -> Any:
     return jax.block_until_ready(compiled(*args))
 
 
+def _features(model: Any, upto: str, variables: Any, x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, upto=upto, method=type(model).features)
+
+
+def _no_grad(module: tnn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(images.float())
+
+
 def _conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -798,7 +807,8 @@ def measure_parts(
 
     * `frozen forward`: stem..stage2 on running statistics, no gradients
       (layerfreeze: `ResNet.features(upto="stage2")`, jitted; PyTorch: the frozen
-      modules in eval mode under `torch.no_grad`);
+      modules in eval mode under `torch.no_grad`); `frozen forward to stem` and
+      `to stage1`: the same pass cut shorter;
     * `trainable fwd+bwd`: stage3..head in train mode from stage2's output, loss,
       and the gradients of their parameters (layerfreeze: `jax.value_and_grad`
       of `apply(..., start_after="stage2")`; PyTorch: `loss.backward()`);
@@ -903,6 +913,17 @@ def measure_parts(
         ("trainable fwd+bwd", "pytorch", t_fwd_bwd),
         ("Adam update", "pytorch", t_opt.step),
     ]
+    # The frozen forward cut shorter, to tell which stage holds a difference.
+    for upto, modules in (("stem", 3), ("stage1", 4)):
+        part = f"frozen forward to {upto}"
+        for framework, options in variants.items():
+            f = (
+                jax.jit(functools.partial(_features, model, upto))
+                .lower(variables, x)
+                .compile(compiler_options=dict(options) or None)
+            )
+            fns.append((part, framework, functools.partial(_run, f, variables, x)))
+        fns.append((part, "pytorch", functools.partial(_no_grad, frozen_net[:modules], t_images)))
     # Each stage's 3x3 stride-1 convolution alone: forward, input and weight gradients.
     for side, channels in conv_shapes(image_size, width):
         conv_x, conv_w, conv_g = (

@@ -199,7 +199,8 @@ def test_parts_rows(setup):
         for side, channels in [(8, 4), (4, 8), (2, 16), (1, 32)]
         for direction in vs_pytorch.CONV_DIRECTIONS
     ]
-    assert parts[3:] == convs
+    assert parts[3:5] == ["frozen forward to stem", "frozen forward to stage1"]
+    assert parts[5:] == convs
     assert "conv 3x3 4x4x8 weight grad" in convs
     for part in parts:
         frameworks = sorted(r["framework"] for r in rows if r["part"] == part)
