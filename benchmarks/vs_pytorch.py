@@ -84,6 +84,11 @@ XLA_VARIANTS: dict[str, Mapping[str, Any]] = {
     "ynn-conv": {},  # XLA's own defaults: convolutions through YNN as well
     "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
+HOST_MEMORY: tuple[str, ...] = ("retain", "release")
+_HOST_MEMORY_TEXT = {
+    "retain": "retained for the whole process (`train.retain_host_memory()`, both frameworks)",
+    "release": "as glibc's defaults leave it (buffers above 32 MiB unmapped when freed)",
+}
 ROW_KEYS: tuple[str, ...] = (
     "model",
     "framework",
@@ -1051,7 +1056,8 @@ def describe(info: Mapping[str, Any]) -> str:
         f"XLA's CPU client uses the {info['cpus']} CPUs this process may run on), "
         f"jax {info['jax']}; "
         f"{info['warmup']} warm-up + {info['steps']} timed steps per row, round-robin, "
-        f"{1e3 * info['pause']:.0f} ms sleep before each. "
+        f"{1e3 * info['pause']:.0f} ms sleep before each; host memory "
+        f"{_HOST_MEMORY_TEXT[info.get('host_memory', 'release')]}. "
         f"Same model in both: {check['params']:,} parameters, "
         f"{check['forward_flops'] / 1e9:.3f} GFLOP of convolutions and matmuls per forward "
         f"pass, eval logits equal to {check['logits_rel_diff']:.1e} (relative)."
@@ -1103,6 +1109,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--parts", action="store_true", help="also time a frozen step's parts alone in each"
     )
+    parser.add_argument(
+        "--host_memory",
+        default="retain",
+        choices=HOST_MEMORY,
+        help="retain: train.retain_host_memory() for the whole process, both frameworks "
+        "(default); release: glibc's defaults",
+    )
     parser.add_argument("--json", default=None, help="write the rows and setup as JSON here")
     parser.add_argument("--markdown", default=None, help="append a markdown section here")
     args = parser.parse_args(argv)
@@ -1134,6 +1147,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs the benchmark from command-line arguments; returns the rows."""
     args = parse_args(argv)
     command = "python benchmarks/vs_pytorch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # Before anything runs on JAX's backend: the setting holds for threads started later.
+    if args.host_memory == "retain" and not train.retain_host_memory():
+        args.host_memory = "release"  # not glibc, or called too late: say what ran
     print(f"machine: {machine_description()}", flush=True)
     start = time.perf_counter()
     common = {
@@ -1152,6 +1168,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         runs.append(measure(model=model, model_kw=model_kw, settings=args.settings, **common))
     parts = measure_parts(width=args.width, **common) if args.parts else []
     for rows, info in runs:
+        info["host_memory"] = args.host_memory
         print()
         print(describe(info))
         print(format_table(rows))

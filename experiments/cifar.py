@@ -13,6 +13,7 @@ one `error:` line (exit code 1).
 """
 
 import pathlib
+import platform
 import sys
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import cifar_train  # noqa: E402
+from layerfreeze import train  # noqa: E402
 
 
 def _config_fields(argv: list[str]) -> list[str]:
@@ -89,6 +91,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _FREEZE = flags.DEFINE_string(
     "freeze", None, "Freeze spec, e.g. 'stage1,stage2', 'none', 'all-but:head' (overrides config)."
 )
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory",
+    "retain",
+    ["retain", "release"],
+    "retain: keep the host memory a step frees for the next (layerfreeze.train."
+    "retain_host_memory; on glibc, saves the CPU backend's per-step page faults); "
+    "release: the C library's defaults.",
+)
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:
@@ -100,6 +110,8 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if _HOST_MEMORY.value == "retain" and platform.libc_ver()[0] == "glibc":
+        train.retain_host_memory()  # before the first JAX computation
     if not flags.FLAGS["verbosity"].present:
         # The console shows the summary, the progress bar, warnings and the
         # result; library INFO logs (Orbax, XLA) only with --verbosity=0.

@@ -232,6 +232,7 @@ def test_conv_parts_compute_the_same_pass(direction):
         (["--steps", "0"], "--steps"),
         (["--models", "resnet18,vgg"], "resnet18, vit_ti4"),
         (["--pause_ms", "-1"], "--pause_ms"),
+        (["--host_memory", "keep"], "'retain', 'release'"),
     ],
 )
 def test_bad_arguments_exit_nonzero(argv, message, capsys):
