@@ -106,15 +106,16 @@ def retain_host_memory() -> bool:
     """Keeps the host memory a step frees for the next step (glibc, i.e. Linux).
 
     XLA's CPU client allocates each execution's temporary buffer, and Eigen its
-    matrix-packing buffers, from worker threads. glibc serves such requests above
-    32 MiB (above 64 MiB in a worker thread's own arena, always) with a fresh
-    `mmap` and unmaps it when it is freed, so every step faults its memory in
-    again: a CIFAR ResNet-18 train step at batch 32 took 68k minor page faults
-    and 0.15 s of system time (`benchmarks/vs_pytorch.py --host_memory release`).
-    This sets glibc to one arena (`M_ARENA_MAX=1`), no `mmap` (`M_MMAP_MAX=0`)
-    and no trimming (`M_TRIM_THRESHOLD`), so freed memory is reused: no faults
-    after the first step, and steps 5-15% faster on that CPU (measured in
-    `benchmarks/RESULTS.md`). It changes where memory comes from, not what is
+    matrix-packing buffers, from worker threads. glibc serves requests above
+    32 MiB with a fresh `mmap` (above 64 MiB a worker thread's arena has no
+    other way) and unmaps it when it is freed, so every step faults its memory
+    in again: 68k minor page faults and about 0.15 s of system time per CIFAR
+    ResNet-18 train step at batch 32 on a 2-core CPU. This sets glibc to one
+    arena (`M_ARENA_MAX=1`), no `mmap` (`M_MMAP_MAX=0`) and no trimming
+    (`M_TRIM_THRESHOLD`), so freed memory is reused: no faults after the first
+    steps. There, layerfreeze's ResNet-18 steps ran 12-17% faster, and a
+    ViT-Ti/4 frozen step went from 1.06-1.15x to 0.88-0.97x PyTorch's
+    (`benchmarks/RESULTS.md`). It changes where memory comes from, not what is
     computed; the process keeps its peak host memory until it exits.
 
     Call it before the first JAX computation: a thread that has allocated
