@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 # Run as a script, this file's folder is on sys.path.
-from freeze_cost import machine_description, text_table, write_json
+from freeze_cost import machine_description, markdown_table, text_table, write_json
 from vs_pytorch import (
     CONV_DIRECTIONS,
     _check_choices,
@@ -221,8 +221,7 @@ def format_rows(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> st
         for r in rows
     ]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * 5]
-        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
+        return markdown_table(header, body, left=2)
     return text_table(header, body, left=2, sections=[r["part"] for r in rows])
 
 

@@ -521,11 +521,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The table as GitHub markdown."""
-    header = [h for h, _, _ in _COLUMNS]
-    align = ["---" if i < 3 else "---:" for i in range(len(header))]
+    return markdown_table([h for h, _, _ in _COLUMNS], [_cells(r) for r in rows])
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 3) -> str:
+    """A GitHub markdown table: the first `left` columns left-aligned, the others right."""
+    align = ["---" if i < left else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
 
 
 def write_json(path: str, rows: Sequence[dict[str, Any]]) -> None:

@@ -64,7 +64,13 @@ import torch
 import torch.nn.functional as F
 
 # Run as a script, this file's folder is on sys.path.
-from freeze_cost import init_variables, machine_description, text_table, write_json
+from freeze_cost import (
+    init_variables,
+    machine_description,
+    markdown_table,
+    text_table,
+    write_json,
+)
 from torch import nn as tnn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -993,17 +999,8 @@ def format_parts(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> s
         for r in rows
     ]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * 5]
-        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body])
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-
-    def line(cells):
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), "-" * len(line(header))] + [line(c) for c in body])
+        return markdown_table(header, body, left=2)
+    return text_table(header, body, left=2)
 
 
 # --------------------------------------------------------------------------- output
@@ -1040,10 +1037,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The table as GitHub markdown."""
-    header = [h for h, _, _ in _COLUMNS]
-    align = ["---" if i < 3 else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(_cells(r)) + " |" for r in rows])
+    return markdown_table([h for h, _, _ in _COLUMNS], [_cells(r) for r in rows])
 
 
 def describe(info: Mapping[str, Any]) -> str:
