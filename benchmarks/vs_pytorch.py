@@ -1105,10 +1105,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--host_memory",
-        default="retain",
+        default="release",
         choices=HOST_MEMORY,
-        help="retain: train.retain_host_memory() for the whole process, both frameworks "
-        "(default); release: glibc's defaults",
+        help="retain: train.retain_host_memory() for the whole process, both frameworks; "
+        "release: glibc's defaults (default)",
     )
     parser.add_argument("--json", default=None, help="write the rows and setup as JSON here")
     parser.add_argument("--markdown", default=None, help="append a markdown section here")

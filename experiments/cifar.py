@@ -93,10 +93,10 @@ _FREEZE = flags.DEFINE_string(
 )
 _HOST_MEMORY = flags.DEFINE_enum(
     "host_memory",
-    "retain",
+    "release",
     ["retain", "release"],
     "retain: keep the host memory a step frees for the next (layerfreeze.train."
-    "retain_host_memory; on glibc, saves the CPU backend's per-step page faults); "
+    "retain_host_memory: on glibc, no per-step page faults, but one allocator arena); "
     "release: the C library's defaults.",
 )
 

@@ -113,10 +113,14 @@ def retain_host_memory() -> bool:
     ResNet-18 train step at batch 32 on a 2-core CPU. This sets glibc to one
     arena (`M_ARENA_MAX=1`), no `mmap` (`M_MMAP_MAX=0`) and no trimming
     (`M_TRIM_THRESHOLD`), so freed memory is reused: no faults after the first
-    steps. There, layerfreeze's ResNet-18 steps ran 12-17% faster, and a
-    ViT-Ti/4 frozen step went from 1.06-1.15x to 0.88-0.97x PyTorch's
-    (`benchmarks/RESULTS.md`). It changes where memory comes from, not what is
-    computed; the process keeps its peak host memory until it exits.
+    steps. Whether that is faster depends on the process, as the single arena
+    serialises allocation between threads. On that CPU a ViT-Ti/4 frozen step
+    went from 1.06-1.15x to 0.88-0.97x PyTorch's (both given the setting), and
+    a ResNet-18 step alone in one process from 503 to 444 ms, while
+    `experiments/cifar.py`'s ResNet-18 steps got 5% slower (431 -> 454 ms) and
+    its compilation slower too (`benchmarks/RESULTS.md`). Measure before
+    keeping it. It changes where memory comes from, not what is computed; the
+    process keeps its peak host memory until it exits.
 
     Call it before the first JAX computation: a thread that has allocated
     keeps its arena. It is process-wide and affects every library in the process.
