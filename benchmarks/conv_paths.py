@@ -47,6 +47,7 @@ from vs_pytorch import (
     _check_choices,
     _conv3x3,
     _quartiles,
+    _run,
     conv_shapes,
     cpu_threads,
     jax_conv,
@@ -177,7 +178,7 @@ def measure(
                     .lower(x, w, g)
                     .compile(compiler_options=_options(path))
                 )
-                fns.append(functools.partial(_call, f, x, w, g))
+                fns.append(functools.partial(_run, f, x, w, g))
                 diff = np.max(np.abs(np.asarray(f(x, w, g)) - reference))
                 diffs.append(float(diff / np.max(np.abs(reference))))
             log(f"  {part}: {len(fns)} paths, {warmup} warm-up + {steps} timed rounds")
@@ -200,10 +201,6 @@ def measure(
                     }
                 )
     return rows
-
-
-def _call(compiled: Any, *args: Any) -> Any:
-    return jax.block_until_ready(compiled(*args))
 
 
 def format_rows(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:

@@ -840,13 +840,12 @@ def measure_parts(
     frozen_groups = ("stem", "stage1", "stage2")
     x = jnp.asarray(images)
     y = jnp.asarray(labels)
-    feats = model.apply(variables, x, upto="stage2", method=type(model).features)
+    feats = _features(model, "stage2", variables, x)
     trainable = {k: v for k, v in params.items() if k not in frozen_groups}
     optimizer = optax.adam(LEARNING_RATE)
     opt_state = optimizer.init(trainable)
 
-    def features(variables, x):
-        return model.apply(variables, x, upto="stage2", method=type(model).features)
+    features = functools.partial(_features, model, "stage2")
 
     def loss_grad(trainable, feats, y):
         def loss_fn(trainable):

@@ -13,7 +13,6 @@ one `error:` line (exit code 1).
 """
 
 import pathlib
-import platform
 import sys
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -110,8 +109,8 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if _HOST_MEMORY.value == "retain" and platform.libc_ver()[0] == "glibc":
-        train.retain_host_memory()  # before the first JAX computation
+    if _HOST_MEMORY.value == "retain":
+        train.retain_host_memory()  # before the first JAX computation; warns off glibc
     if not flags.FLAGS["verbosity"].present:
         # The console shows the summary, the progress bar, warnings and the
         # result; library INFO logs (Orbax, XLA) only with --verbosity=0.

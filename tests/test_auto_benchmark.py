@@ -1,22 +1,8 @@
 """`benchmarks/auto_freeze.py`: time to the target accuracy, the table; no scikit-learn needed."""
 
-import importlib.util
-import pathlib
-import sys
+from benchmark_scripts import load
 
-_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-_load("freeze_cost")  # auto_freeze imports it as a sibling script
-auto_freeze = _load("auto_freeze")
+auto_freeze = load("auto_freeze")
 
 
 def _result(run, curve, first_steps, phases):

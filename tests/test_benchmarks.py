@@ -1,27 +1,14 @@
 """`benchmarks/freeze_cost.py` on a tiny ResNet-18 and tiny ViTs: rows, ratios, JSON, bad input."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax
 import pytest
+from benchmark_scripts import load
 
 from layerfreeze import FreezeSpec
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "freeze_cost.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("freeze_cost", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-freeze_cost = _load()
+freeze_cost = load("freeze_cost")
 
 
 FREEZES = ("none", "stem,stage1,stage2", "all-but:head")

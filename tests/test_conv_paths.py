@@ -1,32 +1,14 @@
 """`benchmarks/conv_paths.py`: every formulation is the same convolution, rows, bad input."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import numpy as np
 import pytest
+from benchmark_scripts import load
 
 torch = pytest.importorskip("torch")
 
-_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _load(name):
-    # The benchmark scripts import each other as siblings.
-    if str(_DIR) not in sys.path:
-        sys.path.insert(0, str(_DIR))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-conv_paths = _load("conv_paths")
+conv_paths = load("conv_paths")
 
 
 @pytest.mark.parametrize("name", ["shifted", "im2col", "winograd"])

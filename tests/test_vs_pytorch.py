@@ -1,30 +1,14 @@
 """`benchmarks/vs_pytorch.py` on a tiny ResNet-18: the model check, the PyTorch setups, rows."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax
 import numpy as np
 import pytest
+from benchmark_scripts import load
 
 torch = pytest.importorskip("torch")
 
-_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def _load():
-    # vs_pytorch imports freeze_cost as a sibling script.
-    if str(_DIR) not in sys.path:
-        sys.path.insert(0, str(_DIR))
-    spec = importlib.util.spec_from_file_location("vs_pytorch", _DIR / "vs_pytorch.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-vs_pytorch = _load()
+vs_pytorch = load("vs_pytorch")
 
 WIDTH, IMAGE, BATCH = 4, 8, 2
 
