@@ -12,9 +12,9 @@ same optimizer (AdamW, warmup + cosine), the same batches and the same number
 of steps, no augmentation:
 
 * full: everything trains;
-* freezeout: `lf.freezeout` (t0 0.8, cubic scaling, the FreezeOut code's
+* freezeout: `lf.auto.freezeout` (t0 0.8, cubic scaling, the FreezeOut code's
   defaults): groups stop front first, from 80% of the run on;
-* auto: `lf.AutoFreeze` (percentile 50 and a decision every tenth of the run,
+* auto: `lf.auto.AutoFreeze` (percentile 50 and a decision every tenth of the run,
   the AutoFreeze code's defaults) on the train step's per-group gradient
   norms, the frozen prefix still run forward on every batch;
 * auto+cache: the same policy, the frozen prefix's outputs cached
@@ -58,13 +58,18 @@ from flax import traverse_util
 from freeze_cost import machine_description
 
 import layerfreeze as lf
-from layerfreeze import data, features, train
+from layerfreeze import train
 from layerfreeze.models import GROUPS, resnet18
+from layerfreeze.train import data, features
+from layerfreeze.train.platform import cpu_conv_options
 
 RUNS = ("full", "freezeout", "auto", "auto+cache")
 TOLERANCE = 0.005  # accuracy points below the full run's final accuracy, as a fraction
 TARGET_SPEEDUP = 1.5
 IMAGE_SIZES = (8, 16, 32)  # the digits' 8x8, each pixel repeated 1, 2 or 4 times
+
+# XLA options of every step: CPU convolutions through Eigen where that helps.
+CONV = cpu_conv_options()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +198,7 @@ def train_source(model, ds: Task, args: argparse.Namespace) -> tuple[dict[str, A
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, args.source_steps))
     steps = train.make_steps(
         model, opt, "none", variables["params"], preprocess=_normalize,
-        preprocess_eval=data.normalize, grad_norm=False,
+        preprocess_eval=data.normalize, grad_norm=False, compiler_options=CONV,
     )  # fmt: skip
     state = steps.init_state(variables, jax.random.key(args.seed))
     for step in range(args.source_steps):
@@ -219,7 +224,7 @@ def warm_up(model, variables: dict[str, Any], ds: Task, args: argparse.Namespace
     opt = optax.adamw(1e-4)
     steps = train.make_steps(
         model, opt, "none", variables["params"], preprocess=_normalize,
-        preprocess_eval=data.normalize, grad_norm=False,
+        preprocess_eval=data.normalize, grad_norm=False, compiler_options=CONV,
     )  # fmt: skip
     state = steps.init_state(variables, jax.random.key(args.seed))
     for step in range(args.warmup_steps):
@@ -244,26 +249,27 @@ def fine_tune(
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, total // 10, total))
     policy = None
     if kind == "full":
-        schedule = lf.constant("none", unit="step")
+        schedule = lf.schedules.constant("none", unit="step")
     elif kind == "freezeout":
-        schedule = lf.freezeout(GROUPS, total, t0=args.t0, scaling=args.scaling)
+        schedule = lf.auto.freezeout(GROUPS, total, t0=args.t0, scaling=args.scaling)
     else:
-        policy = lf.AutoFreeze(GROUPS, interval=args.interval, percentile=args.percentile)
+        policy = lf.auto.AutoFreeze(GROUPS, interval=args.interval, percentile=args.percentile)
         schedule = policy.schedule
     cached = kind == "auto+cache"
 
-    def prefix_of(phase: lf.Phase) -> str | None:
+    def prefix_of(phase: lf.schedules.Phase) -> str | None:
         return features.frozen_prefix(params, phase.spec, GROUPS[:-1]) if cached else None
 
-    def build(phase: lf.Phase, previous: Sequence[lf.FreezeSpec]) -> train.TrainSteps:
+    def build(phase: lf.schedules.Phase, previous: Sequence[lf.FreezeSpec]) -> train.TrainSteps:
         prefix = prefix_of(phase)
         return train.make_steps(
             model, opt, phase.spec, params, preprocess=_normalize if prefix is None else _identity,
             preprocess_eval=data.normalize, start_after=prefix, previous=previous,
             group_norms=GROUPS if policy is not None else (), grad_norm=False,
+            compiler_options=CONV,
         )  # fmt: skip
 
-    phases = lf.Phases(schedule, build, params=params)
+    phases = train.Phases(schedule, build, params=params)
     cache = (
         features.FeatureCache(
             model, ds.train_images, preprocess=data.normalize, batch_size=256, pool=("stage4",)

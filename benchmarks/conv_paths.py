@@ -6,7 +6,7 @@ convolution of the CIFAR ResNet-18 (batch 32; 32x32x64, 16x16x128, 8x8x256,
 4x4x512) in each direction a train step runs (forward, input gradient, weight
 gradient) along each path:
 
-* `xla-eigen`: `lax.conv_general_dilated` compiled with `train.CPU_EIGEN_CONV`
+* `xla-eigen`: `lax.conv_general_dilated` compiled with `platform.CPU_EIGEN_CONV`
   (`make_steps`' default on CPU: Eigen's convolution);
 * `xla-ynn`: the same with XLA's own defaults (XNNPACK's YNN kernels);
 * `shifted`: nine matmuls, one per kernel tap, each over only the outputs whose
@@ -17,7 +17,7 @@ gradient) along each path:
   transformed 4x4 tiles, 2.25x fewer multiplies;
 * `pytorch`: `F.conv2d` and `aten.convolution_backward` (oneDNN), NCHW.
 
-The JAX formulations compile with `train.CPU_EIGEN_CONV` too, and their
+The JAX formulations compile with `platform.CPU_EIGEN_CONV` too, and their
 gradients are JAX's autodiff of them, as in a train step. Calls run round-robin
 per (shape, direction) with a pause before each (see `vs_pytorch.time_round_robin`).
 Reported: the median, IQR, `xtorch` (median / PyTorch's), CPU/wall and each
@@ -55,7 +55,7 @@ from vs_pytorch import (
     torch_conv,
 )
 
-from layerfreeze import train
+from layerfreeze.train.platform import cpu_conv_options
 
 Conv = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -132,7 +132,7 @@ PATHS: tuple[str, ...] = (*FORMULATIONS, "pytorch")
 
 def _options(path: str) -> dict[str, Any] | None:
     # xla-ynn: XLA's own defaults. Every other JAX path: make_steps' default.
-    return None if path == "xla-ynn" else dict(train.default_compiler_options()) or None
+    return None if path == "xla-ynn" else dict(cpu_conv_options()) or None
 
 
 def measure(

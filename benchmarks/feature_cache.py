@@ -39,8 +39,10 @@ import optax
 # Run as a script, this file's folder is on sys.path.
 from freeze_cost import machine_description
 
-from layerfreeze import data, features, train
+from layerfreeze import train
 from layerfreeze.models import GROUPS, resnet18
+from layerfreeze.train import data, features
+from layerfreeze.train.platform import cpu_conv_options
 
 SPEC = "all-but:head"
 TARGET_RATIO = 0.10  # later cached epoch / uncached epoch, on CPU
@@ -105,10 +107,14 @@ def measure(
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=5e-4))
     prefix = features.frozen_prefix(params, SPEC, GROUPS[:-1])
     assert prefix == "stage4", prefix
-    uncached = train.make_steps(model, optimizer, SPEC, params, preprocess=_normalize)
-    cached = train.make_steps(
-        model, optimizer, SPEC, params, preprocess=_identity, start_after=prefix
+    conv = cpu_conv_options()
+    uncached = train.make_steps(
+        model, optimizer, SPEC, params, preprocess=_normalize, compiler_options=conv
     )
+    cached = train.make_steps(
+        model, optimizer, SPEC, params, preprocess=_identity, start_after=prefix,
+        compiler_options=conv,
+    )  # fmt: skip
 
     def cache() -> np.ndarray:
         return features.compute_features(

@@ -48,6 +48,7 @@ from flax import traverse_util
 import layerfreeze
 from layerfreeze.models import create_model, create_vit, unstack_blocks, vit_groups
 from layerfreeze.train import make_steps
+from layerfreeze.train.platform import cpu_conv_options
 
 
 class ModelSetup(NamedTuple):
@@ -385,7 +386,10 @@ def measure_model(
         ideal_flops[freeze] = _compiled_cost(lowered.compile())[0]
         for method in methods:
             t0 = time.perf_counter()
-            train = make_steps(model, optimizer, freeze, params, method=method)
+            train = make_steps(
+                model, optimizer, freeze, params, method=method,
+                compiler_options=cpu_conv_options(),
+            )  # fmt: skip
             abstract = jax.eval_shape(train.init_state, variables, key)
             compiled = train.train_step.lower(abstract, batch).compile()
             flops, temp = _compiled_cost(compiled)

@@ -35,7 +35,7 @@ pass, the Adam update) and each stage's 3x3 convolution alone (forward, input
 gradient, weight gradient), to show where the difference lies.
 
 The `layerfreeze` rows compile as `make_steps` does by default: on CPU with
-`train.CPU_EIGEN_CONV` (convolutions through Eigen instead of XNNPACK's YNN
+`platform.CPU_EIGEN_CONV` (convolutions through Eigen instead of XNNPACK's YNN
 kernels). `--xla_variant` adds layerfreeze rows compiled with other XLA CPU
 options in the same process: `ynn-conv` is XLA's own default on this jaxlib
 (convolutions through YNN too), `no-ynn` turns YNN off altogether.
@@ -76,6 +76,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from layerfreeze import train
 from layerfreeze.models import create_vit, resnet18, vit_groups
+from layerfreeze.train.platform import cpu_conv_options, retain_host_memory
 
 SETTINGS: tuple[str, ...] = ("full", "frozen", "lr0")
 FRAMEWORKS: tuple[str, ...] = ("pytorch", "layerfreeze")
@@ -85,14 +86,14 @@ TORCH_FROZEN: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
 # jaxlib 0.10.2's default YNN fusion types are individual dots, individual
 # convolutions and reductions (read from compiled HLO).
 # The `layerfreeze` rows compile with make_steps' default options
-# (`train.default_compiler_options()`: convolutions through Eigen on CPU).
+# (`cpu_conv_options()`: convolutions through Eigen on CPU).
 XLA_VARIANTS: dict[str, Mapping[str, Any]] = {
     "ynn-conv": {},  # XLA's own defaults: convolutions through YNN as well
     "no-ynn": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 HOST_MEMORY: tuple[str, ...] = ("retain", "release")
 _HOST_MEMORY_TEXT = {
-    "retain": "retained for the whole process (`train.retain_host_memory()`, both frameworks)",
+    "retain": "retained for the whole process (`retain_host_memory()`, both frameworks)",
     "release": "as glibc's defaults leave it (buffers above 32 MiB unmapped when freed)",
 }
 ROW_KEYS: tuple[str, ...] = (
@@ -572,7 +573,7 @@ def measure(
         f"{check['logits_rel_diff']:.1e}"
     )
 
-    variants = {"layerfreeze": train.default_compiler_options()} | {
+    variants = {"layerfreeze": cpu_conv_options()} | {
         f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants
     }
     configs = []
@@ -873,7 +874,7 @@ def measure_parts(
         return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
     fns: list[tuple[str, str, Callable[[], Any]]] = []
-    variants = {"layerfreeze": train.default_compiler_options()} | {
+    variants = {"layerfreeze": cpu_conv_options()} | {
         f"layerfreeze+{v}": XLA_VARIANTS[v] for v in xla_variants
     }
     for framework, options in variants.items():
@@ -1106,7 +1107,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--host_memory",
         default="release",
         choices=HOST_MEMORY,
-        help="retain: train.retain_host_memory() for the whole process, both frameworks; "
+        help="retain: retain_host_memory() for the whole process, both frameworks; "
         "release: glibc's defaults (default)",
     )
     parser.add_argument("--json", default=None, help="write the rows and setup as JSON here")
@@ -1141,7 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     command = "python benchmarks/vs_pytorch.py " + " ".join(sys.argv[1:] if argv is None else argv)
     # Before anything runs on JAX's backend: the setting holds for threads started later.
-    if args.host_memory == "retain" and not train.retain_host_memory():
+    if args.host_memory == "retain" and not retain_host_memory():
         args.host_memory = "release"  # not glibc, or called too late: say what ran
     print(f"machine: {machine_description()}", flush=True)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 r"""Transfer learning on CIFAR with layer freezing: the command line.
 
   python experiments/cifar.py --freeze=stage1,stage2
-  python experiments/cifar.py --config=configs/cifar10_linear_probe.py \
+  python experiments/cifar.py --config=experiments/configs/cifar10_linear_probe.py \
       --config.init_from=runs/cifar100_source
   python experiments/cifar.py --config.dataset=synthetic   # offline smoke run
 
@@ -15,24 +15,22 @@ one `error:` line (exit code 1).
 import pathlib
 import sys
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # for `experiments.*` and `configs.*` imports
-    sys.path.insert(0, str(_ROOT))
+import cifar_train  # this folder is on sys.path when the file runs as a script
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from layerfreeze.train import platform
 
-from experiments import cifar_train  # noqa: E402
-from layerfreeze import train  # noqa: E402
+_DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "cifar10.py")
 
 
 def _config_fields(argv: list[str]) -> list[str]:
     import importlib.util
 
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    path = path or str(_ROOT / "configs" / "cifar10.py")
+    path = path or _DEFAULT_CONFIG
     spec = importlib.util.spec_from_file_location("_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -62,9 +60,12 @@ def _bad_override(argv: list[str], error: Exception) -> None:
 
 def _config_file_error(argv: list[str], error: Exception) -> str:
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    path = path or str(_ROOT / "configs" / "cifar10.py")
+    path = path or _DEFAULT_CONFIG
     if not pathlib.Path(path).is_file():
-        return f"--config={path!r} does not exist; give a config file such as configs/cifar10.py."
+        return (
+            f"--config={path!r} does not exist; give a config file such as "
+            "experiments/configs/cifar10.py."
+        )
     if isinstance(error, SyntaxError):
         return f"--config={path!r} has a syntax error at line {error.lineno}: {error.msg}."
     if isinstance(error, AttributeError) and "get_config" in str(error):
@@ -75,7 +76,7 @@ def _config_file_error(argv: list[str], error: Exception) -> str:
 try:
     # Overrides in sys.argv are applied here, when the flag is defined.
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(_ROOT / "configs" / "cifar10.py"), "Training configuration file."
+        "config", _DEFAULT_CONFIG, "Training configuration file."
     )
 except (AttributeError, KeyError, TypeError, ValueError) as _error:
     if __name__ != "__main__":
@@ -95,7 +96,7 @@ _HOST_MEMORY = flags.DEFINE_enum(
     "release",
     ["retain", "release"],
     "retain: keep the host memory a step frees for the next (layerfreeze.train."
-    "retain_host_memory: on glibc, no per-step page faults, but one allocator arena); "
+    "platform.retain_host_memory: on glibc, no per-step page faults, but one allocator arena); "
     "release: the C library's defaults.",
 )
 
@@ -110,7 +111,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if _HOST_MEMORY.value == "retain":
-        train.retain_host_memory()  # before the first JAX computation; warns off glibc
+        platform.retain_host_memory()  # before the first JAX computation; warns off glibc
     if not flags.FLAGS["verbosity"].present:
         # The console shows the summary, the progress bar, warnings and the
         # result; library INFO logs (Orbax, XLA) only with --verbosity=0.

@@ -19,26 +19,18 @@ import pathlib
 import sys
 from typing import Any
 
+import input_pipeline
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import plot
 from absl import logging
 
 import layerfreeze as lf
-from layerfreeze import (
-    auto,
-    checkpoint,
-    data,
-    features,
-    lr,
-    metrics,
-    models,
-    pretrained,
-    schedules,
-    train,
-)
+from layerfreeze import auto, lr, models, schedules, train
+from layerfreeze.train import checkpoint, data, features, metrics, platform, pretrained
 
 __all__ = ["Diverged", "UsageError", "train_and_evaluate", "validate_config"]
 
@@ -67,7 +59,7 @@ def is_vit(config: ml_collections.ConfigDict) -> bool:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks the fields that name choices, before any work is done."""
-    _choice("dataset", config.dataset, data.DATASETS)
+    _choice("dataset", config.dataset, input_pipeline.DATASETS)
     _choice("model", config.model, models.MODEL_NAMES + models.VIT_NAMES)
     _choice("pool", config.pool, models.POOLS)
     _choice("stem", config.stem, models.STEMS)
@@ -226,10 +218,10 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
             seed=config.seed,
         )
     try:
-        return data.load_dataset(
+        return input_pipeline.load_dataset(
             config.dataset, data_dir=config.data_dir or None, download=config.download
         )
-    except data.DatasetUnavailableError as e:
+    except input_pipeline.DatasetUnavailableError as e:
         raise UsageError(str(e)) from e
 
 
@@ -311,11 +303,11 @@ def build_schedule(
         schedule.validate(groups)
     except (TypeError, ValueError) as e:
         if is_vit(config) and any(f"'{g}'" in str(e) for g in models.GROUPS):
-            # e.g. configs/cifar10.py's default freeze 'stem,stage1' with --config.model=vit_*
+            # e.g. cifar10.py's default freeze 'stem,stage1' with --config.model=vit_*
             raise UsageError(
                 f"{e} The spec names a ResNet's stages; for a ViT freeze its groups, e.g. "
                 "--freeze=embedding,pos_embedding,cls, or start from "
-                "configs/vit_cifar10_finetune.py."
+                "experiments/configs/vit_cifar10_finetune.py."
             ) from e
         policies = f" Automatic freezing: {' or '.join(map(repr, auto.POLICIES))}."
         raise UsageError(str(e) + (policies if config.schedule else "")) from e
@@ -416,7 +408,7 @@ def _speed_policy(
         raise UsageError(
             f"config.schedule={config.schedule!r} (automatic freezing) runs the ResNets in this "
             "experiment; for a ViT use a freeze spec or a schedule such as 'gradual' (the "
-            "library's lf.AutoFreeze takes any model's groups)."
+            "library's lf.auto.AutoFreeze takes any model's groups)."
         )
     fixed_spec = lf.as_spec(config.freeze)
     resolved = fixed_spec.resolve(params)
@@ -610,7 +602,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     num_classes = (
         config.synthetic_num_classes
         if config.dataset == "synthetic"
-        else data.NUM_CLASSES[config.dataset]
+        else input_pipeline.NUM_CLASSES[config.dataset]
     )
     model = build_model(config, num_classes)
     groups = model_groups(model)
@@ -686,10 +678,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             start_after=prefix,
             previous=previous,
             group_norms=models.GROUPS if policy is not None else (),
+            # CPU convolutions through Eigen: the frozen ResNet-18 step 1.30x ->
+            # 1.10x PyTorch's on a 2-core CPU (benchmarks/RESULTS.md); {} elsewhere.
+            compiler_options=platform.cpu_conv_options(),
         )
 
-    def make_phases(schedule: schedules.FreezeSchedule) -> lf.Phases:
-        return lf.Phases(
+    def make_phases(schedule: schedules.FreezeSchedule) -> train.Phases:
+        return train.Phases(
             schedule,
             build,
             params=shapes["params"],
@@ -724,7 +719,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
         try:
             start_step, restored, resumed, damaged = ckpt.restore_latest_intact(make_target)
-        except lf.ResumeMismatchError as e:
+        except lf.schedules.ResumeMismatchError as e:
             raise UsageError(f"{e} (workdir {workdir_path})") from e
         except checkpoint.CheckpointDamagedError as e:
             raise UsageError(
@@ -935,7 +930,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     result = evaluate(final_step)
     if config.plot:
-        metrics.plot_curves(writer.rows(), workdir_path / "curves.png")
+        plot.plot_curves(writer.rows(), workdir_path / "curves.png")
     print(
         f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
         f"{result['examples']} examples, step {final_step})"

@@ -1,14 +1,11 @@
-"""Shared test setup: the repository root importable (for `experiments`)."""
+"""Shared test setup: fast XLA compilation and a persistent compilation cache."""
 
 import os
 import pathlib
-import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # The suite is dominated by compiling hundreds of tiny programs: LLVM's -O0
 # compiles them about 10% faster, and the tests check exactness and compiled

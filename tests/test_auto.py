@@ -38,7 +38,7 @@ def _phases(policy, loss_fn):
             group_norms=GROUPS, previous=previous,
         )  # fmt: skip
 
-    return lf.Phases(policy.schedule, build, params=PARAMS)
+    return train.Phases(policy.schedule, build, params=PARAMS)
 
 
 def _run(policy, phases, state, start, stop, log=None):
@@ -54,7 +54,7 @@ def _run(policy, phases, state, start, stop, log=None):
 
 
 def test_group_whose_gradients_stop_changing_freezes_and_leaves_the_backward_pass():
-    policy = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    policy = lf.auto.AutoFreeze(GROUPS, interval=2, percentile=50)
     phases = _phases(policy, _loss(constant={"stem"}))
     state = phases.init_state(PARAMS, jax.random.key(0))
     log = []
@@ -70,7 +70,7 @@ def test_group_whose_gradients_stop_changing_freezes_and_leaves_the_backward_pas
 
 
 def test_a_group_behind_a_trainable_one_never_freezes_first():
-    policy = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    policy = lf.auto.AutoFreeze(GROUPS, interval=2, percentile=50)
     phases = _phases(policy, _loss(constant={"body"}))
     state = phases.init_state(PARAMS, jax.random.key(0))
     _run(policy, phases, state, 0, 12)
@@ -79,7 +79,7 @@ def test_a_group_behind_a_trainable_one_never_freezes_first():
 
 
 def test_controlled_norms_decide_front_to_back_and_never_the_head():
-    policy = lf.AutoFreeze(["a", "b", "c", "head"], interval=1, percentile=40, frozen=["a"])
+    policy = lf.auto.AutoFreeze(["a", "b", "c", "head"], interval=1, percentile=40, frozen=["a"])
     sequence = [
         {"b": 1.0, "c": 1.0, "head": 1.0},
         {"b": 1.0, "c": 2.0, "head": 3.0},  # rates b 0, c 1, head 2: threshold 0.8
@@ -99,7 +99,9 @@ def test_controlled_norms_decide_front_to_back_and_never_the_head():
 
 
 def test_a_group_outside_the_candidates_stays_trainable_and_so_do_the_ones_after_it():
-    policy = lf.AutoFreeze(["a", "b", "c", "head"], interval=1, percentile=90, candidates=["a"])
+    policy = lf.auto.AutoFreeze(
+        ["a", "b", "c", "head"], interval=1, percentile=90, candidates=["a"]
+    )
     for step, scale in enumerate([1.0, 1.0, 1.0, 1.0]):
         policy.update(step)
         norms = {"a": scale, "b": scale, "c": scale * (step + 1), "head": 4.0 * (step + 1)}
@@ -108,7 +110,7 @@ def test_a_group_outside_the_candidates_stays_trainable_and_so_do_the_ones_after
 
 
 def test_equal_rates_freeze_nothing():
-    policy = lf.AutoFreeze(GROUPS, interval=1, percentile=99)
+    policy = lf.auto.AutoFreeze(GROUPS, interval=1, percentile=99)
     for step in range(5):
         assert policy.update(step) == ()
         policy.observe({auto.norm_metric(g): float(step + 1) for g in GROUPS})
@@ -120,17 +122,17 @@ def _json(metadata):
 
 def test_resume_across_a_decision_is_bitwise_exact():
     loss_fn = _loss(constant={"stem"})
-    straight = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    straight = lf.auto.AutoFreeze(GROUPS, interval=2, percentile=50)
     phases = _phases(straight, loss_fn)
     want = _run(straight, phases, phases.init_state(PARAMS, jax.random.key(0)), 0, 9)
 
-    first = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    first = lf.auto.AutoFreeze(GROUPS, interval=2, percentile=50)
     phases = _phases(first, loss_fn)
     state = _run(first, phases, phases.init_state(PARAMS, jax.random.key(0)), 0, 3)
     saved = _json({"auto": first.metadata(), **phases.metadata()})  # mid-interval
     arrays = jax.device_get(state.as_dict())
 
-    resumed = lf.AutoFreeze(GROUPS, interval=2, percentile=50)
+    resumed = lf.auto.AutoFreeze(GROUPS, interval=2, percentile=50)
     resumed.restore(saved["auto"])
     phases = _phases(resumed, loss_fn)
     phases.restore(saved)
@@ -144,15 +146,19 @@ def test_resume_across_a_decision_is_bitwise_exact():
 
 
 def test_restore_under_other_settings_names_both():
-    saved = _json(lf.AutoFreeze(GROUPS, interval=2).metadata())
-    with pytest.raises(lf.ResumeMismatchError, match=r"interval: checkpoint 2, this run 3"):
-        lf.AutoFreeze(GROUPS, interval=3).restore(saved)
-    with pytest.raises(lf.ResumeMismatchError, match=r"policy: checkpoint None, this run 'auto'"):
-        lf.AutoFreeze(GROUPS, interval=2).restore({})
+    saved = _json(lf.auto.AutoFreeze(GROUPS, interval=2).metadata())
+    with pytest.raises(
+        lf.schedules.ResumeMismatchError, match=r"interval: checkpoint 2, this run 3"
+    ):
+        lf.auto.AutoFreeze(GROUPS, interval=3).restore(saved)
+    with pytest.raises(
+        lf.schedules.ResumeMismatchError, match=r"policy: checkpoint None, this run 'auto'"
+    ):
+        lf.auto.AutoFreeze(GROUPS, interval=2).restore({})
 
 
 def test_observe_names_the_missing_metric_and_update_counts_steps():
-    policy = lf.AutoFreeze(GROUPS, interval=2)
+    policy = lf.auto.AutoFreeze(GROUPS, interval=2)
     with pytest.raises(KeyError, match=r"no grad_norm/stem .*group_norms="):
         policy.observe({"loss": 1.0, "grad_norm/body": 1.0, "grad_norm/head": 1.0})
     policy.observe({auto.norm_metric(g): 1.0 for g in GROUPS})
@@ -180,7 +186,7 @@ def test_observe_names_the_missing_metric_and_update_counts_steps():
 )
 def test_autofreeze_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):
-        lf.AutoFreeze(GROUPS, **kwargs)
+        lf.auto.AutoFreeze(GROUPS, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -192,16 +198,16 @@ def test_autofreeze_bad_input(kwargs, error, message):
     ],
 )
 def test_freezeout_stop_times(scaling, want):
-    schedule = lf.freezeout(["a", "b", "c", "d", "head"], 100, t0=0.5, scaling=scaling)
+    schedule = lf.auto.freezeout(["a", "b", "c", "d", "head"], 100, t0=0.5, scaling=scaling)
     assert {p.start: p.spec.describe() for p in schedule.phases} == want
     assert schedule.unit == "step" and schedule.total == 100
 
 
 def test_freezeout_keeps_a_fixed_freeze_and_merges_equal_stops():
-    schedule = lf.freezeout(["a", "b", "c", "head"], 4, t0=0.9, scaling="linear", frozen=["a"])
+    schedule = lf.auto.freezeout(["a", "b", "c", "head"], 4, t0=0.9, scaling="linear", frozen=["a"])
     # b stops at round(0.9 * 4) = 4 = the end: it never freezes.
     assert [(p.start, p.spec.describe()) for p in schedule.phases] == [(0, "a")]
-    assert lf.freezeout(["a", "head"], 10, t0=1.0).phases[0].spec.describe() == "none"
+    assert lf.auto.freezeout(["a", "head"], 10, t0=1.0).phases[0].spec.describe() == "none"
 
 
 @pytest.mark.parametrize(
@@ -214,7 +220,7 @@ def test_freezeout_keeps_a_fixed_freeze_and_merges_equal_stops():
 )
 def test_freezeout_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        lf.freezeout(GROUPS, 10, **kwargs)
+        lf.auto.freezeout(GROUPS, 10, **kwargs)
 
 
 def test_group_norms_are_the_norms_of_each_groups_trainable_gradients():
@@ -244,7 +250,7 @@ def test_group_norms_bad_groups():
 
 
 def test_extend_refuses_a_schedule_that_rewrites_the_past():
-    policy = lf.AutoFreeze(GROUPS, interval=2)
+    policy = lf.auto.AutoFreeze(GROUPS, interval=2)
     phases = _phases(policy, _loss(()))
     with pytest.raises(ValueError, match=r"keeps every phase of the current one"):
-        phases.extend(lf.explicit({0: "stem"}, unit="step"))
+        phases.extend(lf.schedules.explicit({0: "stem"}, unit="step"))

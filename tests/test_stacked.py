@@ -14,8 +14,9 @@ import optax
 import pytest
 
 import layerfreeze as lf
-from layerfreeze import _paths, checkpoint, train
+from layerfreeze import _paths, train
 from layerfreeze.models import ViT, stack_blocks, unstack_blocks, vit_groups
+from layerfreeze.train import checkpoint
 
 DEPTH = 4
 EMB = "embedding,pos_embedding,cls"
@@ -232,7 +233,7 @@ def test_layerwise_decay_per_block_along_the_stacked_axis():
         groups = vit_groups(DEPTH, scan=scan)
         layers = [groups[:3], *groups[3 : 3 + DEPTH], groups[3 + DEPTH :]]
         tx = lf.freeze(
-            optax.chain(optax.sgd(1.0), lf.scale_by_group(lf.layerwise_decay(layers, decay))),
+            optax.chain(optax.sgd(1.0), lf.lr.scale_by_group(lf.lr.layerwise_decay(layers, decay))),
             EMB,
         )
         params = _params(scan)
@@ -281,13 +282,15 @@ def test_unfrozen_block_starts_fresh_and_training_blocks_keep_their_moments():
 
 def test_gradual_unfreezing_over_scanned_blocks_resumes_bitwise(tmp_path):
     groups = vit_groups(DEPTH, scan=True)
-    gradual = lf.gradual_unfreezing(groups, every=2, unit="step")
+    gradual = lf.schedules.gradual_unfreezing(groups, every=2, unit="step")
     assert gradual.phases[2].spec.describe() == (
         "all-but:head,Transformer/encoder_norm,Transformer/encoderblock[3]"
     )
     # Its third and fourth phases (blocks 3, then 2 and 3, train), three steps each:
     # one compile per phase, and a stack split differently in each.
-    schedule = lf.explicit({0: gradual.phases[2].spec, 3: gradual.phases[3].spec}, unit="step")
+    schedule = lf.schedules.explicit(
+        {0: gradual.phases[2].spec, 3: gradual.phases[3].spec}, unit="step"
+    )
     params = _params(True)
     model = _vit(True)
 
@@ -301,7 +304,7 @@ def test_gradual_unfreezing_over_scanned_blocks_resumes_bitwise(tmp_path):
         return state
 
     def fresh():
-        return lf.Phases(schedule, build, params=params)
+        return train.Phases(schedule, build, params=params)
 
     phases = fresh()
     straight = run(phases, phases.init_state({"params": params}, jax.random.key(1)), 0, 6)
@@ -419,7 +422,9 @@ def test_unstack_round_trip_keeps_a_stacked_spec_meaningful():
 
 def test_timm_rule_freezes_the_blocks_whose_decayed_rate_is_tiny():
     groups = vit_groups(DEPTH, scan=True)
-    multipliers = lf.layerwise_decay([groups[:3], *groups[3 : 3 + DEPTH], groups[3 + DEPTH :]], 0.5)
+    multipliers = lf.lr.layerwise_decay(
+        [groups[:3], *groups[3 : 3 + DEPTH], groups[3 + DEPTH :]], 0.5
+    )
     spec = lf.lr.freeze_below(multipliers, 0.1)  # 0.5**4 and 0.5**5: embeddings and block 0
     assert spec.describe() == EMB + ",Transformer/encoderblock[0]"
     resolved = spec.resolve_blocks(_params(True))

@@ -6,15 +6,18 @@
 >>> layerfreeze.summary(params, "stem").trainable_params
 2
 
-Automatic freezing for speed: `AutoFreeze` and `freezeout` (module `auto`).
-Beyond these names, import the submodules you need: `checkpoint` (resumable
-Orbax checkpoints), `pretrained` (start from an earlier run's weights),
-`metrics` (a resumable metrics log, its averaging window, a plot), `features`
-(frozen-feature caching), `data`, `models`, `lr`, `schedules`, `phases` and
-`train`, e.g. `from layerfreeze import metrics, pretrained`.
+The core needs jax, flax, optax and numpy. Beyond these names it has three
+submodules: `schedules` (freeze schedules: gradual unfreezing, `fine_tune`),
+`lr` (per-group learning rates, layer-wise decay) and `auto` (automatic
+freezing, `AutoFreeze` and `freezeout`); `models` holds the bundled ResNets
+and ViT. The training stack, `layerfreeze.train` (steps, phases,
+checkpoints, metrics), is a package of its own with its own extra:
+`pip install "layerfreeze[train]"`.
 """
 
+from layerfreeze import auto, lr, schedules
 from layerfreeze._batchnorm import batchnorm_modules, frozen_batchnorm
+from layerfreeze._blocks import scan_segments, stack_slice
 from layerfreeze._freeze import METHODS, freeze
 from layerfreeze._grad import grad, value_and_grad
 from layerfreeze._labels import (
@@ -25,73 +28,36 @@ from layerfreeze._labels import (
     trainable_since,
 )
 from layerfreeze._nnx import nnx_filter, nnx_train_mode
-from layerfreeze._rows import scan_segments, stack_slice
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
-from layerfreeze.auto import AutoFreeze, freezeout
-from layerfreeze.lr import (
-    geometric_multipliers,
-    layerwise_decay,
-    scale_by_group,
-    ulmfit_multipliers,
-)
-from layerfreeze.phases import PhaseChange, Phases, ResumeMismatchError
-from layerfreeze.schedules import (
-    FreezeSchedule,
-    Phase,
-    constant,
-    explicit,
-    fine_tune,
-    freeze_to,
-    gradual_unfreezing,
-    parse_lr_multipliers,
-    parse_schedule,
-    unfreeze,
-)
 
 __all__ = [
     "FROZEN",
-    "AutoFreeze",
     "METHODS",
     "TRAINABLE",
-    "FreezeSchedule",
     "FreezeSpec",
     "FreezeSummary",
-    "Phase",
-    "PhaseChange",
-    "Phases",
-    "ResumeMismatchError",
     "Rule",
     "as_spec",
+    "auto",
     "batchnorm_modules",
-    "constant",
-    "explicit",
     "freeze",
     "freeze_labels",
-    "freezeout",
     "frozen_batchnorm",
     "frozen_bn_groups",
-    "fine_tune",
-    "freeze_to",
     "frozen_mask",
-    "geometric_multipliers",
     "grad",
-    "gradual_unfreezing",
     "label_fn",
-    "layerwise_decay",
+    "lr",
     "nnx_filter",
     "nnx_train_mode",
-    "parse_lr_multipliers",
-    "parse_schedule",
-    "scale_by_group",
+    "scan_segments",
+    "schedules",
+    "stack_slice",
     "summary",
     "trainable_since",
     "transfer_opt_state",
-    "ulmfit_multipliers",
-    "unfreeze",
-    "scan_segments",
-    "stack_slice",
     "value_and_grad",
 ]
 

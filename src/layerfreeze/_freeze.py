@@ -7,27 +7,12 @@ import jax
 import numpy as np
 import optax
 
-from layerfreeze import _labels, _paths, _rows, _spec
+from layerfreeze import _blocks, _labels, _paths, _spec, _upstream
 
 __all__ = ["METHODS", "CohortsState", "Method", "check_method", "freeze"]
 
 Method = Literal["zero", "lr0"]
 METHODS: tuple[str, ...] = ("zero", "lr0")
-
-# NamedTuples whose `count` is a position in time (a schedule's step, an
-# accumulation phase) rather than a bias correction: every cohort shares it.
-_GLOBAL_COUNT_STATES = frozenset(
-    {
-        "AddNoiseState",
-        "ApplyEvery",
-        "InjectHyperparamsState",
-        "InjectStatefulHyperparamsState",
-        "ReduceLROnPlateauState",
-        "ScaleByScheduleState",
-        "WeightDecaySchedule",
-        "WrappedScheduleState",
-    }
-)
 
 
 class CohortsState(NamedTuple):
@@ -162,7 +147,7 @@ def freeze(
     def build(tree: Any) -> tuple[optax.GradientTransformationExtraArgs, list[Any]]:
         history_rows = [frozen(tree) for frozen in history]
         bounds, frozen_now, since = _block_plan(jax.tree.leaves(tree), history_rows)
-        view = _rows.split(tree, bounds)
+        view = _blocks.split(tree, bounds)
         paths = _paths.leaf_paths(view)
         cohort_of = {p: s for p, s in zip(paths, since, strict=True) if s}
         flat = iter(_spec.FROZEN if f else _spec.TRAINABLE for f in frozen_now)
@@ -179,14 +164,14 @@ def freeze(
 
     def init_fn(params: Any) -> Any:
         tx, bounds = build(params)
-        return tx.init(_rows.split(params, bounds))
+        return tx.init(_blocks.split(params, bounds))
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> Any:
         tx, bounds = build(updates)
         if params is not None:
-            params = _rows.split(params, bounds)
-        new_updates, state = tx.update(_rows.split(updates, bounds), state, params, **extra_args)
-        return _rows.join(new_updates), state
+            params = _blocks.split(params, bounds)
+        new_updates, state = tx.update(_blocks.split(updates, bounds), state, params, **extra_args)
+        return _blocks.join(new_updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -204,12 +189,12 @@ def _check_optimizer(optimizer: Any) -> None:
     )
 
 
-def _spec_frozen(spec: _spec.FreezeSpec) -> Callable[[Any], list[_spec.FrozenRows]]:
+def _spec_frozen(spec: _spec.FreezeSpec) -> Callable[[Any], list[_spec.FrozenBlocks]]:
     return lambda tree: list(spec.resolve_blocks(tree).values())
 
 
 def _block_plan(
-    leaves: Sequence[Any], history: Sequence[Sequence[_spec.FrozenRows]]
+    leaves: Sequence[Any], history: Sequence[Sequence[_spec.FrozenBlocks]]
 ) -> tuple[list[Any], list[bool], list[int | None]]:
     """How `freeze` splits stacked leaves, and each part's state and cohort.
 
@@ -219,7 +204,7 @@ def _block_plan(
         frozen state: a bool, or one bool per block.
 
     Returns:
-      `(bounds, frozen, since)`: for each leaf, the row ranges it splits into
+      `(bounds, frozen, since)`: for each leaf, the block ranges it splits into
       (None: kept whole); then, for each leaf of the split view in order,
       whether it is frozen now and its cohort (`_labels.since_from_history`).
       A leaf splits where its blocks differ in state or cohort.
@@ -238,7 +223,7 @@ def _block_plan(
         per_phase = [c if isinstance(c, tuple) else (c,) * depth for c in column]
         per_row = _labels.since_from_history(per_phase)
         keys = [(per_phase[-1][r], per_row[r]) for r in range(depth)]
-        parts = _rows.runs(keys)
+        parts = _blocks.runs(keys)
         bounds.append(tuple((a, b) for a, b, _ in parts) if len(parts) > 1 else None)
         for _, _, (is_frozen, s) in parts:
             frozen.append(is_frozen)
@@ -385,12 +370,12 @@ def _replace_bias_counts(state: Any, counts: Sequence[Any]) -> Any:
 def _map_bias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
     """Applies `fn` to every NamedTuple field `count` that is a bias-correction count.
 
-    A `count` of a schedule-position state (`_GLOBAL_COUNT_STATES`) is the
+    A `count` of a schedule-position state (`_upstream.GLOBAL_COUNT_STATES`) is the
     global step and is left alone; the walk still enters the state's other
     fields (`inject_hyperparams` wraps the optimizer's own state).
     """
     if _is_namedtuple(node):
-        is_global = type(node).__name__ in _GLOBAL_COUNT_STATES
+        is_global = type(node).__name__ in _upstream.GLOBAL_COUNT_STATES
         parts = [
             fn(value) if name == "count" and not is_global else _map_bias_counts(value, fn)
             for name, value in zip(node._fields, node, strict=True)

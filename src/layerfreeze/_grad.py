@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerfreeze import _paths, _rows, _spec
+from layerfreeze import _blocks, _paths, _spec
 
 __all__ = ["grad", "merge", "split", "value_and_grad"]
 
@@ -98,18 +98,18 @@ def value_and_grad(
         key = (jax.tree.structure(params), tuple(np.shape(x) for x in jax.tree.leaves(params)))
         if key not in plans:
             bounds, mask = block_plan(params, spec)
-            plans[key] = bounds, mask, _rows.ranges_of(_paths.leaf_paths(params), bounds, mask)
+            plans[key] = bounds, mask, _blocks.segments_of(_paths.leaf_paths(params), bounds, mask)
         return plans[key]
 
     @functools.wraps(fun)
     def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         bounds, mask, ranges = plan_of(params)
-        view = _rows.split(params, bounds)
+        view = _blocks.split(params, bounds)
         trainable, frozen = split(view, mask)
 
         def partial(trainable: Any) -> Any:
-            with _rows.segments_context(ranges):
-                out = fun(_rows.join(merge(mask, trainable, frozen)), *args, **kwargs)
+            with _blocks.segments_context(ranges):
+                out = fun(_blocks.join(merge(mask, trainable, frozen)), *args, **kwargs)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise ValueError(
@@ -122,7 +122,7 @@ def value_and_grad(
             return out
 
         value, trainable_grads = jax.value_and_grad(partial, has_aux=has_aux)(trainable)
-        return value, _rows.join(fill_frozen(mask, view, trainable_grads))
+        return value, _blocks.join(fill_frozen(mask, view, trainable_grads))
 
     return wrapped
 
@@ -131,8 +131,8 @@ def block_plan(params: Any, spec: _spec.FreezeSpec) -> tuple[list[Any], Any]:
     """How to split `params` into wholly frozen and wholly trainable parts.
 
     Returns:
-      `(bounds, mask)`: the row ranges of each partly frozen stacked leaf
-      (None for the others; see `_rows.split`), and the frozen mask of the
+      `(bounds, mask)`: the block ranges of each partly frozen stacked leaf
+      (None for the others; see `_blocks.split`), and the frozen mask of the
       split view (True = frozen).
     """
     bounds, flags = [], []
@@ -141,10 +141,10 @@ def block_plan(params: Any, spec: _spec.FreezeSpec) -> tuple[list[Any], Any]:
             bounds.append(None)
             flags.append(state)
             continue
-        parts = _rows.runs(state)
+        parts = _blocks.runs(state)
         bounds.append(tuple((a, b) for a, b, _ in parts))
         flags.extend(f for _, _, f in parts)
-    view = _rows.split(params, bounds)
+    view = _blocks.split(params, bounds)
     flat = iter(flags)
     return bounds, jax.tree.map(lambda _: next(flat), view)
 

@@ -69,7 +69,7 @@ DEFAULT_BN_PATTERN = r"(?i)(.*/)?[^/]*(batch_?norm[^/]*|bn\d*)/(scale|bias)"
 
 Kind = Literal["all", "group", "glob", "regex", "block"]
 
-FrozenRows = bool | tuple[bool, ...]
+FrozenBlocks = bool | tuple[bool, ...]
 """A leaf's frozen state: one bool, or one bool per block of a stacked leaf."""
 
 
@@ -328,7 +328,7 @@ class FreezeSpec:
         """
         return {p: f is True for p, f in self.resolve_blocks(params).items()}
 
-    def resolve_blocks(self, params: Any) -> dict[str, FrozenRows]:
+    def resolve_blocks(self, params: Any) -> dict[str, FrozenBlocks]:
         """Like `resolve`, with one bool per block for partly frozen stacked leaves.
 
         A leaf gets a tuple (one entry per index of its leading axis, True =
@@ -361,19 +361,19 @@ class FreezeSpec:
 
     def _resolve(
         self, paths: Sequence[str], shapes: Sequence[tuple[int, ...]] | None
-    ) -> dict[str, FrozenRows]:
+    ) -> dict[str, FrozenBlocks]:
         if len(set(paths)) != len(paths):
             raise ValueError("Parameter paths are not unique; cannot resolve a freeze spec.")
         hits = [[i for i, r in enumerate(self.rules) if r.matches(p)] for p in paths]
         picked = self._check_stacks(paths, shapes, hits)
         bn = re.compile(self.bn_pattern)
-        result: dict[str, FrozenRows] = {}
+        result: dict[str, FrozenBlocks] = {}
         uncovered = []
         for n, path in enumerate(paths):
             if any(i in picked for i in hits[n]):
                 assert shapes is not None
-                rows = range(shapes[n][0])
-                states = [self._state_at(hits[n], picked, row) for row in rows]
+                blocks = range(shapes[n][0])
+                states = [self._state_at(hits[n], picked, row) for row in blocks]
             else:
                 states = [self._state_at(hits[n], picked, None)]
             if None in states:

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from layerfreeze import _nnx, _paths, _rows, _spec
+from layerfreeze import _blocks, _nnx, _paths, _spec, _upstream
 
 __all__ = ["FreezeSummary", "GroupSummary", "summary", "tree_bytes", "opt_state_bytes_by_path"]
 
@@ -265,7 +265,7 @@ def _opt_state_bytes(
     known = {tuple(p.split("/")): p for p in param_paths}
     out: dict[tuple[str | None, tuple[int, int] | None], int] = {}
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        keypath, key = _rows.rows_of(keypath)
+        keypath, key = _blocks.block_key_of(keypath)
         owner, _ = _owner(_paths.keypath_names(keypath), known)
         rows = None if key is None or owner is None else (key.start, key.stop)
         out[owner, rows] = out.get((owner, rows), 0) + _size(leaf)[1]
@@ -284,7 +284,7 @@ def _owner(names: tuple[str, ...], known: dict[tuple[str, ...], str]) -> tuple[s
 def _check_opt_state(
     opt_state: Any,
     shapes: dict[str, tuple[int, ...]],
-    frozen: Mapping[str, _spec.FrozenRows],
+    frozen: Mapping[str, _spec.FrozenBlocks],
     spec: str,
 ) -> None:
     """Raises unless `opt_state` looks like an optimizer state of these params.
@@ -307,7 +307,7 @@ def _check_opt_state(
     known = {tuple(p.split("/")): p for p in shapes}
     owned, unowned = [], []
     for keypath, leaf in flat:
-        keypath, key = _rows.rows_of(keypath)
+        keypath, key = _blocks.block_key_of(keypath)
         names = _paths.keypath_names(keypath)
         owner, n = _owner(names, known)
         if owner is None:
@@ -389,7 +389,7 @@ def _derived_shape(shape: tuple[int, ...], param: tuple[int, ...]) -> bool:
 def _branch(prefix: tuple[str, ...]) -> str | None:
     """The `partition` branch (`trainable` or `frozen`) a state path runs through."""
     for i, name in enumerate(prefix[:-1]):
-        if name == "inner_states" and prefix[i + 1] in (_spec.TRAINABLE, _spec.FROZEN):
+        if name == _upstream.PARTITION_STATES and prefix[i + 1] in (_spec.TRAINABLE, _spec.FROZEN):
             return prefix[i + 1]
     return None
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerfreeze import _paths, _rows
+from layerfreeze import _blocks, _paths, _upstream
 
 __all__ = ["transfer_opt_state"]
 
@@ -60,59 +60,59 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
         )
     old: dict[str, dict[str | None, list[tuple[tuple[int, int] | None, Any]]]] = {}
     for keypath, leaf in _flatten(old_state):
-        branch, name, rows = _split_branch(keypath)
-        old.setdefault(name, {}).setdefault(branch, []).append((rows, leaf))
+        branch, name, blocks = _split_branch(keypath)
+        old.setdefault(name, {}).setdefault(branch, []).append((blocks, leaf))
 
     def carry(keypath, fresh):
-        branch, name, rows = _split_branch(keypath)
+        branch, name, blocks = _split_branch(keypath)
         candidates = old.get(name, {})
         ordered = list(candidates.get(branch, []))
         ordered += [v for b, vs in candidates.items() if b != branch for v in vs]
-        if rows is None and all(r is None for r, _ in ordered):
+        if blocks is None and all(r is None for r, _ in ordered):
             for _, value in ordered:
                 if np.shape(value) == np.shape(fresh) and _dtype(value) == _dtype(fresh):
                     return value
             return fresh
-        return _carry_rows(fresh, rows, ordered)
+        return _carry_blocks(fresh, blocks, ordered)
 
     return jax.tree_util.tree_map_with_path(carry, new_state)
 
 
-def _carry_rows(
-    fresh: Any, rows: tuple[int, int] | None, candidates: list[tuple[tuple[int, int] | None, Any]]
+def _carry_blocks(
+    fresh: Any, blocks: tuple[int, int] | None, candidates: list[tuple[tuple[int, int] | None, Any]]
 ) -> Any:
-    """Rows `rows` of a stacked leaf's state, taken from old parts that hold them.
+    """Blocks `blocks` of a stacked leaf's state, taken from old parts that hold them.
 
-    A stacked leaf split into row ranges by `freeze` (see `_rows`) has one
+    A stacked leaf split into block ranges by `freeze` (see `_blocks`) has one
     state leaf per range, and the ranges change from phase to phase. Each
-    row comes from the first old part that holds it (an old whole leaf holds
-    every row) with the same per-row shape and dtype, else from `fresh`.
+    block comes from the first old part that holds it (an old whole leaf holds
+    every block) with the same per-block shape and dtype, else from `fresh`.
     """
     if not np.ndim(fresh):
         return fresh
-    start, stop = rows if rows is not None else (0, np.shape(fresh)[0])
+    start, stop = blocks if blocks is not None else (0, np.shape(fresh)[0])
     sources = []
-    for old_rows, value in candidates:
+    for old_blocks, value in candidates:
         if not np.ndim(value) or np.shape(value)[1:] != np.shape(fresh)[1:]:
             continue
         if _dtype(value) != _dtype(fresh):
             continue
-        a, b = old_rows if old_rows is not None else (0, np.shape(value)[0])
+        a, b = old_blocks if old_blocks is not None else (0, np.shape(value)[0])
         if b - a != np.shape(value)[0]:
             continue
         sources.append((a, b, value))
-    pieces, row, taken = [], start, False
-    while row < stop:
-        source = next(((a, b, v) for a, b, v in sources if a <= row < b), None)
+    pieces, block, taken = [], start, False
+    while block < stop:
+        source = next(((a, b, v) for a, b, v in sources if a <= block < b), None)
         if source is None:
-            end = min([a for a, _, _ in sources if a > row] + [stop])
-            pieces.append(fresh[row - start : end - start])
+            end = min([a for a, _, _ in sources if a > block] + [stop])
+            pieces.append(fresh[block - start : end - start])
         else:
             a, b, value = source
             end = min(b, stop)
-            pieces.append(value[row - a : end - a])
+            pieces.append(value[block - a : end - a])
             taken = True
-        row = end
+        block = end
     if not taken:
         return fresh
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
@@ -123,17 +123,13 @@ def _flatten(state: Any) -> list[tuple[Any, Any]]:
 
 
 def _split_branch(keypath: Any) -> tuple[str | None, str, tuple[int, int] | None]:
-    """`(partition branch or None, branch-free name, row range or None)` of a state leaf."""
-    keypath, key = _rows.rows_of(keypath)
-    rows = None if key is None else (key.start, key.stop)
+    """`(partition branch or None, branch-free name, block range or None)` of a state leaf."""
+    keypath, key = _blocks.block_key_of(keypath)
+    blocks = None if key is None else (key.start, key.stop)
     names = _paths.keypath_names(keypath)
-    if (
-        len(keypath) >= 2
-        and isinstance(keypath[0], jax.tree_util.GetAttrKey)
-        and keypath[0].name == "inner_states"
-    ):
-        return names[1], _paths.path_str(names[2:]), rows
-    return None, _paths.path_str(names), rows
+    if len(keypath) >= 2 and _upstream.is_partition_states_key(keypath[0]):
+        return names[1], _paths.path_str(names[2:]), blocks
+    return None, _paths.path_str(names), blocks
 
 
 def _dtype(x: Any) -> np.dtype:

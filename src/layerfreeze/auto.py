@@ -61,7 +61,6 @@ from typing import Any
 import numpy as np
 
 from layerfreeze import _spec, schedules
-from layerfreeze.phases import ResumeMismatchError
 
 __all__ = ["POLICIES", "SCALINGS", "AutoFreeze", "freezeout", "norm_metric"]
 
@@ -343,7 +342,7 @@ class AutoFreeze:
             if metadata.get(k) != v
         ]
         if differ:
-            raise ResumeMismatchError(
+            raise schedules.ResumeMismatchError(
                 f"Cannot resume the AutoFreeze decisions: {'; '.join(differ)}. Resume with "
                 "the settings the run was saved with, or start a fresh run in another workdir."
             )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerfreeze import _paths, _rows, _spec
+from layerfreeze import _blocks, _paths, _spec
 
 __all__ = [
     "MultipliersLike",
@@ -226,7 +226,7 @@ def scale_by_group(
         return optax.EmptyState()
 
     def scale(keypath: Any, leaf: Any) -> Any:
-        keypath, key = _rows.rows_of(keypath)
+        keypath, key = _blocks.block_key_of(keypath)
         path = _paths.path_str(_paths.keypath_names(keypath))
         rows, depth = None, None
         if key is not None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from layerfreeze import _spec, lr
 
 __all__ = [
+    "ResumeMismatchError",
     "UNITS",
     "FreezeSchedule",
     "Phase",
@@ -42,6 +43,10 @@ __all__ = [
 
 Unit = Literal["epoch", "step"]
 UNITS: tuple[str, ...] = ("epoch", "step")
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was saved under another schedule, spec, method or policy than the run's."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from layerfreeze import pretrained
 from layerfreeze.models import ViT, load_big_vision_npz, stack_blocks
+from layerfreeze.train import pretrained
 
 TINY = dict(num_classes=5, patch_size=4, width=32, depth=3, mlp_dim=64, num_heads=2)
 X = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))  # a 4x4 grid: 16 tokens

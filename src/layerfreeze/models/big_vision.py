@@ -52,7 +52,7 @@ def load_big_vision_npz(path: str | os.PathLike, params: Any) -> dict[str, Any]:
     * if the file has no head, or a head with another number of classes (``head/kernel``
       and ``head/bias`` differ only in their last dimension), ``head`` is left out, for
       the caller to
-      initialise; :func:`layerfreeze.pretrained.merge_pretrained` with
+      initialise; :func:`layerfreeze.train.pretrained.merge_pretrained` with
       ``reinit=("head",)`` keeps the fresh head and reports it;
     * the position embedding is resized to the target's grid when both grids are square.
 

@@ -36,7 +36,7 @@ import numpy as np
 from flax import linen as nn
 from flax.typing import Dtype
 
-from layerfreeze import _rows
+from layerfreeze import _blocks
 
 __all__ = [
     "POOLS",
@@ -149,7 +149,7 @@ class Encoder(nn.Module):
         )
         if self.scan:
             path = "/".join((*self.path, _BLOCK))
-            segments = _rows.scan_segments(path, self.depth)
+            segments = _blocks.scan_segments(path, self.depth)
             if len(segments) > 1 and not self.is_initializing():
                 x = self._scan_segments(x, deterministic, path, segments, block_kw)
             else:
@@ -175,7 +175,7 @@ class Encoder(nn.Module):
         segments: tuple[tuple[int, int], ...],
         block_kw: dict[str, Any],
     ) -> jax.Array:
-        """The stacked blocks as one scan per row range (`layerfreeze.scan_segments`).
+        """The stacked blocks as one scan per block range (`layerfreeze.scan_segments`).
 
         Each scan takes its slice of the stacked parameters, so a frozen
         range's parameters are not differentiated and XLA drops their gradient
@@ -193,7 +193,7 @@ class Encoder(nn.Module):
             return block.apply({"params": params}, h, deterministic, rngs=rngs)[0], None
 
         for start, stop in segments:
-            part = _rows.stack_slice(path, stacked, start, stop)
+            part = _blocks.stack_slice(path, stacked, start, stop)
             part_keys = None if keys is None else keys[start:stop]
             x, _ = jax.lax.scan(body, x, (part, part_keys), unroll=self.scan_unroll)
         return x

@@ -1,0 +1,296 @@
+"""Frozen-feature caching: run a frozen prefix of the network once per example.
+
+When every group up to some group `g` is frozen and their BatchNorm runs on
+running statistics, the output of `g` depends only on the input image. It can
+be computed once for the whole training set (`compute_features`) and the rest
+of the network trained on it (`ResNet.__call__(..., start_after=g)`,
+`train.make_steps(..., start_after=g)`). Head-only training then costs a
+forward pass over the data once, plus the head per step.
+
+The cached features are fixed per example, so random augmentation of the
+images cannot be applied to them: cache only runs without augmentation.
+`FeatureCache` keeps a training set's features for a run whose frozen
+prefix changes from phase to phase.
+
+>>> import jax, jax.numpy as jnp, numpy as np
+>>> from layerfreeze.train import data
+>>> from layerfreeze.models import GROUPS, resnet18
+>>> model = resnet18(10, stem="cifar", width=4)
+>>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+>>> frozen_prefix(variables["params"], "all-but:head", GROUPS[:-1])
+'stage4'
+>>> images = np.zeros((5, 16, 16, 3), np.uint8)
+>>> compute_features(model, variables, images, upto="stage4", pool=True,
+...                  preprocess=data.normalize, batch_size=2).shape
+(5, 32)
+"""
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+from layerfreeze import _labels, _paths, _spec
+
+__all__ = ["FeatureCache", "compute_features", "frozen_prefix"]
+
+_log = logging.getLogger(__name__)
+
+
+def frozen_prefix(params: Any, spec: _spec.SpecLike, groups: Sequence[str]) -> str | None:
+    """The last group of the longest frozen prefix of `groups` under `spec`.
+
+    A group belongs to the prefix when every one of its parameters is frozen
+    and its BatchNorm runs on running statistics (not so under
+    `train_bn=True`), and so does every group before it. Features up to the
+    returned group depend only on the input and can be cached.
+
+    Args:
+      params: the parameters (or their shapes); top-level keys are groups.
+      spec: the freeze spec.
+      groups: top-level groups in order from input to output. Leave out the
+        groups after which a model cannot start: for a ResNet,
+        `models.GROUPS[:-1]` (everything but the head).
+
+    Returns:
+      The group's name, or None if the first group is not frozen.
+
+    Raises:
+      ValueError: a name in `groups` is not a top-level key of `params`.
+
+    >>> params = {"stem": {"w": 0}, "body": {"w": 0}, "head": {"w": 0}}
+    >>> frozen_prefix(params, "stem,body", ["stem", "body"])
+    'body'
+    >>> frozen_prefix(params, "body", ["stem", "body"]) is None
+    True
+    """
+    known = _paths.top_level_groups(_paths.leaf_paths(params))
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise ValueError(
+            f"groups {unknown} are not top-level keys of the params; those are {known}."
+        )
+    frozen = _labels.frozen_bn_groups(params, spec)
+    last = None
+    for group in groups:
+        if group not in frozen:
+            break
+        last = group
+    return last
+
+
+def compute_features(
+    model: flax.linen.Module,
+    variables: Mapping[str, Any],
+    images_uint8: np.ndarray,
+    *,
+    upto: str,
+    preprocess: Callable[[jax.Array], jax.Array],
+    batch_size: int,
+    pool: bool = False,
+) -> np.ndarray:
+    """Eval-mode features of `images_uint8` up to group `upto`, as float32 numpy.
+
+    Runs `model.features(preprocess(images), upto=upto, pool=pool)` (see
+    `layerfreeze.models.ResNet.features`) in jitted batches of `batch_size`;
+    the last batch is padded, so one compilation serves all of them. The
+    compiled function is cached per `(model, upto, pool, preprocess)`: pass
+    a module-level function such as `data.normalize`, not a fresh lambda.
+
+    Args:
+      model: a module with a `features(x, *, upto, pool)` method.
+      variables: `{"params": ..., "batch_stats": ...}`.
+      images_uint8: `[N, H, W, C]` images, as stored by `layerfreeze.train.data`.
+      upto: the last group to run.
+      preprocess: `images -> float images`, e.g. `data.normalize`.
+      batch_size: examples per compiled call.
+      pool: return the spatial mean of `stage4` (what the head reads).
+
+    Returns:
+      float32 `[N, ...]` features, on the host.
+
+    Raises:
+      ValueError: `batch_size` < 1 or no images.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    num = len(images_uint8)
+    if num == 0:
+        raise ValueError("No images to compute features of.")
+    # On the device once, not once per batch (host arrays would be copied every call).
+    variables = jax.device_put(
+        {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+    )
+    out: np.ndarray | None = None
+    pending: tuple[int, int, jax.Array] | None = None
+
+    def store(start: int, real: int, result: jax.Array) -> np.ndarray:
+        host = np.asarray(result, np.float32)
+        target = out if out is not None else np.empty((num, *host.shape[1:]), np.float32)
+        target[start : start + real] = host[:real]
+        return target
+
+    for start in range(0, num, batch_size):
+        chunk = np.asarray(images_uint8[start : start + batch_size])
+        real = len(chunk)
+        if real < batch_size:
+            pad = np.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        # Dispatched asynchronously: the previous batch is copied to the host
+        # while this one computes.
+        result = _features_batch(model, variables, chunk, upto, pool, preprocess)
+        if pending is not None:
+            out = store(*pending)
+        pending = (start, real, result)
+    assert pending is not None
+    return store(*pending)
+
+
+class FeatureCache:
+    """A training set's features up to the current frozen prefix, kept on the host.
+
+    Call `update(prefix, variables)` at each step (or phase change) with the
+    prefix of the phase in force (`frozen_prefix`): the features are
+    recomputed from `variables` only when the prefix changes. The groups of a
+    prefix stay bit-identical while it lasts, but a phase in between may have
+    trained them, so a prefix seen before is computed again. The features are
+    derived data: never checkpoint them; a resumed run recomputes them.
+
+    Args:
+      model: a module with a `features(x, *, upto, pool)` method (the
+        bundled ResNets), as for `compute_features`.
+      images: `[N, H, W, C]` training images, indexed as the batches are.
+      preprocess: `images -> float images`, e.g. `data.normalize`; a
+        module-level function, so that each prefix compiles once.
+      batch_size: examples per compiled call, >= 1.
+      pool: the prefixes whose features are cached pooled (the spatial mean):
+        `("stage4",)` for the bundled ResNets, whose head reads only the mean.
+
+    Raises:
+      ValueError: `batch_size` < 1 or no images.
+      TypeError: `pool` is a string rather than a collection of names.
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from layerfreeze.train import data
+    >>> from layerfreeze.models import resnet18
+    >>> model = resnet18(10, stem="cifar", width=4)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    >>> cache = FeatureCache(model, np.zeros((5, 16, 16, 3), np.uint8),
+    ...                      preprocess=data.normalize, batch_size=2, pool=("stage4",))
+    >>> cache.update("stage4", variables), cache.update("stage4", variables)
+    (True, False)
+    >>> cache.prefix, cache.features.shape, cache.nbytes
+    ('stage4', (5, 32), 640)
+    >>> cache.update(None, variables), cache.features is None
+    (False, True)
+    """
+
+    def __init__(
+        self,
+        model: flax.linen.Module,
+        images: np.ndarray,
+        *,
+        preprocess: Callable[[jax.Array], jax.Array],
+        batch_size: int,
+        pool: Collection[str] = (),
+    ):
+        if isinstance(pool, str):
+            raise TypeError(
+                f"pool must be a collection of group names such as ({pool!r},), got the "
+                f"string {pool!r}."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+        if len(images) == 0:
+            raise ValueError("No images to cache the features of.")
+        self._model, self._images = model, images
+        self._preprocess, self._batch_size = preprocess, batch_size
+        self._pool = frozenset(pool)
+        self._prefix: str | None = None
+        self._features: np.ndarray | None = None
+        self._seconds = 0.0
+
+    @property
+    def prefix(self) -> str | None:
+        """The group the cached features end with; None when nothing is cached."""
+        return self._prefix
+
+    @property
+    def features(self) -> np.ndarray | None:
+        """float32 `[N, ...]` features of every image, or None (train on the images)."""
+        return self._features
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the features take, in bytes (0 when none)."""
+        return 0 if self._features is None else self._features.nbytes
+
+    @property
+    def seconds(self) -> float:
+        """How long computing the current features took (0.0 when none)."""
+        return self._seconds
+
+    def update(self, prefix: str | None, variables: Mapping[str, Any]) -> bool:
+        """Makes the cache hold the features up to `prefix`.
+
+        Args:
+          prefix: the last group of the phase's frozen prefix, or None when the
+            phase leaves none (then the cache is emptied: train on images).
+          variables: `{"params": ..., "batch_stats": ...}` as they are now
+            (e.g. the train state's); read only when recomputing.
+
+        Returns:
+          Whether the features were computed (False: the prefix is unchanged,
+          or None).
+
+        Raises:
+          ValueError: the model cannot stop at `prefix`; the cache is then empty.
+        """
+        if prefix == self._prefix:
+            return False
+        # Emptied first: a failed computation must not leave stale features behind.
+        self._prefix, self._features, self._seconds = None, None, 0.0
+        if prefix is None:
+            _log.info("Feature cache emptied: this phase leaves no frozen prefix to cache.")
+            return False
+        start = time.perf_counter()
+        features = compute_features(
+            self._model,
+            variables,
+            self._images,
+            upto=prefix,
+            preprocess=self._preprocess,
+            batch_size=self._batch_size,
+            pool=prefix in self._pool,
+        )
+        self._prefix, self._features = prefix, features
+        self._seconds = time.perf_counter() - start
+        _log.info(
+            "Cached the features after %s: shape %s float32 (%.1f MiB) in %.2fs.",
+            prefix,
+            features.shape,
+            features.nbytes / 2**20,
+            self._seconds,
+        )
+        return True
+
+    def __repr__(self) -> str:
+        shape = None if self._features is None else self._features.shape
+        return f"FeatureCache(prefix={self._prefix!r}, shape={shape})"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _features_batch(
+    model: flax.linen.Module,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    upto: str,
+    pool: bool,
+    preprocess: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    return model.apply(variables, preprocess(images), upto=upto, pool=pool, method="features")

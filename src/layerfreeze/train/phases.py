@@ -1,0 +1,366 @@
+"""Phased training in any loop: a `FreezeSchedule` run step by step.
+
+`Phases` turns a schedule and a function that builds the steps of a phase into
+what a training loop needs at every step:
+
+* the steps of the phase in force, each distinct phase built (and compiled)
+  once;
+* at a phase change, the optimizer state carried over
+  (`layerfreeze.transfer_opt_state`: what stays trainable keeps its moments
+  and step count; under method `zero` what is newly unfrozen starts like a
+  fresh optimizer) and placed back on the mesh;
+* the metadata a checkpoint needs to resume in the right phase, and the check
+  that a resumed run has the same schedule;
+* whether the frozen prefix changed (for a feature cache).
+
+>>> import jax, jax.numpy as jnp, numpy as np, optax, layerfreeze as lf
+>>> from layerfreeze import train
+>>> params = {"stem": {"w": jnp.ones((3, 4))}, "head": {"w": jnp.ones((4, 2))}}
+>>> def loss_fn(params, batch, rng):
+...     out = jnp.tanh(batch["x"] @ params["stem"]["w"]) @ params["head"]["w"]
+...     return jnp.mean((out - batch["y"]) ** 2)
+>>> schedule = lf.schedules.gradual_unfreezing(["stem", "head"], every=2, unit="step")
+>>> phases = Phases(schedule, lambda phase, previous: train.make_steps(
+...     None, optax.adam(0.1), phase.spec, params, loss_fn=loss_fn, previous=previous),
+...     params=params)
+>>> state = phases.init_state(params, jax.random.key(0))
+>>> batch = {"x": np.ones((4, 3), np.float32), "y": np.zeros((4, 2), np.float32)}
+>>> for step in range(4):
+...     steps, state, change = phases.update(step, state)
+...     state, metrics = steps.train_step(state, batch)
+...     if change:
+...         print(change.describe())
+step 2: phase 1 (step 2: freeze none), trainable params 8 -> 20
+>>> phases.metadata()["phase"], phases.compilations
+(1, 2)
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from layerfreeze import _freeze, _labels, _nnx, _spec, _transfer, schedules
+
+__all__ = ["PhaseChange", "Phases"]
+
+Build = Callable[[schedules.Phase, tuple[_spec.FreezeSpec, ...]], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseChange:
+    """What happened at a phase change.
+
+    Attributes:
+      step: the global step at which the new phase starts.
+      index: the new phase's index.
+      previous_index: the index of the phase before.
+      phase: the new phase.
+      unit: the schedule's unit, `"epoch"` or `"step"`.
+      trainable_before: trainable parameters before the change.
+      trainable_after: trainable parameters after it.
+      prefix_before: the frozen prefix's last group before (None: no prefix).
+      prefix_after: the frozen prefix's last group after.
+    """
+
+    step: int
+    index: int
+    previous_index: int
+    phase: schedules.Phase
+    unit: str
+    trainable_before: int
+    trainable_after: int
+    prefix_before: str | None
+    prefix_after: str | None
+
+    @property
+    def prefix_changed(self) -> bool:
+        """Whether the frozen prefix changed: a feature cache must be recomputed."""
+        return self.prefix_before != self.prefix_after
+
+    def describe(self) -> str:
+        """One line, e.g. `step 40: phase 1 (epoch 2: freeze none), trainable params ...`."""
+        return (
+            f"step {self.step}: phase {self.index} ({self.phase.describe(self.unit)}), "
+            f"trainable params {self.trainable_before:,} -> {self.trainable_after:,}"
+        )
+
+
+class Phases:
+    """Runs a `FreezeSchedule` in a training loop: call `update` once per step.
+
+    Args:
+      schedule: the schedule; its phases' specs are what the steps freeze.
+      build: `(phase, previous_specs) -> steps`: builds the steps of a phase,
+        e.g. `train.make_steps(model, optimizer, phase.spec, params,
+        previous=previous_specs)`. The result has a `tx` (the frozen-aware
+        optimizer) and a `trainable_params` count, like `train.TrainSteps`;
+        an `optax.GradientTransformation` alone is accepted too (for a loop
+        with a step of its own). Pass `previous_specs` on to
+        `layerfreeze.freeze`, so that newly unfrozen leaves start like a
+        fresh optimizer under method `zero`.
+      params: the parameters (or their shapes; an NNX model stands for its
+        `nnx.Param`s), to resolve specs and count parameters.
+      steps_per_epoch: how many steps an epoch has, when the schedule counts
+        epochs. Required then.
+      method: the freeze method `build` uses (`"zero"` or `"lr0"`): under
+        `zero`, two phases with the same spec but different unfreezing
+        histories are built separately.
+      mesh: place the optimizer state carried over at a change on this mesh,
+        replicated (as `train.make_steps(..., mesh=mesh)` expects).
+      prefix_groups: groups in order from the input, after which a model can
+        start from cached features (a ResNet: `models.GROUPS[:-1]`); enables
+        `PhaseChange.prefix_changed` and `frozen_prefix`.
+
+    Raises:
+      ValueError: a phase's spec does not fit `params` (a rule matches no
+        parameter), or the schedule counts epochs and `steps_per_epoch` is
+        missing.
+    """
+
+    def __init__(
+        self,
+        schedule: schedules.FreezeSchedule,
+        build: Build,
+        *,
+        params: Any,
+        steps_per_epoch: int | None = None,
+        method: _freeze.Method = "zero",
+        mesh: Mesh | None = None,
+        prefix_groups: Sequence[str] | None = None,
+    ):
+        if not isinstance(schedule, schedules.FreezeSchedule):
+            raise TypeError(
+                f"Phases takes a layerfreeze.schedules.FreezeSchedule, got "
+                f"{type(schedule).__name__}; build one with layerfreeze.schedules."
+                "parse_schedule, gradual_unfreezing, fine_tune, ..."
+            )
+        _freeze.check_method(method)
+        if schedule.unit == "epoch":
+            if steps_per_epoch is None or isinstance(steps_per_epoch, bool):
+                raise ValueError(
+                    "This schedule counts epochs: pass steps_per_epoch (steps in one epoch)."
+                )
+            if int(steps_per_epoch) < 1:
+                raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}.")
+        self.schedule = schedule
+        self.build = build
+        self.params = _nnx.as_params(params)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        self.method = method
+        self.mesh = mesh
+        self.prefix_groups = None if prefix_groups is None else tuple(prefix_groups)
+        for phase in schedule.phases:  # every spec must fit, before any work
+            phase.spec.resolve(self.params)
+        self._cache: dict[Any, Any] = {}
+        self._keys: dict[int, Any] = {}  # phase index -> build key, computed once
+        self.current = self.index_at(0)
+
+    # Where we are ------------------------------------------------------------
+
+    def index_at(self, step: int) -> int:
+        """The index of the phase in force at global step `step`."""
+        unit_value = step // self.steps_per_epoch if self.schedule.unit == "epoch" else step
+        return self.schedule.phase_index(unit_value)
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's length in steps when the schedule fixes it (`fine_tune`), else None."""
+        total = self.schedule.total
+        if total is None:
+            return None
+        return total * self.steps_per_epoch if self.schedule.unit == "epoch" else total
+
+    @property
+    def compilations(self) -> int:
+        """How many distinct phases have been built."""
+        return len(self._cache)
+
+    def frozen_prefix(self, index: int | None = None) -> str | None:
+        """The last group of phase `index`'s frozen prefix (see `features.frozen_prefix`)."""
+        if self.prefix_groups is None:
+            return None
+        from layerfreeze.train import features  # features imports models; keep this import light
+
+        spec = self.schedule.phases[self.current if index is None else index].spec
+        return features.frozen_prefix(self.params, spec, self.prefix_groups)
+
+    def extend(self, schedule: schedules.FreezeSchedule) -> None:
+        """Adopts a schedule that keeps every phase of the current one and adds later ones.
+
+        For adaptive policies (`layerfreeze.auto.AutoFreeze`): a decision made
+        during training appends a phase, and the loop hands the longer
+        schedule over before the next `update`. What was built stays built.
+
+        Raises:
+          ValueError: `schedule` changes or drops a phase of the current
+            schedule, counts another unit, or a new phase's spec does not fit
+            the params.
+        """
+        if not isinstance(schedule, schedules.FreezeSchedule):
+            raise TypeError(f"extend takes a FreezeSchedule, got {type(schedule).__name__}.")
+        old = self.schedule.phases
+        if schedule.unit != self.schedule.unit or schedule.phases[: len(old)] != old:
+            raise ValueError(
+                "extend takes a schedule that keeps every phase of the current one; current "
+                f"{self.schedule.describe()!r}, given {schedule.describe()!r}."
+            )
+        for phase in schedule.phases[len(old) :]:
+            phase.spec.resolve(self.params)
+        self.schedule = schedule
+
+    # Steps ---------------------------------------------------------------------
+
+    def steps(self, index: int | None = None) -> Any:
+        """The steps of phase `index` (default: the current one), built once."""
+        index = self.current if index is None else index
+        key = self._key(index)
+        if key not in self._cache:
+            self._cache[key] = self.build(
+                self.schedule.phases[index], self.schedule.previous_specs(index)
+            )
+        return self._cache[key]
+
+    def tx(self, index: int | None = None) -> optax.GradientTransformation:
+        """The frozen-aware optimizer of phase `index`."""
+        steps = self.steps(index)
+        return steps if isinstance(steps, optax.GradientTransformation) else steps.tx
+
+    def _key(self, index: int) -> Any:
+        if index not in self._keys:
+            self._keys[index] = self._compute_key(index)
+        return self._keys[index]
+
+    def _compute_key(self, index: int) -> Any:
+        phase = self.schedule.phases[index]
+        cohorts: Any = ()
+        if self.method == "zero":
+            since = _labels.trainable_since(
+                self.params, phase.spec, self.schedule.previous_specs(index)
+            )
+            cohorts = tuple(since.items())
+        return (phase.spec, phase.lr_multipliers, cohorts)
+
+    def init_state(self, variables: Any, rng: jax.Array, *, step: int = 0) -> Any:
+        """A fresh state in the phase in force at `step` (`steps.init_state`)."""
+        self.current = self.index_at(step)
+        return self.steps().init_state(variables, rng)
+
+    # The loop ----------------------------------------------------------------
+
+    def update(self, step: int, state: Any) -> tuple[Any, Any, PhaseChange | None]:
+        """Call before each train step: `steps, state, change = phases.update(step, state)`.
+
+        At a phase change the new phase's steps are built (once) and the
+        optimizer state is carried over into the new optimizer.
+
+        Args:
+          step: the global step about to be taken (0-based).
+          state: anything with `params` and `opt_state` fields and a `replace`
+            method (`train.TrainState`, `flax.training.train_state.TrainState`,
+            whose `tx` is replaced too).
+
+        Returns:
+          `(steps, state, change)`: the current phase's steps, the state (with
+          the carried-over optimizer state after a change), and a
+          `PhaseChange` or None.
+        """
+        wanted = self.index_at(step)
+        if wanted == self.current:
+            return self.steps(), state, None
+        before_steps, before_index = self.steps(), self.current
+        prefix_before = self.frozen_prefix(before_index)
+        new_tx = self.tx(wanted)
+        opt_state = self.transfer(state.opt_state, new_tx, state.params)
+        fields = {"opt_state": opt_state}
+        if hasattr(state, "tx"):
+            fields["tx"] = new_tx
+        state = state.replace(**fields)
+        self.current = wanted
+        change = PhaseChange(
+            step=step,
+            index=wanted,
+            previous_index=before_index,
+            phase=self.schedule.phases[wanted],
+            unit=self.schedule.unit,
+            trainable_before=_trainable(before_steps, self.params, self.schedule, before_index),
+            trainable_after=_trainable(self.steps(), self.params, self.schedule, wanted),
+            prefix_before=prefix_before,
+            prefix_after=self.frozen_prefix(wanted),
+        )
+        return self.steps(), state, change
+
+    def transfer(self, opt_state: Any, new_tx: optax.GradientTransformation, params: Any) -> Any:
+        """The old optimizer state carried into `new_tx`'s, placed on the mesh if any."""
+        new_state = _transfer.transfer_opt_state(opt_state, new_tx.init(params))
+        if self.mesh is not None:
+            new_state = jax.device_put(new_state, NamedSharding(self.mesh, P()))
+        return new_state
+
+    # Checkpoints ---------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume in the right phase (JSON-serialisable)."""
+        return {
+            "phase": self.current,
+            "spec": self.schedule.phases[self.current].spec.describe(),
+            "method": self.method,
+            "schedule": self.schedule.describe(),
+        }
+
+    def restore(self, metadata: Mapping[str, Any]) -> int:
+        """Resumes in the phase a checkpoint was saved in; returns its index.
+
+        Build the restore target with `phases.steps().init_state(...)` after
+        this call: its optimizer state has that phase's structure.
+
+        Raises:
+          layerfreeze.schedules.ResumeMismatchError: the checkpoint's phase,
+            spec, method or schedule
+            differ from this run's; the message names both and says how to
+            start afresh.
+        """
+        saved = {k: metadata.get(k) for k in ("phase", "spec", "method", "schedule")}
+        index = saved["phase"]
+        if not isinstance(index, int) or not 0 <= index < len(self.schedule.phases):
+            raise schedules.ResumeMismatchError(
+                f"The checkpoint was saved in phase {index!r}, but this schedule has phases "
+                f"0..{len(self.schedule.phases) - 1}. {_FRESH}"
+            )
+        mine = {
+            "spec": self.schedule.phases[index].spec.describe(),
+            "method": self.method,
+            "schedule": self.schedule.describe(),
+        }
+        differ = [
+            f"{k}: checkpoint {saved[k]!r}, this run {mine[k]!r}"
+            for k in mine
+            if saved[k] is not None and saved[k] != mine[k]
+        ]
+        if differ:
+            raise schedules.ResumeMismatchError(
+                f"Cannot resume: the checkpoint (phase {index}) was saved with other settings "
+                f"({'; '.join(differ)}). {_FRESH}"
+            )
+        self.current = index
+        return index
+
+
+_FRESH = "Resume with the settings it was saved with, or start a fresh run in another workdir."
+
+
+def _trainable(steps: Any, params: Any, schedule: schedules.FreezeSchedule, index: int) -> int:
+    count = getattr(steps, "trainable_params", None)
+    if count is not None:
+        return int(count)
+    resolved = schedule.phases[index].spec.resolve(params)
+    return sum(
+        int(np.prod(np.shape(leaf)))
+        for leaf, frozen in zip(jax.tree.leaves(params), resolved.values(), strict=True)
+        if not frozen
+    )

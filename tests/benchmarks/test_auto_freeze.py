@@ -1,0 +1,116 @@
+"""`benchmarks/auto_freeze.py`: time to the target accuracy, the table; no scikit-learn needed."""
+
+import auto_freeze
+
+
+def _result(run, curve, first_steps, phases):
+    return {
+        "run": run,
+        "curve": curve,
+        "final_accuracy": curve[-1][2],
+        "seconds": curve[-1][0],
+        "first_steps": first_steps,
+        "compile_seconds": sum(s for _, s in first_steps),
+        "phases": phases,
+        "total_tflops": sum(p["gflops"] * p["steps"] for p in phases) / 1e3,
+    }
+
+
+def test_time_to_target_speedups_and_table():
+    full = _result(
+        "full",
+        [(10.0, 20, 0.90), (20.0, 40, 0.96), (30.0, 60, 0.97)],
+        [(0, 4.0)],
+        [{"start": 0, "steps": 60, "spec": "none", "gflops": 1.0}],
+    )
+    auto = _result(
+        "auto",
+        [(6.0, 20, 0.92), (12.0, 40, 0.966), (15.0, 60, 0.968)],
+        [(0, 4.0), (30, 2.0), (50, 2.0)],
+        [
+            {"start": 0, "steps": 30, "spec": "none", "gflops": 1.0},
+            {"start": 30, "steps": 30, "spec": "stem", "gflops": 0.5},
+        ],
+    )
+    never = _result(
+        "freezeout",
+        [(5.0, 20, 0.5), (9.0, 60, 0.9)],
+        [(0, 4.0)],
+        [{"start": 0, "steps": 60, "spec": "none", "gflops": 1.0}],
+    )
+    full, auto, never = auto_freeze.summarise([full, auto, never])
+    # Target: 0.97 - 0.005 = 0.965, reached by full at 30 s and by auto at 12 s.
+    assert full["seconds_to_target"] == 30.0 and auto["seconds_to_target"] == 12.0
+    assert auto["speedup"] == 2.5
+    # Compiles before step 40: auto's at steps 0 and 30 (6 s), full's at 0 (4 s).
+    assert auto["warm_seconds"] == 6.0 and auto["warm_speedup"] == 26.0 / 6.0
+    assert auto["flops_ratio"] == 60.0 / 45.0
+    # Work to the target: full's 60 steps at 1 GFLOP; auto's 30 at 1 and 10 at 0.5.
+    assert full["step_at_target"] == 60 and auto["step_at_target"] == 40
+    assert full["tflops_to_target"] == 0.06 and auto["tflops_to_target"] == 0.035
+    assert auto["flops_to_target_ratio"] == 0.06 / 0.035
+    assert never["step_at_target"] is None and never["flops_to_target_ratio"] is None
+    assert never["seconds_to_target"] is None and never["speedup"] is None
+    table = auto_freeze.format_markdown([full, auto, never])
+    assert "| auto | 0.9680 | 12.0 | 2.50x | 6.0 (4.33x) | 40 | 0.035 (1.71x) |" in table
+    assert "| freezeout | 0.9000 | not reached | - | - | - | - |" in table
+
+
+def test_source_model_is_cached_per_setting_and_reloaded_exactly(tmp_path, monkeypatch):
+    import argparse
+
+    import jax
+    import numpy as np
+
+    from layerfreeze.models import resnet18
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(4, dtype=np.int32)
+    task = auto_freeze.Task(images, labels, images, labels, 5, "tiny")
+    model = resnet18(5, stem="cifar", width=2)
+    trained = model.init(jax.random.key(7), auto_freeze._sample(task), train=False)
+    calls = []
+
+    def fake_train_source(model, ds, args):
+        calls.append(args.width)
+        return jax.device_get(dict(trained)), 0.75
+
+    monkeypatch.setattr(auto_freeze, "train_source", fake_train_source)
+    args = argparse.Namespace(
+        width=2, image_size=8, source_steps=3, batch_size=2, seed=0, source_cache=str(tmp_path)
+    )
+    first, acc1 = auto_freeze.source_variables(model, task, args)
+    second, acc2 = auto_freeze.source_variables(model, task, args)
+    assert calls == [2] and acc1 == acc2 == 0.75  # trained once, then loaded
+    assert (tmp_path / "source-w2-i8-n3-b2-s0.npz").exists()
+    flat1 = jax.tree_util.tree_leaves_with_path(first)
+    flat2 = jax.tree_util.tree_leaves_with_path(second)
+    assert [p for p, _ in flat1] == [p for p, _ in flat2]
+    for (_, a), (_, b) in zip(flat1, flat2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The head starts afresh (seed + 1), every other group is the source's.
+    np.testing.assert_array_equal(
+        second["params"]["stem"]["Conv_0"]["kernel"], trained["params"]["stem"]["Conv_0"]["kernel"]
+    )
+    assert not np.array_equal(
+        second["params"]["head"]["Dense_0"]["kernel"],
+        trained["params"]["head"]["Dense_0"]["kernel"],
+    )
+    args.source_steps = 4  # another setting: another file, trained again
+    auto_freeze.source_variables(model, task, args)
+    assert calls == [2, 2]
+
+
+def test_interleave_takes_turns_and_keeps_the_runs_order():
+    log = []
+
+    def run(name, chunks):
+        for i in range(chunks):
+            log.append((name, i))
+            yield
+        return {"run": name}
+
+    results = auto_freeze.interleave([run("a", 3), run("b", 1), run("c", 2)])
+    assert [r["run"] for r in results] == ["a", "b", "c"]
+    assert log == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]

@@ -1,0 +1,317 @@
+"""End-to-end runs of `experiments/cifar.py` on tiny models and data."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import cifar_train as cifar
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from configs import cifar10 as default_config
+
+from layerfreeze.train import checkpoint, data
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def tiny_config(**overrides):
+    config = default_config.get_config()
+    config.dataset = "synthetic"
+    config.synthetic_train_size = 64
+    config.synthetic_test_size = 24
+    config.width = 4
+    config.batch_size = 16
+    config.num_train_steps = 8
+    config.warmup_steps = 2
+    config.log_every = 2
+    config.eval_every = 4
+    config.checkpoint_every = 3
+    config.progress = False
+    config.plot = False
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+
+
+def _params(workdir):
+    with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
+        return ckpt.restore_arrays(("params", "batch_stats", "opt_state"))
+
+
+def test_synthetic_run_writes_checkpoints_metrics_and_plot(tmp_path, capsys):
+    result = cifar.train_and_evaluate(tiny_config(plot=True), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "freeze spec: stem,stage1" in out
+    assert out.strip().splitlines()[-1].startswith("final test accuracy: ")
+    assert result["steps"] == 8 and result["compilations"] == 1
+    rows = _rows(tmp_path)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert [r["step"] for r in test_rows] == [4, 8]
+    for r in train_rows + test_rows:
+        assert {"step", "split", "loss", "accuracy", "trainable_params"} <= set(r)
+        assert np.isfinite(r["loss"])
+    assert test_rows[-1]["examples"] == 24
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "config.json").read_text())["width"] == 4
+    with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [3, 6, 8]
+        assert ckpt.restore_metadata()["spec"] == "stem,stage1"
+
+
+def test_learns_on_synthetic_data(tmp_path):
+    config = tiny_config(
+        width=8,
+        num_train_steps=40,
+        learning_rate=3e-3,
+        freeze="none",
+        eval_every=100,
+        checkpoint_every=100,
+        synthetic_train_size=320,
+        log_every=4,
+    )
+    cifar.train_and_evaluate(config, str(tmp_path))
+    losses = [r["loss"] for r in _rows(tmp_path) if r["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.usefixtures("fixed_mock_getitems")
+def test_cifar10_through_tfds_mock_data(tmp_path):
+    config = tiny_config(dataset="cifar10", data_dir=str(tmp_path / "tfds"), download=False)
+    with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = cifar.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["steps"] == 8
+    assert [r["examples"] for r in _rows(tmp_path / "run") if r["split"] == "test"] == [48, 48]
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, n_batches):
+    real = data.train_batches
+
+    def dying(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == n_batches:
+                raise _Killed
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", dying)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("kill_at", [5])
+def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
+    config = tiny_config()
+    cifar.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    with monkeypatch.context() as m:
+        _kill_after(m, kill_at)
+        with pytest.raises(_Killed):
+            cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    with checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 3  # the kill lost steps 4 and 5
+    cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+
+    def rows(workdir):
+        return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in _rows(workdir)]
+
+    # Rows of the lost steps were dropped, none doubled, and every value matches.
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+
+
+def test_init_from_source_run_with_other_class_count(tmp_path, capsys):
+    source = tiny_config(synthetic_num_classes=20, freeze="none", num_train_steps=4)
+    cifar.train_and_evaluate(source, str(tmp_path / "source"))
+    source_params = _params(tmp_path / "source")["params"]
+
+    target = tiny_config(init_from=str(tmp_path / "source"), freeze="all-but:head")
+    cifar.train_and_evaluate(target, str(tmp_path / "target"))
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'source'} (step 4); re-initialised: head" in out
+    target_params = _params(tmp_path / "target")["params"]
+    assert target_params["head"]["Dense_0"]["kernel"].shape == (32, 10)
+    for group in ("stem", "stage1", "stage2", "stage3", "stage4"):
+        _assert_trees_equal(source_params[group], target_params[group])
+
+
+def _run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "cifar.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--freeze=stage9", "--config.dataset=synthetic"],
+            "Valid groups: stem, stage1, stage2, stage3, stage4, head",
+        ),
+        (
+            ["--config.dataset=imagenet"],
+            "Unknown dataset 'imagenet'; valid: cifar10, cifar100, synthetic",
+        ),
+        (["--config.model=vgg"], "Unknown model 'vgg'; valid: resnet18, resnet34, resnet50"),
+        (
+            ["--config.init_from=does/not/exist"],
+            "does not exist; give the workdir of an earlier run",
+        ),
+        (["--config.nope=1"], "Unknown config field 'nope' in '--config.nope=1'"),
+        (["--config.width=4", "--config.nope=1"], "Unknown config field 'nope'"),
+        (["--config.width=four"], "--config.width=four: invalid literal for int()"),
+        (["--config=missing.py"], "--config='missing.py' does not exist"),
+        (["--config=syntax.py"], "has a syntax error at line 1"),
+        (["--config=noget.py"], "defines no get_config()"),
+        (["--freeze="], "Empty freeze spec. Write 'none'"),
+        (["--config.freeze_method=half"], "Unknown freeze_method 'half'; valid: zero, lr0"),
+        (
+            [
+                "--config.dataset=cifar10",
+                "--config.download=False",
+                "--config.width=4",
+                "--config.data_dir=empty_tfds",
+            ],
+            "--config.dataset=synthetic",
+        ),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "noget.py").write_text("X = 1\n")
+    proc = _run_cli(f"--workdir={tmp_path / 'run'}", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_with_another_spec_names_both_and_changes_nothing(tmp_path):
+    cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    record = (tmp_path / "config.json").read_bytes()
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(cifar.UsageError, match=r"spec: checkpoint 'stem,stage1', this run 'stem'"):
+        cifar.train_and_evaluate(tiny_config(num_train_steps=6, freeze="stem"), str(tmp_path))
+    assert (tmp_path / "config.json").read_bytes() == record
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    with pytest.raises(cifar.UsageError, match=r"method: checkpoint 'zero', this run 'lr0'"):
+        cifar.train_and_evaluate(tiny_config(num_train_steps=6, freeze_method="lr0"), str(tmp_path))
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
+    uninterrupted = tmp_path / "uninterrupted"
+    cifar.train_and_evaluate(tiny_config(), str(uninterrupted))
+    run = tmp_path / "run"
+    cifar.train_and_evaluate(tiny_config(), str(run))  # steps 3, 6 and 8
+    metadata_files = [
+        p for p in (run / "checkpoints" / "8").rglob("*") if p.is_file() and "metadata" in p.parts
+    ]
+    assert metadata_files
+    metadata_files[0].write_text("{ cut")
+    capsys.readouterr()
+    cifar.train_and_evaluate(tiny_config(), str(run))
+    err = capsys.readouterr().err
+    assert "checkpoint step 8 is damaged" in err and "resuming from step 6" in err
+    assert (run / "checkpoints_damaged" / "8").is_dir()
+    want, got = _params(uninterrupted), _params(run)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"keep_checkpoints": 0}, "config.keep_checkpoints must be > 0, got 0"),
+        ({"width": 0}, "config.width must be > 0, got 0"),
+        ({"synthetic_num_classes": 1}, "config.synthetic_num_classes must be >= 2, got 1"),
+        ({"batch_size": 128}, "larger than the training set (64 examples)"),
+        ({"learning_rate": float("nan")}, "config.learning_rate must be a finite number >= 0"),
+        ({"freeze": ""}, "Empty freeze spec. Write 'none' to freeze nothing"),
+        ({"log_every": -1}, "config.log_every must be >= 0"),
+    ],
+)
+def test_bad_values_are_one_clear_error(tmp_path, overrides, message):
+    with pytest.raises(cifar.UsageError) as info:
+        cifar.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+    assert message in str(info.value)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_unusable_workdir_and_weights_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(cifar.UsageError, match=r"is a file, not a directory"):
+        cifar.train_and_evaluate(tiny_config(), str(afile))
+    with pytest.raises(cifar.UsageError, match=r"Cannot write to --workdir"):
+        cifar.train_and_evaluate(tiny_config(), str(afile / "run"))
+    bad = tmp_path / "resnet18.pth"
+    bad.write_bytes(b"\x80\x02not a pickle at all")
+    with pytest.raises(cifar.UsageError, match=r"Cannot read .*resnet18.pth as torchvision"):
+        cifar.train_and_evaluate(
+            tiny_config(init_from=str(bad), stem="imagenet"), str(tmp_path / "run")
+        )
+
+
+def test_divergence_stops_at_the_step_and_saves_nothing_non_finite(tmp_path):
+    config = tiny_config(learning_rate=1e30, clip_norm=0.0, warmup_steps=0, checkpoint_every=100)
+    with pytest.raises(cifar.Diverged, match=r"diverged at step \d+: .*(nan|inf).*no checkpoint"):
+        cifar.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_finished_run_rerun_changes_nothing(tmp_path, capsys):
+    first = cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    again = cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    assert "already finished at step 3" in capsys.readouterr().out
+    assert again["accuracy"] == first["accuracy"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+def test_frozen_random_layers_are_announced_and_recorded(tmp_path, capsys):
+    cifar.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+    err = capsys.readouterr().err
+    assert "warning: no config.init_from, so the frozen layers (stem, stage1)" in err
+    assert json.loads((tmp_path / "config.json").read_text())["frozen_random_init"] == [
+        "stem",
+        "stage1",
+    ]
+
+
+def test_metrics_rows_after_a_resume_equal_the_uninterrupted_run(tmp_path):
+    config = tiny_config(log_every=4, checkpoint_every=3, eval_every=4)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cifar.train_and_evaluate(config, str(straight))
+    cifar.train_and_evaluate(config, str(killed))
+    # As if killed right after the step-3 checkpoint: later checkpoints never happened.
+    for step in ("6", "8"):
+        shutil.rmtree(killed / "checkpoints" / step)
+    cifar.train_and_evaluate(config, str(killed))
+
+    def rows(workdir):
+        return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in _rows(workdir)]
+
+    assert [r["step"] for r in rows(straight) if r["split"] == "train"] == [4, 8]
+    assert rows(killed) == rows(straight)

@@ -1,0 +1,124 @@
+"""Gradual unfreezing end to end: phases, compilations, state and resume."""
+
+import cifar_train as cifar
+import pytest
+from test_cifar_experiment import (
+    _assert_trees_equal,
+    _kill_after,
+    _Killed,
+    _params,
+    _rows,
+    tiny_config,
+)
+
+from layerfreeze.train import checkpoint
+
+# 64 synthetic images in batches of 16: 4 steps per epoch.
+SCHEDULE = "unfreeze:0=head,1=stage4,2=stage3"
+
+
+def test_trainable_count_grows_at_scheduled_epochs(tmp_path, capsys):
+    config = tiny_config(schedule=SCHEDULE, num_train_steps=12, log_every=1, eval_every=100)
+    result = cifar.train_and_evaluate(config, str(tmp_path))
+    assert result["compilations"] == 3 and result["phase"] == 2
+    rows = [r for r in _rows(tmp_path) if r["split"] == "train"]
+    phases = [r["phase"] for r in rows]
+    assert phases == [0] * 4 + [1] * 4 + [2] * 4
+    counts = [r["trainable_params"] for r in rows]
+    assert counts[0] < counts[4] < counts[8]
+    assert counts[0] == counts[3] and counts[4] == counts[7]
+    starts = [r for r in _rows(tmp_path) if r["split"] == "phase"]
+    assert [(r["step"], r["spec"]) for r in starts] == [
+        (4, "all-but:head,stage4"),
+        (8, "all-but:head,stage4,stage3"),
+    ]
+    out = capsys.readouterr().out
+    assert "step 4: phase 1" in out and "step 8: phase 2" in out
+
+
+def test_a_repeated_phase_reuses_its_compiled_step(tmp_path):
+    config = tiny_config(
+        schedule="explicit:0=all-but:head;1=none;2=all-but:head",
+        num_train_steps=12,
+        eval_every=100,
+    )
+    result = cifar.train_and_evaluate(config, str(tmp_path))
+    assert result["compilations"] == 2
+    assert result["phase"] == 2
+
+
+def test_a_repeated_phase_that_unfreezes_gets_its_own_step(tmp_path):
+    # Phase 2 repeats phase 0's spec, but its body is newly unfrozen: under
+    # method zero those leaves count their own steps, so the step differs.
+    config = tiny_config(
+        schedule="explicit:0=none;1=all-but:head;2=none", num_train_steps=12, eval_every=100
+    )
+    assert cifar.train_and_evaluate(config, str(tmp_path / "zero"))["compilations"] == 3
+    config.freeze_method = "lr0"
+    assert cifar.train_and_evaluate(config, str(tmp_path / "lr0"))["compilations"] == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "checkpoint_every", "kill_at", "resumes_in_phase"),
+    [
+        ("zero", 4, 5, 0),  # last checkpoint just before the boundary
+        ("lr0", 5, 6, 1),  # last checkpoint right after the boundary
+        ("zero", 9, 9, 2),  # restores the step counts of two unfreezing cohorts
+    ],
+)
+def test_resume_across_a_phase_boundary_is_bitwise_identical(
+    tmp_path, monkeypatch, method, checkpoint_every, kill_at, resumes_in_phase
+):
+    config = tiny_config(
+        schedule=SCHEDULE,
+        num_train_steps=10,
+        freeze_method=method,
+        checkpoint_every=checkpoint_every,
+        eval_every=100,
+        lr_multipliers="ulmfit",
+    )
+    straight = cifar.train_and_evaluate(config, str(tmp_path / "straight"))
+    with monkeypatch.context() as m:
+        _kill_after(m, kill_at)
+        with pytest.raises(_Killed):
+            cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    with checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == checkpoint_every
+        assert ckpt.restore_metadata()["phase"] == resumes_in_phase
+    resumed = cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert resumed["phase"] == straight["phase"] == 2
+    # params, batch_stats and the optimizer state (Adam moments, counts).
+    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+    events = [
+        [(r["split"], r["step"], r["phase"]) for r in _rows(tmp_path / d)]
+        for d in ("straight", "resumed")
+    ]
+    assert events[0] == events[1]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ("unfreeze:0=head,1=stage9", "stage9"),
+        ("unfreeze:0=head,2=stage4,1=stage3", "non-increasing"),
+        ("sometimes", "sometimes"),
+    ],
+)
+def test_bad_schedules_are_usage_errors(tmp_path, schedule, message):
+    with pytest.raises(cifar.UsageError, match=message):
+        cifar.train_and_evaluate(tiny_config(schedule=schedule), str(tmp_path))
+
+
+def test_negative_multiplier_is_a_usage_error(tmp_path):
+    with pytest.raises(cifar.UsageError, match=r"stage4.*must be >= 0"):
+        cifar.train_and_evaluate(tiny_config(lr_multipliers="stage4=-1"), str(tmp_path))
+    with pytest.raises(cifar.UsageError, match="factor must be > 0"):
+        cifar.train_and_evaluate(tiny_config(lr_multipliers="ulmfit:-2"), str(tmp_path))
+
+
+def test_a_schedule_with_a_total_sets_the_run_length(tmp_path):
+    config = tiny_config(
+        schedule="fine_tune:freeze_epochs=1,epochs=2", num_train_steps=-1, num_epochs=10.0
+    )
+    result = cifar.train_and_evaluate(config, str(tmp_path))
+    assert result["steps"] == 12 and result["phase"] == 1  # (1 + 2) epochs of 4 steps
