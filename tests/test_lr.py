@@ -266,11 +266,11 @@ def test_layerwise_decay_over_path_prefix_groups_of_a_vit():
     )
     groups = vit_groups(3)
     layers = [groups[:3], *groups[3:6], groups[6:]]  # embeddings, blocks 0-2, norm + head
-    mults = layerfreeze.layerwise_decay(layers, 0.5)
+    mults = layerfreeze.lr.layerwise_decay(layers, 0.5)
     assert mults["embedding"] == mults["cls"] == 0.0625
     assert [mults[f"Transformer/encoderblock_{i}"] for i in range(3)] == [0.125, 0.25, 0.5]
     assert mults["head"] == mults["Transformer/encoder_norm"] == 1.0
-    tx = optax.chain(optax.sgd(1.0), layerfreeze.scale_by_group(mults))
+    tx = optax.chain(optax.sgd(1.0), layerfreeze.lr.scale_by_group(mults))
     updates, _ = tx.update(params, tx.init(params))
     for i in range(3):
         block = updates["Transformer"][f"encoderblock_{i}"]
@@ -286,6 +286,6 @@ def test_layerwise_decay_over_path_prefix_groups_of_a_vit():
 )
 def test_layerwise_decay_bad_values(decay, error):
     with pytest.raises(ValueError, match=error):
-        layerfreeze.layerwise_decay(["a", "b"], decay)
+        layerfreeze.lr.layerwise_decay(["a", "b"], decay)
     with pytest.raises(ValueError, match="Duplicate group name"):
-        layerfreeze.layerwise_decay(["a", ("b", "a")], 0.5)
+        layerfreeze.lr.layerwise_decay(["a", ("b", "a")], 0.5)

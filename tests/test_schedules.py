@@ -576,7 +576,6 @@ def test_with_lr_multipliers_is_validated():
         S.constant("stem").with_lr_multipliers({"stem": -1.0})
 
 
-
 # Properties --------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from layerfreeze._labels import (
     trainable_since,
 )
 from layerfreeze._nnx import nnx_filter, nnx_train_mode
+from layerfreeze._plan import Plan, plan
 from layerfreeze._spec import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
 from layerfreeze._summary import FreezeSummary, summary
 from layerfreeze._transfer import transfer_opt_state
@@ -38,6 +39,7 @@ __all__ = [
     "TRAINABLE",
     "FreezeSpec",
     "FreezeSummary",
+    "Plan",
     "Rule",
     "as_spec",
     "auto",
@@ -52,6 +54,7 @@ __all__ = [
     "lr",
     "nnx_filter",
     "nnx_train_mode",
+    "plan",
     "scan_segments",
     "schedules",
     "stack_slice",

@@ -26,7 +26,7 @@ from typing import Any
 import flax.linen as nn
 from flax import nnx
 
-from layerfreeze import _paths, _spec
+from layerfreeze import _paths, _plan, _spec
 
 __all__ = ["BatchNormPolicy", "batchnorm_modules", "frozen_batchnorm", "use_policy"]
 
@@ -83,7 +83,7 @@ class BatchNormPolicy:
 
     Args:
       params: the parameters (or their shapes).
-      spec: the freeze spec.
+      spec: the freeze spec, or its `layerfreeze.Plan` for `params`.
       running_stats: None (follow the spec, see the module docstring), or a
         spec over BatchNorm module paths naming the layers that run on
         running statistics.
@@ -96,8 +96,9 @@ class BatchNormPolicy:
         *,
         running_stats: _spec.SpecLike | None = None,
     ):
-        self.spec = _spec.as_spec(spec)
-        self.resolved = self.spec.resolve(params)
+        self.plan = _plan.plan(params, spec)
+        self.spec = self.plan.spec
+        self.resolved = self.plan.resolved
         self.running_stats = None if running_stats is None else _spec.as_spec(running_stats)
         self._cache: dict[str, bool] = {}
         self.seen: dict[str, bool] = {}

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import optax
 
-from layerfreeze import _blocks, _labels, _paths, _spec, _upstream
+from layerfreeze import _blocks, _labels, _paths, _plan, _spec, _upstream
 
 __all__ = ["METHODS", "CohortsState", "Method", "check_method", "freeze"]
 
@@ -39,9 +39,9 @@ def check_method(method: str) -> None:
 
 def freeze(
     optimizer: optax.GradientTransformation,
-    spec: _spec.SpecLike = None,
+    spec: _spec.SpecLike | _plan.Plan = None,
     *,
-    method: Method = "zero",
+    method: Method | None = None,
     labels: Any = None,
     previous: Sequence[Any] = (),
 ) -> optax.GradientTransformationExtraArgs:
@@ -88,9 +88,11 @@ def freeze(
     Args:
       optimizer: any optax gradient transformation (a chain, `MultiSteps`, ...).
       spec: what to freeze; anything `layerfreeze.FreezeSpec` accepts, e.g.
-        `"stem,stage1"`. Resolved against the params at `init` and the updates
-        at `update`, so a rule that matches nothing fails at `init`.
-      method: `"zero"` or `"lr0"`.
+        `"stem,stage1"`, resolved into a `layerfreeze.plan` of the params at
+        `init` (so a rule that matches nothing fails there) and reused for
+        updates of the same structure; or a ready `layerfreeze.Plan`, which
+        carries `previous` and the method itself.
+      method: `"zero"` (the default) or `"lr0"`; with a `Plan`, the plan's.
       labels: instead of `spec`, a ready pytree shaped like the params whose
         leaves are `"frozen"`/`"trainable"` or bools (True = frozen), e.g. a
         mask from elsewhere. Its structure is checked against the params at
@@ -130,23 +132,11 @@ def freeze(
     >>> bool(jnp.all(updates["stem"]["w"] == fresh_updates["stem"]["w"]))
     True
     """
-    check_method(method)
     _check_optimizer(optimizer)
-    previous = _labels.check_previous(previous)
-    if labels is not None:
-        if spec is not None:
-            raise ValueError("Pass either a freeze spec or `labels`, not both.")
-        history = [_fixed_frozen(p, "previous") for p in previous]
-        history.append(_fixed_frozen(labels, "labels"))
-    else:
-        history = [_spec_frozen(_spec.as_spec(s)) for s in previous]
-        history.append(_spec_frozen(_spec.as_spec(spec)))
-    if method == "lr0":
-        history = history[-1:]  # frozen leaves ran the optimizer: one cohort
+    plan_of, method = _planner(spec, method, labels, previous)
 
-    def build(tree: Any) -> tuple[optax.GradientTransformationExtraArgs, list[Any]]:
-        history_rows = [frozen(tree) for frozen in history]
-        bounds, frozen_now, since = _block_plan(jax.tree.leaves(tree), history_rows)
+    def build(tree: Any) -> tuple[optax.GradientTransformationExtraArgs, tuple[Any, ...]]:
+        bounds, frozen_now, since = plan_of(tree).opt_view
         view = _blocks.split(tree, bounds)
         paths = _paths.leaf_paths(view)
         cohort_of = {p: s for p, s in zip(paths, since, strict=True) if s}
@@ -189,46 +179,39 @@ def _check_optimizer(optimizer: Any) -> None:
     )
 
 
-def _spec_frozen(spec: _spec.FreezeSpec) -> Callable[[Any], list[_spec.FrozenBlocks]]:
-    return lambda tree: list(spec.resolve_blocks(tree).values())
+def _planner(
+    spec: Any, method: Method | None, labels: Any, previous: Sequence[Any]
+) -> tuple[Callable[[Any], _plan.Plan], str]:
+    """`tree -> Plan` for `freeze`'s arguments, and the method in force."""
+    previous = _plan.check_previous(previous)
+    if isinstance(spec, _plan.Plan):
+        if labels is not None or previous:
+            raise ValueError(
+                "A layerfreeze.Plan carries its own history: pass `previous` to "
+                "layerfreeze.plan, and no `labels` or `previous` to freeze."
+            )
+        if method not in (None, spec.method):
+            raise ValueError(
+                f"freeze(..., method={method!r}) with a plan built for method "
+                f"{spec.method!r}; build the plan with layerfreeze.plan(..., method={method!r})."
+            )
 
+        def fitted(tree: Any) -> _plan.Plan:
+            spec.check(tree, "updates")
+            return spec
 
-def _block_plan(
-    leaves: Sequence[Any], history: Sequence[Sequence[_spec.FrozenBlocks]]
-) -> tuple[list[Any], list[bool], list[int | None]]:
-    """How `freeze` splits stacked leaves, and each part's state and cohort.
-
-    Args:
-      leaves: the tree's leaves.
-      history: per phase (oldest first, the current one last), each leaf's
-        frozen state: a bool, or one bool per block.
-
-    Returns:
-      `(bounds, frozen, since)`: for each leaf, the block ranges it splits into
-      (None: kept whole); then, for each leaf of the split view in order,
-      whether it is frozen now and its cohort (`_labels.since_from_history`).
-      A leaf splits where its blocks differ in state or cohort.
-    """
-    bounds: list[Any] = []
-    frozen: list[bool] = []
-    since: list[int | None] = []
-    for n, leaf in enumerate(leaves):
-        column = [phase[n] for phase in history]
-        if all(isinstance(c, bool) for c in column):
-            bounds.append(None)
-            frozen.append(column[-1])
-            since.extend(_labels.since_from_history([[c] for c in column]))
-            continue
-        depth = np.shape(leaf)[0]
-        per_phase = [c if isinstance(c, tuple) else (c,) * depth for c in column]
-        per_row = _labels.since_from_history(per_phase)
-        keys = [(per_phase[-1][r], per_row[r]) for r in range(depth)]
-        parts = _blocks.runs(keys)
-        bounds.append(tuple((a, b) for a, b, _ in parts) if len(parts) > 1 else None)
-        for _, _, (is_frozen, s) in parts:
-            frozen.append(is_frozen)
-            since.append(s)
-    return bounds, frozen, since
+        return fitted, spec.method
+    method = "zero" if method is None else method
+    check_method(method)
+    if labels is not None:
+        if spec is not None:
+            raise ValueError("Pass either a freeze spec or `labels`, not both.")
+        history = [_fixed_frozen(p, "previous") for p in previous]
+        history.append(_fixed_frozen(labels, "labels"))
+        return lambda tree: _plan.from_labels(tree, history, method=method), method
+    spec = _spec.as_spec(spec)
+    specs = tuple(_spec.as_spec(s) for s in previous)
+    return lambda tree: _plan.plan(tree, spec, previous=specs, method=method), method
 
 
 def _fixed_frozen(labels: Any, where: str) -> Callable[[Any], list[bool]]:

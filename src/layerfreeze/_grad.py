@@ -15,9 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from layerfreeze import _blocks, _paths, _spec
+from layerfreeze import _blocks, _plan, _spec
 
 __all__ = ["grad", "merge", "split", "value_and_grad"]
 
@@ -71,13 +70,14 @@ def value_and_grad(
     XLA never computes frozen gradients, even when the step clips by the
     global norm, reports it, accumulates, or returns the gradients.
 
-    The spec is resolved against the structure of `params` (cached per
-    structure, outside of any traced value), so a rule that matches nothing
-    fails on the first call.
+    The spec is resolved into a `layerfreeze.plan` of the structure of
+    `params` (once per structure, outside of any traced value), so a rule that
+    matches nothing fails on the first call; a ready `Plan` is checked against
+    `params` instead.
 
     Args:
       fun: the loss; differentiated with respect to its first argument.
-      spec: what is frozen; anything `layerfreeze.as_spec` accepts.
+      spec: what is frozen; anything `layerfreeze.as_spec` accepts, or a `Plan`.
       has_aux: `fun` returns `(loss, aux)`.
 
     Returns:
@@ -91,21 +91,17 @@ def value_and_grad(
     >>> float(value), grads["stem"]["w"], grads["head"]["w"]
     (8.0, Array([0., 0.], dtype=float32), Array([-4., -4.], dtype=float32))
     """
-    spec = _spec.as_spec(spec)
-    plans: dict[Any, tuple[Any, Any]] = {}
-
-    def plan_of(params: Any) -> tuple[Any, Any, Any]:
-        key = (jax.tree.structure(params), tuple(np.shape(x) for x in jax.tree.leaves(params)))
-        if key not in plans:
-            bounds, mask = block_plan(params, spec)
-            plans[key] = bounds, mask, _blocks.segments_of(_paths.leaf_paths(params), bounds, mask)
-        return plans[key]
+    if not isinstance(spec, _plan.Plan):
+        spec = _spec.as_spec(spec)
 
     @functools.wraps(fun)
     def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        bounds, mask, ranges = plan_of(params)
+        plan = _plan.plan(params, spec)
+        bounds, _ = plan.grad_view
         view = _blocks.split(params, bounds)
+        mask = plan.grad_mask
         trainable, frozen = split(view, mask)
+        ranges = plan.segments
 
         def partial(trainable: Any) -> Any:
             with _blocks.segments_context(ranges):
@@ -125,28 +121,6 @@ def value_and_grad(
         return value, _blocks.join(fill_frozen(mask, view, trainable_grads))
 
     return wrapped
-
-
-def block_plan(params: Any, spec: _spec.FreezeSpec) -> tuple[list[Any], Any]:
-    """How to split `params` into wholly frozen and wholly trainable parts.
-
-    Returns:
-      `(bounds, mask)`: the block ranges of each partly frozen stacked leaf
-      (None for the others; see `_blocks.split`), and the frozen mask of the
-      split view (True = frozen).
-    """
-    bounds, flags = [], []
-    for state in spec.resolve_blocks(params).values():
-        if isinstance(state, bool):
-            bounds.append(None)
-            flags.append(state)
-            continue
-        parts = _blocks.runs(state)
-        bounds.append(tuple((a, b) for a, b, _ in parts))
-        flags.extend(f for _, _, f in parts)
-    view = _blocks.split(params, bounds)
-    flat = iter(flags)
-    return bounds, jax.tree.map(lambda _: next(flat), view)
 
 
 def grad(

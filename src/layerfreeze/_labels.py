@@ -1,25 +1,23 @@
 """Label and mask pytrees for `optax.partition`, `optax.masked` and friends."""
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
-from layerfreeze import _nnx, _paths, _spec
+from layerfreeze import _nnx, _paths, _plan, _spec
 
 __all__ = [
-    "check_previous",
     "check_same_structure",
     "freeze_labels",
     "frozen_bn_groups",
     "frozen_mask",
     "label_fn",
-    "since_from_history",
     "trainable_since",
 ]
 
 
-def frozen_mask(params: Any, spec: _spec.SpecLike) -> Any:
+def frozen_mask(params: Any, spec: _spec.SpecLike | _plan.Plan) -> Any:
     """Returns a pytree of bools shaped like `params`: True = frozen.
 
     The result has the container types of `params` (dict, `FrozenDict`,
@@ -31,21 +29,12 @@ def frozen_mask(params: Any, spec: _spec.SpecLike) -> Any:
     An NNX model stands for its parameters, `nnx.state(model, nnx.Param)`.
     """
     params = _nnx.as_params(params)
-    resolved = _spec.as_spec(spec).resolve_blocks(params)
-    partly = [path for path, frozen in resolved.items() if not isinstance(frozen, bool)]
-    if partly:
-        raise ValueError(
-            f"The spec freezes some blocks of the stacked leaves {partly[:3]}"
-            f"{' ...' if len(partly) > 3 else ''} and not others, which a per-leaf mask or "
-            "optax label cannot express. Use layerfreeze.freeze(optimizer, spec) (it splits "
-            "stacked leaves by block) with layerfreeze.value_and_grad or "
-            "layerfreeze.train.make_steps, or FreezeSpec.resolve_blocks for the per-block answer."
-        )
-    flat = iter(resolved.values())
-    return jax.tree.map(lambda _: next(flat), params)
+    return _plan.plan(params, spec).leaf_mask(
+        params, why="a per-leaf mask or optax label cannot express that"
+    )
 
 
-def freeze_labels(params: Any, spec: _spec.SpecLike) -> Any:
+def freeze_labels(params: Any, spec: _spec.SpecLike | _plan.Plan) -> Any:
     """Returns a pytree of labels shaped like `params`: `"frozen"` or `"trainable"`.
 
     The result has the container types of `params` and can serve as the
@@ -90,53 +79,10 @@ def trainable_since(
     >>> trainable_since(params, "stem", previous=["none"])
     {'head/w': 0, 'stage1/w': 0, 'stem/w': None}
     """
-    specs = [_spec.as_spec(s) for s in check_previous(previous)] + [_spec.as_spec(spec)]
-    rows = [list(s.resolve_blocks(params).values()) for s in specs]
-    out: dict[str, Any] = {}
-    for n, path in enumerate(_paths.leaf_paths(params)):
-        column = [phase[n] for phase in rows]
-        depths = {len(c) for c in column if isinstance(c, tuple)}
-        if not depths:
-            out[path] = since_from_history([[c] for c in column])[0]
-            continue
-        (depth,) = depths
-        per_phase = [c if isinstance(c, tuple) else (c,) * depth for c in column]
-        since = tuple(since_from_history(per_phase))
-        out[path] = since[0] if len(set(since)) == 1 else since
-    return out
+    return _plan.plan(params, spec, previous=previous).since()
 
 
-def check_previous(previous: Any) -> tuple[Any, ...]:
-    """Returns `previous` as a tuple, or raises a TypeError if it is no sequence of specs."""
-    if isinstance(previous, str | bytes | Mapping) or not isinstance(previous, Sequence):
-        raise TypeError(
-            "previous must be a sequence of the earlier phases' freeze specs, oldest first "
-            f"(e.g. ['all-but:head', 'all-but:head,stage4']); got {type(previous).__name__}: "
-            f"{previous!r}."
-        )
-    return tuple(previous)
-
-
-def since_from_history(frozen_rows: Sequence[Sequence[bool]]) -> list[int | None]:
-    """Per leaf, where its trailing run of trainable phases begins (None: frozen now).
-
-    Args:
-      frozen_rows: one row per phase, oldest first; each row holds one bool per
-        leaf (True = frozen). The last row is the current phase.
-    """
-    since: list[int | None] = []
-    for column in zip(*frozen_rows, strict=True):
-        if column[-1]:
-            since.append(None)
-            continue
-        start = len(column) - 1
-        while start > 0 and not column[start - 1]:
-            start -= 1
-        since.append(start)
-    return since
-
-
-def frozen_bn_groups(params: Any, spec: _spec.SpecLike) -> frozenset[str]:
+def frozen_bn_groups(params: Any, spec: _spec.SpecLike | _plan.Plan) -> frozenset[str]:
     """Top-level groups whose BatchNorm layers must run on running statistics.
 
     A group's BatchNorm is frozen when every parameter of the group is frozen,
@@ -147,15 +93,7 @@ def frozen_bn_groups(params: Any, spec: _spec.SpecLike) -> frozenset[str]:
     >>> sorted(frozen_bn_groups({"stem": {"w": 1}, "head": {"w": 1}}, "stem"))
     ['stem']
     """
-    spec = _spec.as_spec(spec)
-    if spec.train_bn:
-        return frozenset()
-    resolved = spec.resolve(_nnx.as_params(params))
-    all_frozen: dict[str, bool] = {}
-    for path, frozen in resolved.items():
-        group = path.split("/", 1)[0]
-        all_frozen[group] = all_frozen.get(group, True) and frozen
-    return frozenset(g for g, f in all_frozen.items() if f)
+    return _plan.plan(params, spec).frozen_bn_groups
 
 
 def check_same_structure(labels: Any, params: Any, *, what: str = "labels") -> None:

@@ -8,9 +8,10 @@ NNX keeps parameters inside the model, so the freeze spec is resolved over
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from flax import nnx
 
-from layerfreeze import _batchnorm, _paths, _spec
+from layerfreeze import _batchnorm, _paths, _plan, _spec
 
 __all__ = ["as_params", "nnx_filter", "nnx_train_mode"]
 
@@ -73,16 +74,12 @@ def nnx_filter(model: nnx.Module, spec: _spec.SpecLike) -> Callable[[Any, Any], 
     """
     params = as_params(model)
     spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), _batchnorm.batchnorm_modules(model))
-    resolved = spec.resolve_blocks(params)
-    partly = [path for path, frozen in resolved.items() if not isinstance(frozen, bool)]
-    if partly:
-        raise ValueError(
-            f"The spec freezes some blocks of the stacked parameters {partly[:3]} and not "
-            "others; an nnx filter selects whole variables. Differentiate with "
-            "layerfreeze.value_and_grad(loss, spec) on nnx.state(model, nnx.Param) and update "
-            "with layerfreeze.freeze(optimizer, spec), which split stacked leaves by block."
-        )
-    trainable = frozenset(path for path, frozen in resolved.items() if not frozen)
+    mask = _plan.plan(params, spec).leaf_mask(params, why="an nnx filter selects whole variables")
+    trainable = frozenset(
+        path
+        for path, frozen in zip(_paths.leaf_paths(mask), jax.tree.leaves(mask), strict=True)
+        if not frozen
+    )
 
     def is_trainable(path: Any, value: Any) -> bool:
         return isinstance(value, nnx.Param) and _paths.path_str(map(str, path)) in trainable
@@ -126,7 +123,9 @@ def nnx_train_mode(
     >>> nnx_train_mode(Net(nnx.Rngs(0)), "stem,stem_bn")
     {'head_bn': False, 'stem_bn': True}
     """
-    spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), _batchnorm.batchnorm_modules(model))
+    if not isinstance(spec, _plan.Plan):
+        modules = _batchnorm.batchnorm_modules(model)
+        spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), modules)
     policy = _batchnorm.BatchNormPolicy(as_params(model), spec, running_stats=running_stats)
     model.train()
     modes = {}

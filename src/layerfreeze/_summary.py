@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from layerfreeze import _blocks, _nnx, _paths, _spec, _upstream
+from layerfreeze import _blocks, _nnx, _paths, _plan, _spec, _upstream
 
 __all__ = ["FreezeSummary", "GroupSummary", "summary", "tree_bytes", "opt_state_bytes_by_path"]
 
@@ -131,7 +131,7 @@ class FreezeSummary:
 
 def summary(
     params: Any,
-    spec: _spec.SpecLike,
+    spec: _spec.SpecLike | _plan.Plan,
     opt_state: Any = None,
     *,
     order: Sequence[str] | None = None,
@@ -141,7 +141,8 @@ def summary(
 
     Args:
       params: the parameter pytree, or an NNX model (its `nnx.Param`s).
-      spec: the freeze spec (anything `layerfreeze.FreezeSpec` accepts).
+      spec: the freeze spec (anything `layerfreeze.FreezeSpec` accepts), or
+        its `layerfreeze.Plan` for `params`.
       opt_state: optionally the optimizer state (or an `nnx.Optimizer`), to
         count its bytes per group. State leaves that belong to no parameter
         (step counts) are shown as `(shared)`. It must be the state of these
@@ -173,11 +174,12 @@ def summary(
     >>> s.trainable_params, s.total_params
     (2, 5)
     """
-    spec = _spec.as_spec(spec)
     params = _nnx.as_params(params)
+    plan = _plan.plan(params, spec)
+    spec = plan.spec
     if isinstance(opt_state, nnx.Optimizer):
         opt_state = nnx.state(opt_state, nnx.OptState)
-    resolved = spec.resolve_blocks(params)
+    resolved = dict(zip(plan.paths, plan.frozen, strict=True))
     leaves = jax.tree.leaves(params)
     depths = {
         p: (np.shape(x)[0] if np.ndim(x) else 1) for p, x in zip(resolved, leaves, strict=True)

@@ -20,7 +20,7 @@ the network is frozen its outputs can be cached (`features.FeatureCache`,
   FreezeOut also anneals each layer's learning rate to zero by its `t_i`;
   here the run's own learning-rate schedule applies to every group.
 
-Both produce a `FreezeSchedule` counted in steps that `layerfreeze.Phases`
+Both produce a `FreezeSchedule` counted in steps that `layerfreeze.train.Phases`
 runs: one compile per distinct phase, the optimizer state of what still
 trains carried over. `AutoFreeze`'s schedule grows as it decides; hand it to
 `Phases.extend`. Its decisions depend only on the gradient norms it was

@@ -636,4 +636,3 @@ def test_restore_arrays_latest_intact_all_damaged_or_missing_keys(ckpt_dir):
         assert info.value.moved_to == {}
         assert ckpt.all_steps() == [10, 20]
     assert _listing(ckpt_dir) == before
-

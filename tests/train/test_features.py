@@ -1,6 +1,5 @@
 """Frozen-feature caching: the model's skip, the prefix rule, the cache, the train step."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -299,7 +298,6 @@ def test_feature_cache_is_empty_after_a_failed_computation(counted):
 def test_feature_cache_rejects_bad_arguments(images, kwargs, error, match):
     with pytest.raises(error, match=match):
         features.FeatureCache(_model(), images, preprocess=data.normalize, **kwargs)
-
 
 
 # --------------------------------------------------------------------------- #

@@ -1,4 +1,4 @@
-"""`layerfreeze.Phases`: a schedule run step by step in a user's loop, on small models."""
+"""`layerfreeze.train.Phases`: a schedule run step by step in a user's loop, on small models."""
 
 import flax.linen as nn
 import jax
@@ -205,7 +205,7 @@ def test_flax_train_state_and_a_step_of_your_own():
 
 
 def test_bad_input():
-    with pytest.raises(TypeError, match=r"takes a layerfreeze.FreezeSchedule, got str"):
+    with pytest.raises(TypeError, match=r"takes a layerfreeze.schedules.FreezeSchedule, got str"):
         train.Phases("gradual", lambda p, q: None, params={"w": jnp.ones(1)})
     with pytest.raises(ValueError, match=r"Unknown freeze method 'half'"):
         _linen(MLP(), SCHEDULE, method="half")

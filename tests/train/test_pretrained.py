@@ -363,4 +363,3 @@ def test_load_run_says_what_to_pass(tmp_path):
     )
     with pytest.raises(TypeError, match="keys must be a sequence"):
         load_run(tmp_path / "run", keys="params")
-

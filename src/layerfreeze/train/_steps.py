@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from layerfreeze import _batchnorm, _blocks, _freeze, _grad, _labels, _nnx, _paths, _spec
+from layerfreeze import _batchnorm, _blocks, _freeze, _grad, _nnx, _plan, _spec
 
 __all__ = [
     "LossFn",
@@ -85,7 +85,9 @@ class TrainSteps:
     """The optimizer and the jitted steps for one freeze spec.
 
     Attributes:
-      spec: the resolved freeze spec.
+      plan: the freeze spec resolved against the params (`layerfreeze.plan`),
+        shared by the optimizer, the gradient and the BatchNorm policy.
+      spec: the freeze spec, `plan.spec`.
       method: `"zero"` or `"lr0"`.
       tx: `layerfreeze.freeze(optimizer, spec, method=method, previous=previous)`.
       trainable_params: how many parameters train under `spec`.
@@ -102,6 +104,7 @@ class TrainSteps:
       init_state: `(variables, rng) -> TrainState`; see `TrainSteps.init_state`.
     """
 
+    plan: _plan.Plan
     spec: _spec.FreezeSpec
     method: str
     tx: optax.GradientTransformation
@@ -238,15 +241,15 @@ def make_steps(
         parameters; `params` missing for a linen model.
       TypeError: `model` is not a linen or NNX module or None.
     """
-    _freeze.check_method(method)
-    spec = _spec.as_spec(spec)
     if isinstance(model, nnx.Module):
         if params is not None:
             raise ValueError(
                 "make_steps takes the parameters from an NNX model; leave `params` out."
             )
         params = _nnx.as_params(model)
-        spec = _batchnorm.with_bn_modules(spec, _batchnorm.batchnorm_modules(model))
+        if not isinstance(spec, _plan.Plan):
+            modules = _batchnorm.batchnorm_modules(model)
+            spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), modules)
     elif model is not None and not isinstance(model, nn.Module):
         raise TypeError(
             f"make_steps takes a flax.linen.Module, a flax.nnx.Module or None (a loss of the "
@@ -254,19 +257,16 @@ def make_steps(
         )
     if params is None:
         raise ValueError("make_steps needs `params` (or their shapes) for a linen model or None.")
-    bounds, mask = _grad.block_plan(params, spec)  # stacked leaves split by block
-    ranges = _blocks.segments_of(_paths.leaf_paths(params), bounds, mask)
-    group_leaves = _group_leaves(group_norms, spec.resolve(params))
+    if not isinstance(spec, _plan.Plan):
+        _freeze.check_method(method)
+    plan = _plan.plan(params, spec, previous=previous, method=method)
+    method = plan.method
+    bounds, _ = plan.grad_view
+    mask = plan.grad_mask
+    group_leaves = _group_leaves(group_norms, plan.resolved)
     if start_after is not None:
-        _check_start_after(start_after, params, spec, method, running_stats)
-    tx = _freeze.freeze(optimizer, spec, method=method, previous=previous)
-    trainable_count = sum(
-        int(np.prod(np.shape(leaf)))
-        for leaf, f in zip(
-            jax.tree.leaves(_blocks.split(params, bounds)), jax.tree.leaves(mask), strict=True
-        )
-        if not f
-    )
+        _check_start_after(start_after, plan, running_stats)
+    tx = _freeze.freeze(optimizer, plan)
     default_loss = loss_fn is None
     if model is None and default_loss:
         raise ValueError("With no model, pass loss_fn(params, batch, rng) -> loss.")
@@ -278,12 +278,12 @@ def make_steps(
     if model is None:
         forward = _FullLoss(loss_fn)
     elif isinstance(model, nnx.Module):
-        forward = _NNXForward(model, spec, running_stats)
+        forward = _NNXForward(model, plan, running_stats)
     else:
         extra = {} if start_after is None else {"start_after": start_after}
         forward = _LinenForward(
             model,
-            _batchnorm.BatchNormPolicy(params, spec, running_stats=running_stats),
+            _batchnorm.BatchNormPolicy(params, plan, running_stats=running_stats),
             {"train": True, **extra} if train_kwargs is None else {**train_kwargs, **extra},
             {"train": False} if eval_kwargs is None else dict(eval_kwargs),
         )
@@ -313,7 +313,7 @@ def make_steps(
             trainable, frozen = _grad.split(view, mask)
 
             def partial(t):
-                with _blocks.segments_context(ranges):
+                with _blocks.segments_context(plan.segments):
                     params = _blocks.join(_grad.merge(mask, t, frozen))
                     return objective(params, state.batch_stats, batch, rng)
 
@@ -368,10 +368,11 @@ def make_steps(
         }
         eval_kwargs_jit |= {"in_shardings": (replicated, data), "out_shardings": replicated}
     return TrainSteps(
-        spec=spec,
+        plan=plan,
+        spec=plan.spec,
         method=method,
         tx=tx,
-        trainable_params=trainable_count,
+        trainable_params=plan.trainable_params,
         train_step=jax.jit(train_step, donate_argnums=(0,) if donate else (), **jit_kwargs),
         eval_step=jax.jit(eval_step, **eval_kwargs_jit),
         _split_variables=forward.split_variables,
@@ -510,16 +511,12 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 
 
 def _check_start_after(
-    start_after: str,
-    params: Any,
-    spec: _spec.FreezeSpec,
-    method: str,
-    running_stats: _spec.SpecLike | None,
+    start_after: str, plan: _plan.Plan, running_stats: _spec.SpecLike | None
 ) -> None:
-    if method != "zero":
+    if plan.method != "zero":
         raise ValueError(
             f"start_after={start_after!r} (cached features) needs method 'zero'; got "
-            f"{method!r}, which computes gradients of the frozen groups that cached "
+            f"{plan.method!r}, which computes gradients of the frozen groups that cached "
             "features skip."
         )
     if running_stats is not None:
@@ -527,12 +524,11 @@ def _check_start_after(
             f"start_after={start_after!r} (cached features) follows the spec's BatchNorm "
             "policy; it cannot be combined with running_stats."
         )
-    frozen_bn = _labels.frozen_bn_groups(params, spec)
-    if start_after not in frozen_bn:
+    if start_after not in plan.frozen_bn_groups:
         raise ValueError(
-            f"start_after={start_after!r}, but under freeze spec {spec.describe()!r} that "
+            f"start_after={start_after!r}, but under freeze spec {plan.spec.describe()!r} that "
             "group is not entirely frozen with its BatchNorm on running statistics, so its "
-            f"output is not fixed; groups that are: {sorted(frozen_bn)}. "
+            f"output is not fixed; groups that are: {sorted(plan.frozen_bn_groups)}. "
             "layerfreeze.train.features.frozen_prefix finds the last one that can be skipped."
         )
 

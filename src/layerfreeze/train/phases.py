@@ -40,12 +40,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from layerfreeze import _freeze, _labels, _nnx, _spec, _transfer, schedules
+from layerfreeze import _batchnorm, _freeze, _nnx, _plan, _spec, _transfer, schedules
 
 __all__ = ["PhaseChange", "Phases"]
 
@@ -150,13 +150,18 @@ class Phases:
                 raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}.")
         self.schedule = schedule
         self.build = build
+        # An NNX model's BatchNorm layers are named by type in its specs, as
+        # make_steps does, so both resolve the same spec.
+        self._bn_modules = (
+            _batchnorm.batchnorm_modules(params) if isinstance(params, nnx.Module) else ()
+        )
         self.params = _nnx.as_params(params)
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.method = method
         self.mesh = mesh
         self.prefix_groups = None if prefix_groups is None else tuple(prefix_groups)
-        for phase in schedule.phases:  # every spec must fit, before any work
-            phase.spec.resolve(self.params)
+        for index in range(len(schedule.phases)):  # every spec must fit, before any work
+            self.plan(index)
         self._cache: dict[Any, Any] = {}
         self._keys: dict[int, Any] = {}  # phase index -> build key, computed once
         self.current = self.index_at(0)
@@ -187,8 +192,7 @@ class Phases:
             return None
         from layerfreeze.train import features  # features imports models; keep this import light
 
-        spec = self.schedule.phases[self.current if index is None else index].spec
-        return features.frozen_prefix(self.params, spec, self.prefix_groups)
+        return features.frozen_prefix(self.params, self.plan(index), self.prefix_groups)
 
     def extend(self, schedule: schedules.FreezeSchedule) -> None:
         """Adopts a schedule that keeps every phase of the current one and adds later ones.
@@ -210,11 +214,26 @@ class Phases:
                 "extend takes a schedule that keeps every phase of the current one; current "
                 f"{self.schedule.describe()!r}, given {schedule.describe()!r}."
             )
-        for phase in schedule.phases[len(old) :]:
-            phase.spec.resolve(self.params)
-        self.schedule = schedule
+        self.schedule, before = schedule, self.schedule
+        try:
+            for index in range(len(old), len(schedule.phases)):
+                self.plan(index)
+        except ValueError:
+            self.schedule = before
+            raise
 
     # Steps ---------------------------------------------------------------------
+
+    def plan(self, index: int | None = None) -> _plan.Plan:
+        """Phase `index`'s spec resolved against the params (`layerfreeze.plan`), with its history.
+
+        The plan `build`'s `make_steps(..., phase.spec, params, previous=previous)`
+        gets for the same phase: the spec is resolved once.
+        """
+        index = self.current if index is None else index
+        spec = _batchnorm.with_bn_modules(self.schedule.phases[index].spec, self._bn_modules)
+        previous = self.schedule.previous_specs(index)
+        return _plan.plan(self.params, spec, previous=previous, method=self.method)
 
     def steps(self, index: int | None = None) -> Any:
         """The steps of phase `index` (default: the current one), built once."""
@@ -240,11 +259,12 @@ class Phases:
         phase = self.schedule.phases[index]
         cohorts: Any = ()
         if self.method == "zero":
-            since = _labels.trainable_since(
-                self.params, phase.spec, self.schedule.previous_specs(index)
-            )
-            cohorts = tuple(since.items())
+            cohorts = tuple(self.plan(index).since().items())
         return (phase.spec, phase.lr_multipliers, cohorts)
+
+    def _trainable(self, steps: Any, index: int) -> int:
+        count = getattr(steps, "trainable_params", None)  # a bare optimizer has none
+        return self.plan(index).trainable_params if count is None else int(count)
 
     def init_state(self, variables: Any, rng: jax.Array, *, step: int = 0) -> Any:
         """A fresh state in the phase in force at `step` (`steps.init_state`)."""
@@ -288,8 +308,8 @@ class Phases:
             previous_index=before_index,
             phase=self.schedule.phases[wanted],
             unit=self.schedule.unit,
-            trainable_before=_trainable(before_steps, self.params, self.schedule, before_index),
-            trainable_after=_trainable(self.steps(), self.params, self.schedule, wanted),
+            trainable_before=self._trainable(before_steps, before_index),
+            trainable_after=self._trainable(self.steps(), wanted),
             prefix_before=prefix_before,
             prefix_after=self.frozen_prefix(wanted),
         )
@@ -352,15 +372,3 @@ class Phases:
 
 
 _FRESH = "Resume with the settings it was saved with, or start a fresh run in another workdir."
-
-
-def _trainable(steps: Any, params: Any, schedule: schedules.FreezeSchedule, index: int) -> int:
-    count = getattr(steps, "trainable_params", None)
-    if count is not None:
-        return int(count)
-    resolved = schedule.phases[index].spec.resolve(params)
-    return sum(
-        int(np.prod(np.shape(leaf)))
-        for leaf, frozen in zip(jax.tree.leaves(params), resolved.values(), strict=True)
-        if not frozen
-    )
