@@ -55,7 +55,7 @@ import optax
 from flax import traverse_util
 
 # Run as a script, this file's folder is on sys.path.
-from freeze_cost import machine_description
+from report import machine_description
 
 import layerfreeze as lf
 from layerfreeze import train

@@ -19,7 +19,7 @@ gradient) along each path:
 
 The JAX formulations compile with `platform.CPU_EIGEN_CONV` too, and their
 gradients are JAX's autodiff of them, as in a train step. Calls run round-robin
-per (shape, direction) with a pause before each (see `vs_pytorch.time_round_robin`).
+per (shape, direction) with a pause before each (see `report.time_round_robin`).
 Reported: the median, IQR, `xtorch` (median / PyTorch's), CPU/wall and each
 path's largest difference from `xla-eigen`, relative to its largest value.
 
@@ -41,19 +41,18 @@ import numpy as np
 import torch
 
 # Run as a script, this file's folder is on sys.path.
-from freeze_cost import machine_description, markdown_table, text_table, write_json
-from vs_pytorch import (
-    CONV_DIRECTIONS,
-    _check_choices,
-    _conv3x3,
-    _quartiles,
-    _run,
-    conv_shapes,
+from report import (
+    call_and_block,
+    check_choices,
     cpu_threads,
-    jax_conv,
+    machine_description,
+    markdown_table,
+    quartiles,
+    text_table,
     time_round_robin,
-    torch_conv,
+    write_json,
 )
+from vs_pytorch import CONV_DIRECTIONS, conv3x3, conv_shapes, jax_conv, torch_conv
 
 from layerfreeze.train.platform import cpu_conv_options
 
@@ -121,8 +120,8 @@ def winograd_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 FORMULATIONS: dict[str, Conv] = {
-    "xla-eigen": _conv3x3,
-    "xla-ynn": _conv3x3,
+    "xla-eigen": conv3x3,
+    "xla-ynn": conv3x3,
     "shifted": shifted_conv,
     "im2col": im2col_conv,
     "winograd": winograd_conv,
@@ -152,8 +151,8 @@ def measure(
     """One row per (shape, direction, path): `part`, `path`, `step_ms`, `q1_ms`,
     `q3_ms`, `ratio_torch` (None without a `pytorch` path), `cpu_ms`, `rel_diff`
     (largest difference from `xla-eigen`'s result / its largest magnitude)."""
-    _check_choices("path", list(paths), list(PATHS))
-    _check_choices("direction", list(directions), list(CONV_DIRECTIONS))
+    check_choices("path", list(paths), list(PATHS))
+    check_choices("direction", list(directions), list(CONV_DIRECTIONS))
     torch.set_num_threads(threads or cpu_threads())
     rng = np.random.default_rng(seed)
     rows = []
@@ -178,7 +177,7 @@ def measure(
                     .lower(x, w, g)
                     .compile(compiler_options=_options(path))
                 )
-                fns.append(functools.partial(_run, f, x, w, g))
+                fns.append(functools.partial(call_and_block, f, x, w, g))
                 diff = np.max(np.abs(np.asarray(f(x, w, g)) - reference))
                 diffs.append(float(diff / np.max(np.abs(reference))))
             log(f"  {part}: {len(fns)} paths, {warmup} warm-up + {steps} timed rounds")
@@ -187,7 +186,7 @@ def measure(
             medians = [statistics.median(t) for t in times]
             torch_ms = medians[paths.index("pytorch")] if "pytorch" in paths else None
             for path, t, c, median, diff in zip(paths, times, cpu, medians, diffs, strict=True):
-                q1, _, q3 = _quartiles(t)
+                q1, _, q3 = quartiles(t)
                 rows.append(
                     {
                         "part": part,
@@ -250,8 +249,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.paths = [s.strip() for s in args.paths.split(",") if s.strip()]
     args.directions = [s.strip() for s in args.directions.split(",") if s.strip()]
     try:
-        _check_choices("path", args.paths, list(PATHS))
-        _check_choices("direction", args.directions, list(CONV_DIRECTIONS))
+        check_choices("path", args.paths, list(PATHS))
+        check_choices("direction", args.directions, list(CONV_DIRECTIONS))
     except ValueError as e:
         p.error(str(e))
     return args

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 # Run as a script, this file's folder is on sys.path.
-from freeze_cost import machine_description
+from report import machine_description
 
 from layerfreeze import train
 from layerfreeze.models import GROUPS, resnet18

@@ -29,10 +29,7 @@ Commands:
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+
+# Run as a script, this file's folder is on sys.path.
+from report import check_choices, machine_description, markdown_table, text_table, write_json
 
 import layerfreeze
 from layerfreeze.models import create_model, create_vit, unstack_blocks, vit_groups
@@ -113,7 +113,7 @@ FREEZE_LABELS: dict[str, str] = {
 
 def model_freezes(model_name: str) -> tuple[str, ...]:
     """The freeze specs `ROWS` measures for `model_name`, in depth order."""
-    _check_choices("model", [model_name], list(MODELS))
+    check_choices("model", [model_name], list(MODELS))
     return tuple(f for m, f in ROWS if m == model_name)
 
 
@@ -139,8 +139,8 @@ def build_model(
       **overrides: further constructor arguments, e.g. a small ViT's `depth`,
         `mlp_dim` and `num_heads` for tests.
     """
-    _check_choices("model", [model_name], list(MODELS))
-    _check_choices("dtype", [dtype], list(DTYPES))
+    check_choices("model", [model_name], list(MODELS))
+    check_choices("dtype", [dtype], list(DTYPES))
     setup = MODELS[model_name]
     kwargs = {**setup.kwargs, **overrides, "dtype": DTYPES[dtype]}
     if width is not None:
@@ -177,14 +177,6 @@ def _tree_bytes(tree: Any) -> int:
 def make_optimizer() -> optax.GradientTransformation:
     """The benchmarked optimizer: clipping, then AdamW."""
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=1e-4))
-
-
-def _check_choices(what: str, values: Sequence[str], valid: Sequence[str]) -> None:
-    unknown = [v for v in values if v not in valid]
-    if unknown:
-        raise ValueError(
-            f"Unknown {what} {', '.join(map(repr, unknown))}; valid choices: {', '.join(valid)}."
-        )
 
 
 def init_variables(model: Any, image_size: int, seed: int = 0) -> dict[str, Any]:
@@ -346,9 +338,9 @@ def measure_model(
       `step_ms_samples` (every timed step), `trainable_params`, `ideal_flops`,
       `batch_size`, `image_size` and `dtype`.
     """
-    _check_choices("model", [model_name], list(MODELS))
-    _check_choices("dtype", [dtype], list(DTYPES))
-    _check_choices("method", list(methods), list(METHODS))
+    check_choices("model", [model_name], list(MODELS))
+    check_choices("dtype", [dtype], list(DTYPES))
+    check_choices("method", list(methods), list(METHODS))
     if freezes is None:
         freezes = model_freezes(model_name)
     if steps < 1 or warmup < 0:
@@ -490,33 +482,6 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return out
 
 
-def text_table(
-    header: Sequence[str],
-    body: Sequence[Sequence[str]],
-    left: int = 3,
-    sections: Sequence[Any] | None = None,
-) -> str:
-    """A plain-text table: the first `left` columns left-aligned, the others right-aligned.
-
-    With `sections` (one key per body row), a blank line where the key changes.
-    """
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-
-    def line(cells):
-        return "  ".join(
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    out = [line(header), "-" * len(line(header))]
-    keys = list(sections) if sections is not None else [None] * len(body)
-    for i, cells in enumerate(body):
-        if i and keys[i] != keys[i - 1]:
-            out.append("")
-        out.append(line(cells))
-    return "\n".join(out)
-
-
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one section per model: text left-aligned, numbers right-aligned."""
     body = [_cells(r) for r in rows]
@@ -526,30 +491,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The table as GitHub markdown."""
     return markdown_table([h for h, _, _ in _COLUMNS], [_cells(r) for r in rows])
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 3) -> str:
-    """A GitHub markdown table: the first `left` columns left-aligned, the others right."""
-    align = ["---" if i < left else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-
-
-def write_json(path: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Writes the rows as a JSON list of dicts."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(list(rows), f, indent=2)
-        f.write("\n")
-
-
-def machine_description() -> str:
-    """Platform, CPU count, accelerator kind, jax version and date."""
-    device = jax.devices()[0]
-    return (
-        f"{platform.platform()}, {os.cpu_count()} CPUs, {len(jax.devices())}x "
-        f"{device.device_kind} ({device.platform}), jax {jax.__version__}, "
-        f"{datetime.date.today().isoformat()}"
-    )
 
 
 def write_markdown(path: str, rows: Sequence[dict[str, Any]], command: str) -> None:
@@ -688,12 +629,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     try:
         if not models:
             raise ValueError(f"--models is empty; valid choices: {', '.join(MODELS)}.")
-        _check_choices("model", models, list(MODELS))
-        _check_choices("dtype", [args.dtype], list(DTYPES))
+        check_choices("model", models, list(MODELS))
+        check_choices("dtype", [args.dtype], list(DTYPES))
         args.methods = _parse_list(args.methods)
         if not args.methods:
             raise ValueError("--methods is empty; valid choices: zero, lr0.")
-        _check_choices("method", args.methods, ["zero", "lr0"])
+        check_choices("method", args.methods, ["zero", "lr0"])
     except ValueError as e:
         parser.error(str(e))
     for flag in ("steps", "batch_size_r18", "batch_size_r50", "batch_size_vit"):

@@ -64,11 +64,16 @@ import torch
 import torch.nn.functional as F
 
 # Run as a script, this file's folder is on sys.path.
-from freeze_cost import (
-    init_variables,
+from freeze_cost import init_variables
+from report import (
+    call_and_block,
+    check_choices,
+    cpu_threads,
     machine_description,
     markdown_table,
+    quartiles,
     text_table,
+    time_round_robin,
     write_json,
 )
 from torch import nn as tnn
@@ -113,14 +118,6 @@ ROW_KEYS: tuple[str, ...] = (
 NUM_CLASSES = 10
 LEARNING_RATE = 1e-3
 LOGITS_TOLERANCE = 1e-3  # relative to the largest logit; float32 summation order differs
-
-
-def cpu_threads() -> int:
-    """The CPUs this process may run on: the size of XLA's CPU thread pool."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -244,7 +241,7 @@ def torch_step(
     Parameters and modules named `frozen_prefixes` (or below them) are the
     frozen ones of settings `frozen` and `lr0`.
     """
-    _check_choices("setting", [setting], SETTINGS)
+    check_choices("setting", [setting], SETTINGS)
     model.train()
     named = list(model.named_parameters())
     frozen = [p for name, p in named if _under(name, frozen_prefixes)]
@@ -436,53 +433,6 @@ def check_same_model(
 # ---------------------------------------------------------------------------- timing
 
 
-def _check_choices(what: str, values: Sequence[str], valid: Sequence[str]) -> None:
-    unknown = [v for v in values if v not in valid]
-    if unknown:
-        raise ValueError(
-            f"Unknown {what} {', '.join(map(repr, unknown))}; valid choices: {', '.join(valid)}."
-        )
-
-
-def time_round_robin(
-    fns: Sequence[Callable[[], Any]],
-    *,
-    steps: int,
-    warmup: int,
-    pause: float,
-    cpu_times: list[list[float]] | None = None,
-) -> list[list[float]]:
-    """Wall milliseconds of each call, calling every function once per round.
-
-    Each call is preceded by `pause` seconds of sleep, so the worker threads of
-    the framework that ran before (OpenMP threads spin-wait after a parallel
-    region) are idle and do not take CPU from the next one. If `cpu_times` is
-    given, the process CPU milliseconds (all threads) of each call are appended
-    to it: CPU / wall near 1 means a call kept one core busy, near N all N.
-    """
-    times: list[list[float]] = [[] for _ in fns]
-    if cpu_times is not None:
-        cpu_times[:] = [[] for _ in fns]
-    for round_ in range(warmup + steps):
-        for i, fn in enumerate(fns):
-            time.sleep(pause)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            t1, c1 = time.perf_counter(), time.process_time()
-            if round_ >= warmup:
-                times[i].append(1e3 * (t1 - t0))
-                if cpu_times is not None:
-                    cpu_times[i].append(1e3 * (c1 - c0))
-    return times
-
-
-def _quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
-    if len(samples) < 2:
-        return samples[0], samples[0], samples[0]
-    q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 def _jax_step(
     model: Any,
     variables: Mapping[str, Any],
@@ -551,8 +501,8 @@ def measure(
       `(rows, info)`: rows with the keys of `ROW_KEYS` plus `samples_ms`; `info`
       with the model check (`check_same_model`), threads and setup.
     """
-    _check_choices("setting", list(settings), SETTINGS)
-    _check_choices("XLA variant", list(xla_variants), list(XLA_VARIANTS))
+    check_choices("setting", list(settings), SETTINGS)
+    check_choices("XLA variant", list(xla_variants), list(XLA_VARIANTS))
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0; got {steps} and {warmup}.")
     settings = ["full"] + [s for s in dict.fromkeys(settings) if s != "full"]
@@ -607,7 +557,7 @@ def measure(
     for (framework, setting, _, trainable), samples, cpu_samples in zip(
         configs, times, cpu, strict=True
     ):
-        q1, _, q3 = _quartiles(samples)
+        q1, _, q3 = quartiles(samples)
         median = medians[(framework, setting)]
         rows.append(
             {
@@ -644,10 +594,6 @@ def measure(
     return rows, info
 
 
-def _run(compiled: Any, *args: Any) -> Any:
-    return jax.block_until_ready(compiled(*args))
-
-
 def _features(model: Any, upto: str, variables: Any, x: jax.Array) -> jax.Array:
     return model.apply(variables, x, upto=upto, method=type(model).features)
 
@@ -657,7 +603,8 @@ def _no_grad(module: tnn.Module, images: torch.Tensor) -> torch.Tensor:
         return module(images.float())
 
 
-def _conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+def conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    """XLA's 3x3, stride-1, padding-1 convolution of `x` (NHWC) with `w` (HWIO)."""
     return jax.lax.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -680,12 +627,12 @@ def conv_part_name(side: int, channels: int, direction: str) -> str:
 
 
 def jax_conv(
-    direction: str, conv: Callable[[jax.Array, jax.Array], jax.Array] = _conv3x3
+    direction: str, conv: Callable[[jax.Array, jax.Array], jax.Array] = conv3x3
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     """`f(x, w, g)`: `conv(x, w)` of `x` (NHWC) with `w` (HWIO), or the gradient of
     `<conv(x, w), g>` with respect to `x` or `w` (JAX's autodiff, as inside a
     train step). `conv`: a 3x3, stride-1, padding-1 convolution, XLA's by default."""
-    _check_choices("direction", [direction], CONV_DIRECTIONS)
+    check_choices("direction", [direction], CONV_DIRECTIONS)
     if direction == "forward":
         return lambda x, w, g: conv(x, w)
     if direction == "input grad":
@@ -696,7 +643,7 @@ def jax_conv(
 def torch_conv(direction: str, x: Any, w: Any, g: Any) -> Callable[[], torch.Tensor]:
     """PyTorch's same pass on the same (NHWC/HWIO) arrays, moved to NCHW/OIHW once:
     `F.conv2d`, or `aten.convolution_backward` (what autograd calls) for one gradient."""
-    _check_choices("direction", [direction], CONV_DIRECTIONS)
+    check_choices("direction", [direction], CONV_DIRECTIONS)
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
     tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
     tg = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
@@ -740,7 +687,7 @@ def make_case(
     `vit_ti4`: ViT-Ti/4, unrolled blocks, frozen embeddings and the first half of
     the blocks (`model_kw`: any `ViT` attribute, e.g. a smaller `depth`).
     """
-    _check_choices("model", [name], MODELS)
+    check_choices("model", [name], MODELS)
     model_kw = dict(model_kw or {})
     if name == "resnet18":
         model = resnet18(NUM_CLASSES, stem="cifar", **model_kw)
@@ -834,7 +781,7 @@ def measure_parts(
       Rows with `part`, `framework`, `step_ms`, `q1_ms`, `q3_ms`, `ratio_torch`,
       `cpu_ms` (median process CPU time of a call, see `time_round_robin`).
     """
-    _check_choices("XLA variant", list(xla_variants), list(XLA_VARIANTS))
+    check_choices("XLA variant", list(xla_variants), list(XLA_VARIANTS))
     torch.set_num_threads(threads or cpu_threads())
     model, variables, images, labels = _setup(batch_size, image_size, width, seed)
     params, stats = variables["params"], variables["batch_stats"]
@@ -933,7 +880,7 @@ def measure_parts(
                 .lower(variables, x)
                 .compile(compiler_options=dict(options) or None)
             )
-            fns.append((part, framework, functools.partial(_run, f, variables, x)))
+            fns.append((part, framework, functools.partial(call_and_block, f, variables, x)))
         fns.append((part, "pytorch", functools.partial(_no_grad, frozen_net[:modules], t_images)))
     # Each stage's 3x3 stride-1 convolution alone: forward, input and weight gradients.
     for side, channels in conv_shapes(image_size, width):
@@ -954,7 +901,9 @@ def measure_parts(
                     .lower(conv_x, conv_w, conv_g)
                     .compile(compiler_options=dict(options) or None)
                 )
-                fns.append((part, framework, functools.partial(_run, c, conv_x, conv_w, conv_g)))
+                fns.append(
+                    (part, framework, functools.partial(call_and_block, c, conv_x, conv_w, conv_g))
+                )
             fns.append((part, "pytorch", torch_conv(direction, conv_x, conv_w, conv_g)))
     log(f"  timing {len(fns)} parts: {warmup} warm-up + {steps} timed rounds, round-robin")
     cpu: list[list[float]] = []
@@ -967,7 +916,7 @@ def measure_parts(
         for (p, framework, _), samples, cpu_samples in zip(fns, times, cpu, strict=True):
             if p != part:
                 continue
-            q1, _, q3 = _quartiles(samples)
+            q1, _, q3 = quartiles(samples)
             rows.append(
                 {
                     "part": part,
@@ -1119,9 +1068,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     try:
         if not args.models:
             raise ValueError(f"--models is empty; valid choices: {', '.join(MODELS)}.")
-        _check_choices("model", args.models, MODELS)
-        _check_choices("setting", args.settings, SETTINGS)
-        _check_choices("XLA variant", args.xla_variant, list(XLA_VARIANTS))
+        check_choices("model", args.models, MODELS)
+        check_choices("setting", args.settings, SETTINGS)
+        check_choices("XLA variant", args.xla_variant, list(XLA_VARIANTS))
     except ValueError as e:
         parser.error(str(e))
     if args.steps is None:

@@ -5,6 +5,7 @@ import json
 import freeze_cost
 import jax
 import pytest
+import report
 
 from layerfreeze import FreezeSpec
 
@@ -35,7 +36,7 @@ def test_rows_cover_every_config(rows):
 
 def test_json_has_the_documented_keys(rows, tmp_path):
     path = tmp_path / "rows.json"
-    freeze_cost.write_json(str(path), rows)
+    report.write_json(str(path), rows)
     loaded = json.loads(path.read_text())
     assert len(loaded) == len(rows)
     for row in loaded:
