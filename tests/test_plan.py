@@ -1,5 +1,7 @@
 """`layerfreeze.plan`: one resolved plan per phase, shared by every piece that freezes."""
 
+import collections
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from flax.core import FrozenDict
 
 import layerfreeze as lf
-from layerfreeze import train
+from layerfreeze import _plan, train
 
 
 class _Block(nn.Module):
@@ -50,6 +52,9 @@ def test_same_inputs_give_the_same_plan_and_each_spec_resolves_once(mixer, monke
         return resolve_blocks(self, tree)
 
     monkeypatch.setattr(lf.FreezeSpec, "resolve_blocks", counted)
+    # Start from empty caches: other tests in this process may have resolved these specs.
+    monkeypatch.setattr(_plan, "_plans", collections.OrderedDict())
+    monkeypatch.setattr(_plan, "_resolutions", collections.OrderedDict())
     spec = lf.FreezeSpec.parse("embed,blocks[:2]", default="trainable")
     schedule = lf.schedules.explicit({0: spec, 2: "embed"}, unit="step")
 

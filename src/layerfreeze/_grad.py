@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from layerfreeze import _blocks, _plan, _spec
 
-__all__ = ["grad", "merge", "split", "value_and_grad"]
+__all__ = ["grad", "merge", "split", "value_and_grad", "value_and_grads"]
 
 
 def split(params: Any, mask: Any) -> tuple[Any, Any]:
@@ -97,14 +97,31 @@ def value_and_grad(
     @functools.wraps(fun)
     def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         plan = _plan.plan(params, spec)
+        value, grads, _ = value_and_grads(fun, plan, has_aux=has_aux)(params, *args, **kwargs)
+        return value, grads
+
+    return wrapped
+
+
+def value_and_grads(
+    fun: Callable[..., Any], plan: _plan.Plan, *, has_aux: bool = False
+) -> Callable[..., tuple[Any, Any, Any]]:
+    """`value_and_grad` for a ready plan, also giving the trainable gradients alone.
+
+    Returns:
+      `(params, *args, **kwargs) -> (value, grads, trainable_grads)`:
+      `trainable_grads` is the block view of the gradients (`plan.grad_view`)
+      with None in the frozen places, for norms over what trains.
+    """
+
+    def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         bounds, _ = plan.grad_view
         view = _blocks.split(params, bounds)
         mask = plan.grad_mask
         trainable, frozen = split(view, mask)
-        ranges = plan.segments
 
         def partial(trainable: Any) -> Any:
-            with _blocks.segments_context(ranges):
+            with _blocks.segments_context(plan.segments):
                 out = fun(_blocks.join(merge(mask, trainable, frozen)), *args, **kwargs)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
@@ -118,7 +135,10 @@ def value_and_grad(
             return out
 
         value, trainable_grads = jax.value_and_grad(partial, has_aux=has_aux)(trainable)
-        return value, _blocks.join(fill_frozen(mask, view, trainable_grads))
+        # Frozen leaves (and frozen blocks of stacked leaves) get constant zeros,
+        # so nothing ever asks XLA for their gradients.
+        grads = _blocks.join(fill_frozen(mask, view, trainable_grads))
+        return value, grads, trainable_grads
 
     return wrapped
 

@@ -264,3 +264,29 @@ def test_data_parallel_on_four_cpu_devices_matches_one_device():
     assert out["devices"] == 4
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-5)
     assert out["one_stem_equal"] and out["mesh_stem_equal"]
+
+
+def test_options_as_one_object_or_as_keywords_build_the_same_steps():
+    params = {"stem": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(3)}}
+    batch = {"x": jnp.arange(3.0)}
+
+    def loss_fn(p, b, rng):
+        return jnp.sum(p["stem"]["w"] * p["head"]["w"] * b["x"])
+
+    options = train.StepOptions(loss_fn=loss_fn, grad_norm=False, method="lr0")
+    by_object = train.make_steps(None, optax.sgd(0.1), "stem", params, options=options)
+    by_keywords = train.make_steps(
+        None, optax.sgd(0.1), "stem", params, loss_fn=loss_fn, grad_norm=False, method="lr0"
+    )
+    # A keyword replaces the object's field.
+    zero = train.make_steps(None, optax.sgd(0.1), "stem", params, options=options, method="zero")
+    assert (by_object.method, by_keywords.method, zero.method) == ("lr0", "lr0", "zero")
+    results = []
+    for steps in (by_object, by_keywords):
+        state, metrics = steps.train_step(steps.init_state(params, jax.random.key(0)), batch)
+        results.append((state.params, metrics))
+    assert "grad_norm" not in results[0][1]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'lr'; valid options: loss_fn, "):
+        train.make_steps(None, optax.sgd(0.1), "stem", params, loss_fn=loss_fn, lr=0.1)

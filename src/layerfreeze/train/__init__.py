@@ -26,6 +26,7 @@ Array([0.9, 0.9, 0.9], dtype=float32)
 
 from layerfreeze.train._steps import (
     LossFn,
+    StepOptions,
     TrainState,
     TrainSteps,
     classification_loss,
@@ -40,6 +41,7 @@ __all__ = [
     "LossFn",
     "PhaseChange",
     "Phases",
+    "StepOptions",
     "TrainState",
     "TrainSteps",
     "classification_loss",

@@ -37,6 +37,7 @@ from layerfreeze import _batchnorm, _blocks, _freeze, _grad, _nnx, _plan, _spec
 
 __all__ = [
     "LossFn",
+    "StepOptions",
     "TrainState",
     "TrainSteps",
     "classification_loss",
@@ -149,58 +150,27 @@ def classification_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dic
     return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def make_steps(
-    model: nn.Module | nnx.Module | None,
-    optimizer: optax.GradientTransformation,
-    spec: _spec.SpecLike,
-    params: Any = None,
-    *,
-    loss_fn: Callable[..., Any] | None = None,
-    inputs: str | Callable[[Batch], Any] = "image",
-    train_kwargs: Mapping[str, Any] | None = None,
-    eval_kwargs: Mapping[str, Any] | None = None,
-    method: _freeze.Method = "zero",
-    running_stats: _spec.SpecLike | None = None,
-    preprocess: Preprocess | None = None,
-    preprocess_eval: Callable[[Any], Any] | None = None,
-    grad_norm: bool = True,
-    group_norms: Sequence[str] = (),
-    mesh: Mesh | None = None,
-    donate: bool = True,
-    start_after: str | None = None,
-    previous: Sequence[_spec.SpecLike] = (),
-    compiler_options: Mapping[str, Any] | None = None,
-) -> TrainSteps:
-    """Builds the frozen-aware optimizer and the jitted train and eval steps.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepOptions:
+    """How `make_steps` builds the steps, beyond the model, optimizer and spec.
 
-    The model is one of:
+    Pass them to `make_steps` as keywords (`make_steps(..., preprocess=f)`) or
+    as one object (`make_steps(..., options=StepOptions(preprocess=f))`).
 
-    * a linen module, applied as `model.apply(variables, x, **train_kwargs)`
-      with `x` the batch's inputs (`train_kwargs` defaults to
-      `{"train": True}`, `eval_kwargs` to `{"train": False}`; pass `{}` for a
-      module without a `train` argument). Its `batch_stats` are updated, and
-      every `nn.BatchNorm` whose parameters `spec` freezes runs on its running
-      statistics (`layerfreeze.frozen_batchnorm`), at any depth.
-    * an NNX module, called as `model(x)` in train mode, with frozen
-      `nnx.BatchNorm`s on running statistics (`layerfreeze.nnx_train_mode`),
-      and in eval mode by the eval step. The model is not changed.
-    * None: `loss_fn(params, batch, rng)` is the whole loss.
-
-    Args:
-      model: the model, see above.
-      optimizer: any optax transformation; it is wrapped with
-        `layerfreeze.freeze(optimizer, spec, method=method)`.
-      spec: what to freeze.
-      params: the parameters (or their shapes), to resolve `spec` once; for
-        an NNX model, leave it out.
+    Attributes:
       loss_fn: `(outputs, batch) -> loss` or `(loss, {name: metric})`
         (default `classification_loss`); with no model,
         `(params, batch, rng) -> loss` or `(loss, metrics)`. The loss must
         be a float scalar.
       inputs: the batch key of the model's input, or `batch -> input`.
-      train_kwargs: extra keyword arguments of a linen apply in training.
-      eval_kwargs: extra keyword arguments of a linen apply in evaluation.
+      train_kwargs: extra keyword arguments of a linen apply in training
+        (default `{"train": True}`; `{}` for a module without `train`).
+      eval_kwargs: extra keyword arguments of a linen apply in evaluation
+        (default `{"train": False}`).
       method: `"zero"` (frozen gradients never computed) or `"lr0"`.
+      previous: the specs of the earlier phases, oldest first (e.g.
+        `schedule.previous_specs(i)`), so leaves unfrozen by this phase start
+        with fresh optimizer step counts (see `layerfreeze.plan`).
       running_stats: override which BatchNorm layers run on running
         statistics: a spec over BatchNorm module paths (see
         `layerfreeze.frozen_batchnorm`). Default: those whose parameters
@@ -215,22 +185,83 @@ def make_steps(
         gradients (0 for a frozen group). Cheap: a sum of squares per group
         of gradients the step computes anyway; `layerfreeze.auto.AutoFreeze`
         reads them.
+      start_after: (the bundled ResNets) train on cached features: batches
+        carry in `"image"` the output of this group (see
+        `layerfreeze.train.features`), and the train step applies the model
+        with `start_after=start_after`. Every group up to and including it
+        must be frozen with its BatchNorm frozen (`features.frozen_prefix`).
+        Only with method `"zero"`.
       mesh: a mesh with a `data` axis: batches are split over it and the state
         is replicated. None: whatever device the inputs live on.
       donate: donate the state to the train step (its buffers are reused).
-      start_after: (the bundled ResNets) train on cached features: batches
-        carry in `"image"` the output of this group (see
-        `layerfreeze.train.features`), and the train step applies the model with
-        `start_after=start_after`. Every group up to and including it must be
-        frozen with its BatchNorm frozen (`features.frozen_prefix`). Only with
-        method `"zero"`.
-      previous: the specs of the earlier phases, oldest first, passed to
-        `layerfreeze.freeze` (e.g. `schedule.previous_specs(i)`), so leaves
-        unfrozen by this phase start with fresh optimizer step counts.
       compiler_options: XLA options for compiling both steps
         (`jax.jit(..., compiler_options=...)`). None (the default): XLA's
         own. `layerfreeze.train.platform.cpu_conv_options()` is an opt-in
         that made CPU convolutions faster on one machine.
+    """
+
+    loss_fn: Callable[..., Any] | None = None
+    inputs: str | Callable[[Batch], Any] = "image"
+    train_kwargs: Mapping[str, Any] | None = None
+    eval_kwargs: Mapping[str, Any] | None = None
+    method: _freeze.Method = "zero"
+    previous: Sequence[_spec.SpecLike] = ()
+    running_stats: _spec.SpecLike | None = None
+    preprocess: Preprocess | None = None
+    preprocess_eval: Callable[[Any], Any] | None = None
+    grad_norm: bool = True
+    group_norms: Sequence[str] = ()
+    start_after: str | None = None
+    mesh: Mesh | None = None
+    donate: bool = True
+    compiler_options: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, options: "StepOptions | None", fields: Mapping[str, Any]) -> "StepOptions":
+        """`options` (default: all defaults) with `fields` replaced; unknown names refused."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(valid))
+        if unknown:
+            raise TypeError(
+                f"make_steps got unknown option(s) {', '.join(map(repr, unknown))}; valid "
+                f"options: {', '.join(valid)}."
+            )
+        return dataclasses.replace(options or cls(), **fields)
+
+
+def make_steps(
+    model: nn.Module | nnx.Module | None,
+    optimizer: optax.GradientTransformation,
+    spec: _spec.SpecLike | _plan.Plan,
+    params: Any = None,
+    *,
+    options: StepOptions | None = None,
+    **fields: Any,
+) -> TrainSteps:
+    """Builds the frozen-aware optimizer and the jitted train and eval steps.
+
+    The model is one of:
+
+    * a linen module, applied as `model.apply(variables, x, **train_kwargs)`
+      with `x` the batch's inputs. Its `batch_stats` are updated, and every
+      `nn.BatchNorm` whose parameters `spec` freezes runs on its running
+      statistics (`layerfreeze.frozen_batchnorm`), at any depth.
+    * an NNX module, called as `model(x)` in train mode, with frozen
+      `nnx.BatchNorm`s on running statistics (`layerfreeze.nnx_train_mode`),
+      and in eval mode by the eval step. The model is not changed.
+    * None: `loss_fn(params, batch, rng)` is the whole loss.
+
+    Args:
+      model: the model, see above.
+      optimizer: any optax transformation; it is wrapped with
+        `layerfreeze.freeze(optimizer, plan)`.
+      spec: what to freeze, or its `layerfreeze.Plan` (which then carries
+        `method` and `previous`).
+      params: the parameters (or their shapes), to resolve `spec` once; for
+        an NNX model, leave it out.
+      options: a `StepOptions`.
+      **fields: `StepOptions` fields, replacing those of `options`: `loss_fn`,
+        `inputs`, `method`, `previous`, `preprocess`, `mesh`, ...
 
     Returns:
       `TrainSteps`.
@@ -239,144 +270,159 @@ def make_steps(
       ValueError: `start_after` names a group that is not frozen with its
         BatchNorm, or is given with method `"lr0"`; an NNX model without
         parameters; `params` missing for a linen model.
-      TypeError: `model` is not a linen or NNX module or None.
+      TypeError: `model` is not a linen or NNX module or None; an unknown option.
     """
+    options = StepOptions.of(options, fields)
+    params, spec = _model_params(model, spec, params)
+    if not isinstance(spec, _plan.Plan):
+        _freeze.check_method(options.method)
+    plan = _plan.plan(params, spec, previous=options.previous, method=options.method)
+    if options.start_after is not None:
+        _check_start_after(options.start_after, plan, options.running_stats)
+    if model is None and options.loss_fn is None:
+        raise ValueError("With no model, pass loss_fn(params, batch, rng) -> loss.")
+    forward = _forward(model, params, plan, options)
+    steps = _Steps(plan, _freeze.freeze(optimizer, plan), forward, options, model is None)
+    train_jit, eval_jit = _jit_options(options)
+    return TrainSteps(
+        plan=plan,
+        spec=plan.spec,
+        method=plan.method,
+        tx=steps.tx,
+        trainable_params=plan.trainable_params,
+        train_step=jax.jit(steps.train_step, **train_jit),
+        eval_step=jax.jit(steps.eval_step, **eval_jit),
+        _split_variables=forward.split_variables,
+    )
+
+
+def _model_params(model: Any, spec: Any, params: Any) -> tuple[Any, Any]:
+    """The params to plan over, and the spec (an NNX model's BatchNorm named by type)."""
     if isinstance(model, nnx.Module):
         if params is not None:
             raise ValueError(
                 "make_steps takes the parameters from an NNX model; leave `params` out."
             )
-        params = _nnx.as_params(model)
         if not isinstance(spec, _plan.Plan):
             modules = _batchnorm.batchnorm_modules(model)
             spec = _batchnorm.with_bn_modules(_spec.as_spec(spec), modules)
-    elif model is not None and not isinstance(model, nn.Module):
+        return _nnx.as_params(model), spec
+    if model is not None and not isinstance(model, nn.Module):
         raise TypeError(
             f"make_steps takes a flax.linen.Module, a flax.nnx.Module or None (a loss of the "
             f"params), got {type(model).__name__}."
         )
     if params is None:
         raise ValueError("make_steps needs `params` (or their shapes) for a linen model or None.")
-    if not isinstance(spec, _plan.Plan):
-        _freeze.check_method(method)
-    plan = _plan.plan(params, spec, previous=previous, method=method)
-    method = plan.method
-    bounds, _ = plan.grad_view
-    mask = plan.grad_mask
-    group_leaves = _group_leaves(group_norms, plan.resolved)
-    if start_after is not None:
-        _check_start_after(start_after, plan, running_stats)
-    tx = _freeze.freeze(optimizer, plan)
-    default_loss = loss_fn is None
-    if model is None and default_loss:
-        raise ValueError("With no model, pass loss_fn(params, batch, rng) -> loss.")
-    loss_fn = loss_fn or classification_loss
-    get_inputs = inputs if callable(inputs) else (lambda batch: batch[inputs])
-    preprocess = preprocess or (lambda rng, x: x)
-    preprocess_eval = preprocess_eval or (lambda x: x)
+    return params, spec
 
+
+def _forward(model: Any, params: Any, plan: _plan.Plan, options: StepOptions) -> Any:
+    """The model as pure train and eval functions of (params, other state, inputs)."""
     if model is None:
-        forward = _FullLoss(loss_fn)
-    elif isinstance(model, nnx.Module):
-        forward = _NNXForward(model, plan, running_stats)
-    else:
-        extra = {} if start_after is None else {"start_after": start_after}
-        forward = _LinenForward(
-            model,
-            _batchnorm.BatchNormPolicy(params, plan, running_stats=running_stats),
-            {"train": True, **extra} if train_kwargs is None else {**train_kwargs, **extra},
-            {"train": False} if eval_kwargs is None else dict(eval_kwargs),
-        )
+        return _FullLoss(options.loss_fn)
+    if isinstance(model, nnx.Module):
+        return _NNXForward(model, plan, options.running_stats)
+    extra = {} if options.start_after is None else {"start_after": options.start_after}
+    train_kwargs = {"train": True} if options.train_kwargs is None else options.train_kwargs
+    return _LinenForward(
+        model,
+        _batchnorm.BatchNormPolicy(params, plan, running_stats=options.running_stats),
+        {**train_kwargs, **extra},
+        {"train": False} if options.eval_kwargs is None else dict(options.eval_kwargs),
+    )
 
-    def objective(params, batch_stats, batch, rng):
+
+def _jit_options(options: StepOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`jax.jit` keywords of the train step and of the eval step."""
+    train: dict[str, Any] = {"donate_argnums": (0,) if options.donate else ()}
+    evaluate: dict[str, Any] = {}
+    if options.compiler_options:
+        train["compiler_options"] = dict(options.compiler_options)
+        evaluate["compiler_options"] = dict(options.compiler_options)
+    if options.mesh is not None:
+        replicated = NamedSharding(options.mesh, P())
+        data = NamedSharding(options.mesh, P("data"))
+        train |= {"in_shardings": (replicated, data), "out_shardings": (replicated, replicated)}
+        evaluate |= {"in_shardings": (replicated, data), "out_shardings": replicated}
+    return train, evaluate
+
+
+class _Steps:
+    """The pure train and eval step functions of one phase (jitted by `make_steps`)."""
+
+    def __init__(self, plan, tx, forward, options, no_model):
+        self.plan, self.tx, self.forward, self.options = plan, tx, forward, options
+        self.no_model = no_model
+        self.default_loss = options.loss_fn is None
+        self.loss_fn = options.loss_fn or classification_loss
+        inputs = options.inputs
+        self.inputs = inputs if callable(inputs) else (lambda batch: batch[inputs])
+        self.preprocess = options.preprocess or (lambda rng, x: x)
+        self.preprocess_eval = options.preprocess_eval or (lambda x: x)
+        self.group_leaves = _group_leaves(options.group_norms, plan.resolved)
+
+    def objective(self, params, batch_stats, batch, rng):
+        """`(loss, (new batch_stats, metrics))` of one batch."""
         aug_rng, model_rng = jax.random.split(rng)
-        if model is None:
-            out = loss_fn(params, batch, model_rng)
+        if self.no_model:
+            out = self.loss_fn(params, batch, model_rng)
             new_batch_stats = batch_stats
         else:
-            x = preprocess(aug_rng, get_inputs(batch))
-            outputs, new_batch_stats = forward.train(params, batch_stats, x, model_rng)
-            out = loss_fn(outputs, batch)
+            x = self.preprocess(aug_rng, self.inputs(batch))
+            outputs, new_batch_stats = self.forward.train(params, batch_stats, x, model_rng)
+            out = self.loss_fn(outputs, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         _grad.check_scalar(loss, "loss_fn")
         return loss, (new_batch_stats, dict(metrics))
 
-    def train_step(state: TrainState, batch: Batch):
+    def gradients(self, state: TrainState, batch: Batch, rng: jax.Array):
+        """`((loss, aux), grads, trainable grads)`; under `zero` only what trains."""
+        args = (state.params, state.batch_stats, batch, rng)
+        if self.plan.method == "zero":
+            return _grad.value_and_grads(self.objective, self.plan, has_aux=True)(*args)
+        # lr0: the frozen gradients keep the frozen leaves' optimizer state warm.
+        value, grads = jax.value_and_grad(self.objective, has_aux=True)(*args)
+        view = _blocks.split(grads, self.plan.grad_view[0])
+        return value, grads, _grad.split(view, self.plan.grad_mask)[0]
+
+    def train_step(self, state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        if method == "lr0":
-            (loss, (batch_stats, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
-                state.params, state.batch_stats, batch, rng
-            )
-            trainable_grads = _grad.split(_blocks.split(grads, bounds), mask)[0]
-        else:
-            view = _blocks.split(state.params, bounds)
-            trainable, frozen = _grad.split(view, mask)
-
-            def partial(t):
-                with _blocks.segments_context(plan.segments):
-                    params = _blocks.join(_grad.merge(mask, t, frozen))
-                    return objective(params, state.batch_stats, batch, rng)
-
-            (loss, (batch_stats, metrics)), trainable_grads = jax.value_and_grad(
-                partial, has_aux=True
-            )(trainable)
-            # Frozen leaves (and frozen blocks of stacked leaves) get constant
-            # zeros that `set_to_zero` discards, so nothing ever asks XLA for
-            # their gradients.
-            grads = _blocks.join(_grad.fill_frozen(mask, view, trainable_grads))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        (loss, (batch_stats, metrics)), grads, trainable_grads = self.gradients(state, batch, rng)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **metrics}
-        if grad_norm:
+        if self.options.grad_norm:
             metrics["grad_norm"] = optax.tree.norm(trainable_grads)
-        if group_leaves:
-            leaves = jax.tree.leaves(grads)
-            for group, indices in group_leaves.items():
-                squares = [jnp.sum(jnp.square(leaves[i].astype(jnp.float32))) for i in indices]
-                metrics[f"grad_norm/{group}"] = jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+        metrics |= _group_norms(grads, self.group_leaves)
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
         return new_state, metrics
 
-    def eval_step(state: TrainState, batch: Batch):
-        if model is None:
-            out = loss_fn(state.params, batch, jax.random.key(0))
+    def eval_step(self, state: TrainState, batch: Batch):
+        if self.no_model:
+            out = self.loss_fn(state.params, batch, jax.random.key(0))
         else:
-            outputs = forward.eval(
-                state.params, state.batch_stats, preprocess_eval(get_inputs(batch))
-            )
-            if default_loss:
+            x = self.preprocess_eval(self.inputs(batch))
+            outputs = self.forward.eval(state.params, state.batch_stats, x)
+            if self.default_loss:
                 return _classification_sums(outputs, batch)
-            out = loss_fn(outputs, batch)
+            out = self.loss_fn(outputs, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         count = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
         sums = {"loss": loss, **metrics}
         return {**{k: jnp.asarray(v, jnp.float32) * count for k, v in sums.items()}, "count": count}
 
-    jit_kwargs: dict[str, Any] = {}
-    eval_kwargs_jit: dict[str, Any] = {}
-    if compiler_options:
-        jit_kwargs["compiler_options"] = dict(compiler_options)
-        eval_kwargs_jit["compiler_options"] = dict(compiler_options)
-    if mesh is not None:
-        replicated = NamedSharding(mesh, P())
-        data = NamedSharding(mesh, P("data"))
-        jit_kwargs |= {
-            "in_shardings": (replicated, data),
-            "out_shardings": (replicated, replicated),
-        }
-        eval_kwargs_jit |= {"in_shardings": (replicated, data), "out_shardings": replicated}
-    return TrainSteps(
-        plan=plan,
-        spec=plan.spec,
-        method=method,
-        tx=tx,
-        trainable_params=plan.trainable_params,
-        train_step=jax.jit(train_step, donate_argnums=(0,) if donate else (), **jit_kwargs),
-        eval_step=jax.jit(eval_step, **eval_kwargs_jit),
-        _split_variables=forward.split_variables,
-    )
+
+def _group_norms(grads: Any, group_leaves: Mapping[str, list[int]]) -> dict[str, jax.Array]:
+    """`grad_norm/<group>`: the norm of each group's trainable gradients."""
+    leaves = jax.tree.leaves(grads)
+    out = {}
+    for group, indices in group_leaves.items():
+        squares = [jnp.sum(jnp.square(leaves[i].astype(jnp.float32))) for i in indices]
+        out[f"grad_norm/{group}"] = jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+    return out
 
 
 class _LinenForward:
