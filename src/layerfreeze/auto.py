@@ -76,7 +76,7 @@ def norm_metric(group: str) -> str:
     return f"grad_norm/{group}"
 
 
-def _check_groups(
+def _policy_groups(
     groups: Sequence[str], frozen: Sequence[str], candidates: Sequence[str] | None, what: str
 ) -> tuple[tuple, tuple, tuple]:
     if isinstance(groups, str) or isinstance(frozen, str) or isinstance(candidates, str):
@@ -169,7 +169,7 @@ class AutoFreeze:
         candidates: Sequence[str] | None = None,
         train_bn: bool = False,
     ):
-        self.groups, self.fixed, self.candidates = _check_groups(
+        self.groups, self.fixed, self.candidates = _policy_groups(
             groups, frozen, candidates, "AutoFreeze"
         )
         if isinstance(interval, bool) or not isinstance(interval, int | np.integer):
@@ -404,7 +404,7 @@ def freezeout(
       ValueError: `t0` outside (0, 1], an unknown scaling, `total_steps` < 1,
         bad groups.
     """
-    groups, fixed, candidates = _check_groups(groups, frozen, candidates, "freezeout")
+    groups, fixed, candidates = _policy_groups(groups, frozen, candidates, "freezeout")
     if scaling not in SCALINGS:
         raise ValueError(f"freezeout: unknown scaling {scaling!r}; valid: {', '.join(SCALINGS)}.")
     if isinstance(t0, bool) or not isinstance(t0, int | float | np.number) or not 0 < t0 <= 1:

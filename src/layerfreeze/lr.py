@@ -6,15 +6,14 @@ smaller steps (ULMFiT; fastai's `slice(lo, hi)`). Multipliers are plain
 optimizer, learning-rate schedules included.
 """
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from layerfreeze import _blocks, _paths, _spec
+from layerfreeze import _blocks, _checks, _paths, _spec
 
 __all__ = [
     "MultipliersLike",
@@ -25,7 +24,7 @@ __all__ = [
     "ulmfit_multipliers",
 ]
 
-MultipliersLike = Mapping[str, float] | Iterable[tuple[str, float]]
+MultipliersLike = _checks.Multipliers
 
 
 def geometric_multipliers(groups: Sequence[str], lo: float, hi: float) -> dict[str, float]:
@@ -47,8 +46,8 @@ def geometric_multipliers(groups: Sequence[str], lo: float, hi: float) -> dict[s
     >>> geometric_multipliers(["stem", "body", "head"], 1e-4, 1e-2)
     {'stem': 0.01, 'body': 0.1, 'head': 1.0}
     """
-    groups = _check_groups(groups)
-    lo, hi = _positive("lo", lo), _positive("hi", hi)
+    groups = _checks.groups(groups)
+    lo, hi = _checks.positive("lo", lo), _checks.positive("hi", hi)
     if lo > hi:
         raise ValueError(
             f"geometric_multipliers needs lo <= hi (the first group trains slowest), got "
@@ -75,8 +74,8 @@ def ulmfit_multipliers(groups: Sequence[str], factor: float = 2.6) -> dict[str, 
     >>> ulmfit_multipliers(["stem", "body", "head"], factor=2.0)
     {'stem': 0.25, 'body': 0.5, 'head': 1.0}
     """
-    groups = _check_groups(groups)
-    factor = _positive("factor", factor)
+    groups = _checks.groups(groups)
+    factor = _checks.positive("factor", factor)
     n = len(groups)
     return {g: 1.0 / factor ** (n - 1 - i) for i, g in enumerate(groups)}
 
@@ -103,13 +102,13 @@ def layerwise_decay(layers: Sequence[str | Sequence[str]], decay: float) -> dict
     """
     if isinstance(decay, int | float) and not isinstance(decay, bool) and not 0 < decay <= 1:
         raise ValueError(f"decay must be in (0, 1], got {decay!r}; 0.65-0.75 is usual.")
-    decay = _positive("decay", decay)
+    decay = _checks.positive("decay", decay)
     if isinstance(layers, str) or not isinstance(layers, Iterable):
         raise TypeError(
             f"layers must be a sequence of groups (or tuples of groups), got {layers!r}."
         )
     layers = [(layer,) if isinstance(layer, str) else tuple(layer) for layer in layers]
-    _check_groups([g for layer in layers for g in layer])  # unique, non-empty names
+    _checks.groups([g for layer in layers for g in layer])  # unique, non-empty names
     n = len(layers)
     return {g: decay ** (n - 1 - i) for i, layer in enumerate(layers) for g in layer}
 
@@ -133,8 +132,8 @@ def freeze_below(multipliers: MultipliersLike, threshold: float) -> "_spec.Freez
     >>> freeze_below(m, 0.2).describe()
     'embedding,cls'
     """
-    table = _check_multipliers(multipliers)
-    threshold = _positive("threshold", threshold)
+    table = _checks.multipliers(multipliers)
+    threshold = _checks.positive("threshold", threshold)
     return _spec.FreezeSpec(tuple(_spec.Rule(g) for g, m in table.items() if m < threshold))
 
 
@@ -181,8 +180,8 @@ def scale_by_group(
     >>> updates["stem"]["w"], updates["head"]["w"]
     (Array([-0.1, -0.1], dtype=float32), Array([-1., -1.], dtype=float32))
     """
-    table = _check_multipliers(multipliers)
-    default = _non_negative("default", default)
+    table = _checks.multipliers(multipliers)
+    default = _checks.non_negative("default", default)
 
     # Longest prefix first (`Transformer/encoderblock_1` before `Transformer`),
     # and a block selector before the plain prefix of the same stack.
@@ -256,49 +255,6 @@ def _bare(rule: _spec.Rule) -> str:
     return rule.stack + rule.selector[2] if rule.kind == "block" else rule.pattern
 
 
-def _check_groups(groups: Sequence[str]) -> tuple[str, ...]:
-    """Returns `groups` as a tuple after checking it is a list of unique names."""
-    if isinstance(groups, str) or not isinstance(groups, Iterable):
-        raise TypeError(
-            f"groups must be a sequence of group names such as ('stem', 'stage1', 'head'), "
-            f"got {groups!r}."
-        )
-    groups = tuple(groups)
-    if not groups:
-        raise ValueError("groups is empty: name at least one top-level group.")
-    bad = [g for g in groups if not isinstance(g, str) or not g]
-    if bad:
-        raise TypeError(f"Group names must be non-empty strings, got {bad!r} in {groups!r}.")
-    duplicates = sorted({g for g in groups if groups.count(g) > 1})
-    if duplicates:
-        raise ValueError(f"Duplicate group name(s) {duplicates} in {groups!r}.")
-    return groups
-
-
-def _check_multipliers(multipliers: MultipliersLike | None) -> dict[str, float]:
-    """Returns `{group: float}` after checking names and values (finite, >= 0)."""
-    if multipliers is None:
-        return {}
-    if isinstance(multipliers, str):
-        raise TypeError(f"Learning-rate multipliers must be {{group: float}}, got {multipliers!r}.")
-    items = multipliers.items() if isinstance(multipliers, Mapping) else multipliers
-    table: dict[str, float] = {}
-    for item in items:
-        try:
-            group, value = item
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"Learning-rate multipliers must be {{group: float}} or (group, float) pairs, "
-                f"got the item {item!r}."
-            ) from None
-        if not isinstance(group, str) or not group:
-            raise TypeError(f"A multiplier's group must be a non-empty string, got {group!r}.")
-        if group in table:
-            raise ValueError(f"Learning-rate multiplier for group {group!r} given twice.")
-        table[group] = _non_negative(f"the learning-rate multiplier of group {group!r}", value)
-    return table
-
-
 def _leaf_paths_with_masked(params: Any) -> list[str]:
     # Inside `optax.partition` the params of other branches are `MaskedNode`s,
     # which have no leaves; count them so their groups still exist.
@@ -306,26 +262,3 @@ def _leaf_paths_with_masked(params: Any) -> list[str]:
         params, is_leaf=lambda x: x is None or isinstance(x, optax.MaskedNode)
     )
     return [_paths.path_str(_paths.keypath_names(p)) for p, _ in flat]
-
-
-def _number(what: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be a number, got {value!r}.")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what} must be a number, got {value!r}.") from None
-
-
-def _non_negative(what: str, value: Any) -> float:
-    number = _number(what, value)
-    if not (math.isfinite(number) and number >= 0):
-        raise ValueError(f"{what} must be >= 0 (and finite), got {value!r}.")
-    return number
-
-
-def _positive(what: str, value: Any) -> float:
-    number = _number(what, value)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{what} must be > 0 (and finite), got {value!r}.")
-    return number

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from layerfreeze import _spec, lr
+from layerfreeze import _checks, _spec, lr
 
 __all__ = [
     "ResumeMismatchError",
@@ -79,7 +79,7 @@ class Phase:
         if self.start < 0:
             raise ValueError(f"A phase's start must be >= 0, got {self.start}.")
         object.__setattr__(self, "spec", _spec.as_spec(self.spec))
-        table = lr._check_multipliers(self.lr_multipliers)
+        table = _checks.multipliers(self.lr_multipliers)
         object.__setattr__(self, "lr_multipliers", tuple(table.items()))
 
     @property
@@ -104,7 +104,7 @@ class Phase:
         Returns:
           The trainable groups, in the order of `groups`.
         """
-        return tuple(g for g in lr._check_groups(groups) if _group_trains(self.spec, g))
+        return tuple(g for g in _checks.groups(groups) if _group_trains(self.spec, g))
 
     def describe(self, unit: str | None = None) -> str:
         """One line: `"epoch 5: freeze all-but:stage4,head; lr stage4=0.1"`."""
@@ -235,7 +235,7 @@ class FreezeSchedule:
         epoch 0: freeze all-but:head; lr stem=0.1
         epoch 3: freeze none; lr stem=0.1
         """
-        table = tuple(lr._check_multipliers(multipliers).items())
+        table = tuple(_checks.multipliers(multipliers).items())
         phases = tuple(dataclasses.replace(p, lr_multipliers=table) for p in self.phases)
         return dataclasses.replace(self, phases=phases)
 
@@ -260,7 +260,7 @@ class FreezeSchedule:
           ValueError: naming the unknown group and the phase, and listing the
             valid groups.
         """
-        groups = lr._check_groups(groups)
+        groups = _checks.groups(groups)
         for phase in self.phases:
             for rule in phase.spec.rules:
                 if rule.kind in ("group", "block"):
@@ -398,7 +398,7 @@ def gradual_unfreezing(
     epoch 2: freeze all-but:head,stage1
     epoch 4: freeze none
     """
-    groups = lr._check_groups(groups)
+    groups = _checks.groups(groups)
     every = _index("every", every)
     start = _index("start", start)
     if every < 1:
@@ -427,7 +427,7 @@ def freeze_to(n: int, groups: Sequence[str]) -> _spec.FreezeSpec:
     >>> freeze_to(-1, ["stem", "stage1", "stage2", "head"]).describe()
     'stem,stage1,stage2'
     """
-    groups = lr._check_groups(groups)
+    groups = _checks.groups(groups)
     n = _index("n", n)
     if not -len(groups) <= n <= len(groups):
         raise ValueError(
@@ -471,14 +471,14 @@ def fine_tune(
     epoch 1: freeze none; lr stem=0.005, body=0.05, head=0.5
     epoch 5: end
     """
-    groups = lr._check_groups(groups)
+    groups = _checks.groups(groups)
     freeze_epochs = _index("freeze_epochs", freeze_epochs)
     epochs = _index("epochs", epochs)
     if freeze_epochs < 0:
         raise ValueError(f"freeze_epochs must be >= 0, got {freeze_epochs}.")
     if epochs <= 0:
         raise ValueError(f"epochs (after unfreezing) must be > 0, got {epochs}.")
-    lr_mult = lr._positive("lr_mult", lr_mult)
+    lr_mult = _checks.positive("lr_mult", lr_mult)
     n = len(groups)
     # fastai's slice(base_lr / lr_mult, base_lr), relative to base_lr, times 0.5.
     halved = {g: 0.5 * lr_mult ** -((n - 1 - i) / max(n - 1, 1)) for i, g in enumerate(groups)}
@@ -538,7 +538,7 @@ def parse_schedule(text: str, groups: Sequence[str], *, unit: Unit = "epoch") ->
     """
     if not isinstance(text, str):
         raise TypeError(f"A schedule string was expected, got {type(text).__name__}.")
-    groups = lr._check_groups(groups)
+    groups = _checks.groups(groups)
     stripped = text.strip()
     head, sep, body = stripped.partition(":")
     form = head.strip().lower().replace("-", "_")
@@ -554,7 +554,7 @@ def parse_schedule(text: str, groups: Sequence[str], *, unit: Unit = "epoch") ->
         kw = _keywords(
             body,
             text,
-            {"freeze_epochs": _index, "epochs": _index, "lr_mult": lr._positive},
+            {"freeze_epochs": _index, "epochs": _index, "lr_mult": _checks.positive},
             required=("epochs",),
         )
         return fine_tune(kw.pop("freeze_epochs", 1), kw.pop("epochs"), groups, unit=unit, **kw)
@@ -618,7 +618,7 @@ def parse_lr_multipliers(text: str, groups: Sequence[str]) -> dict[str, float]:
             f"Learning-rate multipliers must be given as a string, got "
             f"{type(text).__name__}: {text!r}. {_LR_FORMS_TEXT}"
         )
-    groups = lr._check_groups(groups)
+    groups = _checks.groups(groups)
     stripped = text.strip()
     if not stripped:
         return {}
@@ -693,8 +693,8 @@ def _unfreeze(
     unit: Unit,
     lr_multipliers: lr.MultipliersLike | None,
 ) -> FreezeSchedule:
-    groups = lr._check_groups(groups)
-    multipliers = tuple(lr._check_multipliers(lr_multipliers).items())
+    groups = _checks.groups(groups)
+    multipliers = tuple(_checks.multipliers(lr_multipliers).items())
     trainable: list[str] = []
     phases = []
     for start, names in items:

@@ -36,7 +36,7 @@ import numpy as np
 from flax import linen as nn
 from flax.typing import Dtype
 
-from layerfreeze import _blocks
+import layerfreeze
 
 __all__ = [
     "POOLS",
@@ -149,7 +149,7 @@ class Encoder(nn.Module):
         )
         if self.scan:
             path = "/".join((*self.path, _BLOCK))
-            segments = _blocks.scan_segments(path, self.depth)
+            segments = layerfreeze.scan_segments(path, self.depth)
             if len(segments) > 1 and not self.is_initializing():
                 x = self._scan_segments(x, deterministic, path, segments, block_kw)
             else:
@@ -193,7 +193,7 @@ class Encoder(nn.Module):
             return block.apply({"params": params}, h, deterministic, rngs=rngs)[0], None
 
         for start, stop in segments:
-            part = _blocks.stack_slice(path, stacked, start, stop)
+            part = layerfreeze.stack_slice(path, stacked, start, stop)
             part_keys = None if keys is None else keys[start:stop]
             x, _ = jax.lax.scan(body, x, (part, part_keys), unroll=self.scan_unroll)
         return x

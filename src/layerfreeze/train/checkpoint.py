@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from layerfreeze import _paths
+from layerfreeze import _checks, _paths
 
 __all__ = ["CheckpointDamagedError", "Checkpointer"]
 
@@ -182,7 +181,7 @@ class Checkpointer:
             TypeError: If ``step`` is not an integer, or ``metadata`` is not a
                 mapping of JSON-serialisable values with string keys.
         """
-        step = _check_step(step)
+        step = _checks.count("step", step)
         metadata = _check_metadata(metadata)
         stale = [s for s in self.all_steps() if s >= step]
         if stale and not force:
@@ -294,37 +293,12 @@ class Checkpointer:
             >>> step, state["w"].tolist(), damaged
             (10, [1.0, 1.0], [])
         """
-        damaged: list[tuple[int, str]] = []
-        moved: dict[int, Path] = {}
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(
-                f"No checkpoint found in {self._directory}: it holds no finished step."
-            )
-        for step in reversed(steps):
-            try:
-                state, metadata = self.restore(make_target(self._read_metadata(step)), step=step)
-            except CheckpointDamagedError as e:
-                moved[step] = self._move_aside(step)
-                damaged.append((step, e.reason))
-                _log.warning(
-                    "Checkpoint step %d in %s is damaged (%s); moved it to %s and trying "
-                    "the next older step.",
-                    step,
-                    self._directory,
-                    e.reason,
-                    moved[step],
-                )
-                continue
-            return step, state, metadata, damaged
-        listed = "\n".join(f"  step {s}: {r} (moved to {moved[s]})" for s, r in damaged)
-        raise CheckpointDamagedError(
-            f"Every checkpoint in {self._directory} is damaged; each was moved aside and "
-            f"the directory now holds none:\n{listed}\nStart afresh, or repair a step and "
-            "move it back.",
-            damaged,
-            moved,
-        )
+
+        def read(step: int) -> tuple[PyTree, dict[str, Any]]:
+            return self.restore(make_target(self._read_metadata(step)), step=step)
+
+        step, (state, metadata), damaged = self._newest_intact(read, move_aside=True)
+        return step, state, metadata, damaged
 
     def restore_arrays(self, keys: tuple[str, ...], *, step: int | None = None) -> dict[str, Any]:
         """Restores some top-level entries of a saved dict state, as saved.
@@ -388,30 +362,10 @@ class Checkpointer:
                 them.
             ValueError: If the newest intact step lacks one of `keys`.
         """
-        damaged: list[tuple[int, str]] = []
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(
-                f"No checkpoint found in {self._directory}: it holds no finished step."
-            )
-        for step in reversed(steps):
-            try:
-                arrays = self.restore_arrays(keys, step=step)
-            except CheckpointDamagedError as e:
-                damaged.append((step, e.reason))
-                _log.warning(
-                    "Checkpoint step %d in %s is damaged (%s); skipping it.",
-                    step,
-                    self._directory,
-                    e.reason,
-                )
-                continue
-            return step, arrays, damaged
-        listed = "\n".join(f"  step {s}: {r}" for s, r in damaged)
-        raise CheckpointDamagedError(
-            f"Every checkpoint in {self._directory} is damaged (left in place):\n{listed}",
-            damaged,
+        step, arrays, damaged = self._newest_intact(
+            lambda step: self.restore_arrays(keys, step=step), move_aside=False
         )
+        return step, arrays, damaged
 
     def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
         """Reads only the JSON metadata of a step, without touching its arrays.
@@ -458,6 +412,59 @@ class Checkpointer:
     def __repr__(self) -> str:
         return f"Checkpointer({str(self._directory)!r}, steps={self.all_steps()})"
 
+    def _newest_intact(
+        self, read: Callable[[int], Any], *, move_aside: bool
+    ) -> tuple[int, Any, list[tuple[int, str]]]:
+        """`read(step)` of the newest step that is not damaged, trying older ones in turn.
+
+        Returns `(step, what read gave, [(damaged step, reason)], newest first)`.
+        With `move_aside`, each damaged step is moved to `damaged_directory`;
+        without, the directory is left as it is (another run's checkpoints).
+        """
+        damaged: list[tuple[int, str]] = []
+        moved: dict[int, Path] = {}
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoint found in {self._directory}: it holds no finished step."
+            )
+        for step in reversed(steps):
+            try:
+                return step, read(step), damaged
+            except CheckpointDamagedError as e:
+                damaged.append((step, e.reason))
+                if not move_aside:
+                    _log.warning(
+                        "Checkpoint step %d in %s is damaged (%s); skipping it.",
+                        step,
+                        self._directory,
+                        e.reason,
+                    )
+                    continue
+                moved[step] = self._move_aside(step)
+                _log.warning(
+                    "Checkpoint step %d in %s is damaged (%s); moved it to %s and trying "
+                    "the next older step.",
+                    step,
+                    self._directory,
+                    e.reason,
+                    moved[step],
+                )
+        if not move_aside:
+            listed = "\n".join(f"  step {s}: {r}" for s, r in damaged)
+            raise CheckpointDamagedError(
+                f"Every checkpoint in {self._directory} is damaged (left in place):\n{listed}",
+                damaged,
+            )
+        listed = "\n".join(f"  step {s}: {r} (moved to {moved[s]})" for s, r in damaged)
+        raise CheckpointDamagedError(
+            f"Every checkpoint in {self._directory} is damaged; each was moved aside and "
+            f"the directory now holds none:\n{listed}\nStart afresh, or repair a step and "
+            "move it back.",
+            damaged,
+            moved,
+        )
+
     def _resolve_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if not steps:
@@ -466,7 +473,7 @@ class Checkpointer:
             )
         if step is None:
             return steps[-1]
-        step = _check_step(step)
+        step = _checks.count("step", step)
         if step not in steps:
             raise FileNotFoundError(
                 f"No checkpoint for step {step} in {self._directory}; saved steps: {steps}."
@@ -612,18 +619,6 @@ def _remove_unfinished_steps(directory: Path) -> None:
         shutil.rmtree(tmp.get(), ignore_errors=True)
 
 
-def _check_step(step: int) -> int:
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an integer, got {step!r}.")
-    try:
-        step = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an integer, got {type(step).__name__}.") from None
-    if step < 0:
-        raise ValueError(f"step must be non-negative, got {step}.")
-    return step
-
-
 def _check_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping, got {type(metadata).__name__}.")
@@ -670,9 +665,7 @@ def _fmt(shape: tuple[int, ...], dtype: Any) -> str:
 
 
 def _listing(label: str, items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return f"  {label}: {shown}{more}"
+    return f"  {label}: {_checks.listing(items, _MAX_LISTED)}"
 
 
 def _describe_mismatch(saved_tree: PyTree, target: PyTree) -> str:

@@ -23,7 +23,6 @@
 import json
 import logging
 import math
-import operator
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+
+from layerfreeze import _checks
 
 __all__ = ["MetricsWriter", "Window", "read_rows"]
 
@@ -124,7 +125,7 @@ class MetricsWriter:
     def __init__(self, path: str | os.PathLike[str], *, resume_step: int = 0):
         self._path = Path(path)
         self._last: dict[tuple[int, Any], str] = {}
-        resume_step = _check_step("resume_step", resume_step)
+        resume_step = _checks.count("resume_step", resume_step)
         if self._path.exists():
             self._truncate(resume_step)
         else:
@@ -274,7 +275,7 @@ class Window:
           TypeError: a value is not a single number; nothing is added.
           ValueError: `examples` < 0.
         """
-        examples = _check_step("examples", examples)
+        examples = _checks.count("examples", examples)
         converted = {str(name): _scalar(name, value) for name, value in metrics.items()}
         for name, value in converted.items():
             self._values.setdefault(name, []).append(value)
@@ -345,8 +346,8 @@ class Window:
             raise ValueError(f"Window.from_state: 'values' is {type(values).__name__}; {expected}.")
         window = cls(clock=clock)
         try:
-            window._steps = _check_step("steps", state["steps"])
-            window._examples = _check_step("examples", state["examples"])
+            window._steps = _checks.count("steps", state["steps"])
+            window._examples = _checks.count("examples", state["examples"])
             for name, vs in values.items():
                 if isinstance(vs, str) or not isinstance(vs, Iterable):
                     raise ValueError(f"'values'[{name!r}] is {vs!r}, not a list of floats")
@@ -398,7 +399,7 @@ def _dumps(row: Mapping[str, Any]) -> str:
         raise TypeError(f"A metrics row's keys must be strings, got {bad_keys!r}.")
     if "step" not in row:
         raise TypeError(f"A metrics row needs an integer 'step'; got keys {sorted(row)}.")
-    step = _check_step("A metrics row's 'step'", row["step"])
+    step = _checks.count("A metrics row's 'step'", row["step"])
     try:
         return json.dumps({**row, "step": step}, default=_json_scalar)
     except TypeError as e:
@@ -412,20 +413,6 @@ def _json_scalar(value: Any) -> Any:
         f"{type(value).__name__} {value!r} is not a JSON value (give numbers, strings, "
         "booleans, None, lists or dicts; NumPy and JAX scalars are converted)"
     )
-
-
-def _check_step(what: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an integer, got {value!r}.")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"{what} must be an integer, got {type(value).__name__} {value!r}."
-        ) from None
-    if number < 0:
-        raise ValueError(f"{what} must be >= 0, got {number}.")
-    return number
 
 
 def _scalar(name: Any, value: Any) -> float:

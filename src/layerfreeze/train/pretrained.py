@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerfreeze import _paths
+from layerfreeze import _checks, _paths
 from layerfreeze.train import checkpoint
 
 __all__ = ["load_run", "merge_pretrained"]
@@ -252,13 +252,13 @@ def _mismatch(group: str, subtree: Any, loaded: Mapping[str, Any]) -> tuple[str,
         only_loaded = [f"{p} {have[p]}" for p in have if p not in want]
         only_fresh = [f"{p} {want[p]}" for p in want if p not in have]
         if only_loaded:
-            parts.append(f"only in loaded: {_listing(only_loaded)}")
+            parts.append(f"only in loaded: {_checks.listing(only_loaded, _MAX_LISTED)}")
         if only_fresh:
-            parts.append(f"only in fresh: {_listing(only_fresh)}")
+            parts.append(f"only in fresh: {_checks.listing(only_fresh, _MAX_LISTED)}")
         return "its leaves differ; " + "; ".join(parts), True
     differ = [f"{p} (loaded {have[p]}, fresh {want[p]})" for p in want if have[p] != want[p]]
     if differ:
-        return f"shapes differ at {_listing(differ)}", False
+        return f"shapes differ at {_checks.listing(differ, _MAX_LISTED)}", False
     return "", False
 
 
@@ -268,12 +268,6 @@ def _leaf_shapes(tree: Any, group: str) -> dict[str, tuple[int, ...]]:
         _paths.path_str((group, *_paths.keypath_names(path))): tuple(np.shape(leaf))
         for path, leaf in flat
     }
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return shown + more
 
 
 def _as_fresh_dtype(fresh_leaf: Any, loaded_leaf: Any) -> jax.Array:
