@@ -479,10 +479,26 @@ def _delete(path: Path) -> None:
     path.unlink()
 
 
+def _flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _nan_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = np.full(2, np.nan, np.float32).tobytes()
+    path.write_bytes(bytes(data))
+
+
 _DAMAGE = {
     "array-data-truncated": (_array_data_file, _truncate),
     "array-data-emptied": (_array_data_file, _empty),
     "array-data-deleted": (_array_data_file, _delete),
+    # Same length, other bytes: only the checksums can tell.
+    "array-data-bit-flipped": (_array_data_file, _flip_bit),
+    "array-data-nan-bytes": (_array_data_file, _nan_bytes),
     "state-METADATA-truncated": (lambda d: d / "state" / "_METADATA", _truncate),
     "state-METADATA-emptied": (lambda d: d / "state" / "_METADATA", _empty),
     "state-METADATA-deleted": (lambda d: d / "state" / "_METADATA", _delete),

@@ -25,10 +25,16 @@ can leave an *older* step half deleted (Orbax deletes it file by file).
 One process writes a directory at a time.
 
 Damage: a step whose files were later truncated, emptied or deleted (a full disk,
-a copy cut short, a person tidying up) cannot be read. Every read of such a step
-raises :class:`CheckpointDamagedError` naming the step and what failed, rather
-than an Orbax or TensorStore error; a structure mismatch with the caller's target is
-not damage and stays a ``ValueError``. :meth:`Checkpointer.restore_latest_intact`
+a copy cut short, a person tidying up) cannot be read, and one whose stored bytes
+changed (a flipped bit, a block overwritten) reads wrong values: Orbax's OCDBT
+format stores no checksums. Each step therefore records a CRC-32 of every leaf it
+saves (in its metadata item, written in the same atomic step), and every restore
+recomputes them. Every read of a damaged step raises
+:class:`CheckpointDamagedError` naming the step and what failed, rather than an
+Orbax or TensorStore error (steps saved before checksums are read unchecked;
+leaves sharded over several processes are checked by Orbax's reads only); a
+structure mismatch with the caller's target is not damage and stays a
+``ValueError``. :meth:`Checkpointer.restore_latest_intact`
 moves damaged steps aside to ``<directory>_damaged/`` (never deletes them) and
 falls back to the newest intact step.
 """
@@ -39,6 +45,7 @@ import json
 import logging
 import os
 import shutil
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -59,6 +66,8 @@ _log = logging.getLogger(__name__)
 
 _STATE = "state"
 _METADATA = "metadata"
+# The key of the metadata item under which a step records its leaves' checksums.
+_CHECKSUMS = "layerfreeze.checksums"
 # Mismatches listed per kind in an error message before it says "and N more".
 _MAX_LISTED = 5
 # How much of a low-level error message a damage reason quotes.
@@ -183,6 +192,7 @@ class Checkpointer:
         """
         step = _checks.count("step", step)
         metadata = _check_metadata(metadata)
+        stored = {**metadata, _CHECKSUMS: _checksums(state)}
         stale = [s for s in self.all_steps() if s >= step]
         if stale and not force:
             raise ValueError(
@@ -196,7 +206,7 @@ class Checkpointer:
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(metadata)}
+                **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(stored)}
             ),
             # Our checks above replace Orbax's save-interval policy.
             force=True,
@@ -250,6 +260,7 @@ class Checkpointer:
         mismatch = _describe_restored_mismatch(state, target)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
+        self._verify(step, state)
         return state, metadata
 
     def restore_latest_intact(
@@ -338,6 +349,7 @@ class Checkpointer:
             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
         )
         restored = self._read_state(step, target)
+        self._verify(step, restored, metadata_required=False)
         return {k: restored[k] for k in keys}
 
     def restore_arrays_latest_intact(
@@ -511,7 +523,41 @@ class Checkpointer:
             raise self._damaged(
                 step, f"its {_METADATA!r} item holds {type(restored).__name__}, not a JSON object"
             )
-        return dict(restored)
+        return {k: v for k, v in restored.items() if k != _CHECKSUMS}
+
+    def _verify(self, step: int, state: PyTree, *, metadata_required: bool = True) -> None:
+        """Raises CheckpointDamagedError if a restored leaf's checksum differs from the saved one.
+
+        Without `metadata_required`, a step whose metadata item (which holds the
+        checksums) cannot be read gives its arrays unchecked, with a warning.
+        """
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
+            )[_METADATA]
+        except Exception as e:
+            if metadata_required:
+                raise self._damaged(step, f"cannot read its {_METADATA!r} item", e) from e
+            _log.warning(
+                "Checkpoint step %d in %s: its %r item is unreadable (%s), so its arrays "
+                "are read without their checksums.",
+                step,
+                self._directory,
+                _METADATA,
+                _one_line(e),
+            )
+            return
+        saved = restored.get(_CHECKSUMS) if isinstance(restored, Mapping) else None
+        if saved is None:
+            return  # saved before checksums were recorded
+        now = _checksums(state)
+        changed = [path for path, crc in saved.items() if crc and now.get(path, crc) != crc]
+        if changed:
+            raise self._damaged(
+                step,
+                f"the stored values of {_checks.listing(changed, _MAX_LISTED)} changed after "
+                "they were written (checksum mismatch)",
+            )
 
     def _read_state(self, step: int, target: PyTree) -> PyTree:
         try:
@@ -610,6 +656,25 @@ def _check_state_files(item: Path) -> str:
     except ValueError as e:
         return f"cannot read {_STATE}/: {_one_line(e)}"
     return ""
+
+
+def _checksums(tree: PyTree) -> dict[str, str]:
+    """`{leaf path: CRC-32 of its dtype, shape and bytes}`; '' for leaves sharded over processes."""
+    return {
+        _path_str(keypath): _checksum(leaf)
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _checksum(leaf: Any) -> str:
+    if isinstance(leaf, jax.Array):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if not leaf.is_fully_addressable:
+            return ""  # this process sees its shards only; Orbax checks their reads
+    array = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode())
+    return f"{zlib.crc32(array.reshape(-1).view(np.uint8), crc):08x}"
 
 
 def _remove_unfinished_steps(directory: Path) -> None:
