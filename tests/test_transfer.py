@@ -1,3 +1,5 @@
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +31,9 @@ def test_zero_keeps_state_of_still_trainable_and_starts_new_ones_fresh():
     params = _params()
     old_tx = lf.freeze(optax.adam(0.1), "stem,stage4")
     params, old = _steps(old_tx, old_tx.init(params), params)
-    new_tx = lf.freeze(optax.adam(0.1), "stem")
-    new = transfer_opt_state(old, new_tx.init(params))
+    new_tx = lf.freeze(optax.adam(0.1), "stem")  # no `previous`: stage4 shares count 3
+    with pytest.warns(UserWarning, match=r"mu/stage4/w, nu/stage4/w had no optimizer state"):
+        new = transfer_opt_state(old, new_tx.init(params))
     adam_old, adam_new = _adam(old, "trainable"), _adam(new, "trainable")
     assert int(adam_new.count) == 3
     np.testing.assert_array_equal(adam_new.mu["head"]["w"], adam_old.mu["head"]["w"])
@@ -111,6 +114,18 @@ def test_rejects_params_in_place_of_a_state(position):
     args = {"old_state": _state(), "new_state": _state(), position: _params()}
     with pytest.raises(TypeError, match=r"old_state is a \w+ but new_state is a \w+"):
         transfer_opt_state(**args)
+
+
+def test_no_warning_with_previous_or_before_any_step():
+    params = _params()
+    old_tx = lf.freeze(optax.adam(0.1), "stem,stage4")
+    _, old = _steps(old_tx, old_tx.init(params), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new_tx = lf.freeze(optax.adam(0.1), "stem", previous=["stem,stage4"])
+        transfer_opt_state(old, new_tx.init(params))
+        # Nothing spent yet: the shared count is still 0.
+        transfer_opt_state(old_tx.init(params), lf.freeze(optax.adam(0.1), "stem").init(params))
 
 
 def test_accepts_states_without_array_leaves():

@@ -257,7 +257,7 @@ def _cohorts(
 
     def init_fn(params: Any) -> CohortsState:
         inner = optimizer.init(params)
-        fresh = _bias_counts(inner)
+        fresh = bias_counts(inner)
         names = sorted({_cohort_name(c) for c in leaf_cohorts(params) if c})
         return CohortsState(inner_state=inner, counts={name: fresh for name in names})
 
@@ -281,13 +281,13 @@ def _cohorts(
             name = _cohort_name(c)
             inner = _replace_bias_counts(state.inner_state, state.counts[name])
             all_updates[c], all_states[c] = optimizer.update(updates, inner, params, **extra_args)
-            counts[name] = _bias_counts(all_states[c])
+            counts[name] = bias_counts(all_states[c])
         treedef = jax.tree.structure(updates)
         new_updates = _pick(all_updates, cohorts, treedef)
         new_state = _combine(all_states, cohorts, treedef)
         # The base cohort's counts come from the base run, even where a
         # single-leaf params tree makes a count look like a parameter.
-        new_state = _replace_bias_counts(new_state, _bias_counts(base_state))
+        new_state = _replace_bias_counts(new_state, bias_counts(base_state))
         return new_updates, CohortsState(new_state, counts)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -327,7 +327,7 @@ def _combine(states: Mapping[int, Any], cohorts: list[int], treedef: Any) -> Any
     return base
 
 
-def _bias_counts(state: Any) -> tuple[Any, ...]:
+def bias_counts(state: Any) -> tuple[Any, ...]:
     """The bias-correction counts of an optimizer state, in walking order."""
     found: list[Any] = []
 
@@ -335,22 +335,22 @@ def _bias_counts(state: Any) -> tuple[Any, ...]:
         found.append(count)
         return count
 
-    _map_bias_counts(state, record)
+    _mapbias_counts(state, record)
     return tuple(found)
 
 
 def _replace_bias_counts(state: Any, counts: Sequence[Any]) -> Any:
-    wanted = len(_bias_counts(state))
+    wanted = len(bias_counts(state))
     if len(counts) != wanted:
         raise ValueError(
             f"A cohort has {len(counts)} step count(s) but the optimizer state holds "
             f"{wanted}; the state was built for a different optimizer."
         )
     replacements = iter(counts)
-    return _map_bias_counts(state, lambda _: next(replacements))
+    return _mapbias_counts(state, lambda _: next(replacements))
 
 
-def _map_bias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
+def _mapbias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
     """Applies `fn` to every NamedTuple field `count` that is a bias-correction count.
 
     A `count` of a schedule-position state (`_upstream.GLOBAL_COUNT_STATES`) is the
@@ -360,14 +360,14 @@ def _map_bias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
     if _is_namedtuple(node):
         is_global = type(node).__name__ in _upstream.GLOBAL_COUNT_STATES
         parts = [
-            fn(value) if name == "count" and not is_global else _map_bias_counts(value, fn)
+            fn(value) if name == "count" and not is_global else _mapbias_counts(value, fn)
             for name, value in zip(node._fields, node, strict=True)
         ]
         return type(node)(*parts)
     if isinstance(node, tuple | list):
-        return type(node)(_map_bias_counts(v, fn) for v in node)
+        return type(node)(_mapbias_counts(v, fn) for v in node)
     if isinstance(node, dict):
-        return _dict_map(node, lambda _, v: _map_bias_counts(v, fn))
+        return _dict_map(node, lambda _, v: _mapbias_counts(v, fn))
     return node
 
 

@@ -1,12 +1,13 @@
 """Carrying optimizer state across a change of the frozen set."""
 
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerfreeze import _blocks, _paths, _upstream
+from layerfreeze import _blocks, _checks, _freeze, _paths, _spec, _upstream
 
 __all__ = ["transfer_opt_state"]
 
@@ -63,9 +64,13 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
         branch, name, blocks = _split_branch(keypath)
         old.setdefault(name, {}).setdefault(branch, []).append((blocks, leaf))
 
+    started_fresh: list[str] = []
+
     def carry(keypath, fresh):
         branch, name, blocks = _split_branch(keypath)
         candidates = old.get(name, {})
+        if not candidates and branch == _spec.TRAINABLE and np.ndim(fresh):
+            started_fresh.append(name)
         ordered = list(candidates.get(branch, []))
         ordered += [v for b, vs in candidates.items() if b != branch for v in vs]
         if blocks is None and all(r is None for r, _ in ordered):
@@ -75,7 +80,43 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
             return fresh
         return _carry_blocks(fresh, blocks, ordered)
 
-    return jax.tree_util.tree_map_with_path(carry, new_state)
+    carried = jax.tree_util.tree_map_with_path(carry, new_state)
+    if started_fresh:
+        _warn_spent_counts(old_state, carried, started_fresh)
+    return carried
+
+
+def _warn_spent_counts(old_state: Any, new_state: Any, started_fresh: list[str]) -> None:
+    """Warns when newly trainable leaves share step counts that earlier phases spent.
+
+    Under method `zero` a frozen leaf keeps no state; when it becomes trainable
+    it needs counts of its own (a cohort, from `freeze(..., previous=...)`),
+    else Adam's bias correction treats its zero moments as if they had
+    averaged every earlier step and its first updates come out too large.
+    """
+    is_cohorts = lambda x: isinstance(x, _freeze.CohortsState)
+    new_cohorts = [n for n in jax.tree.leaves(new_state, is_leaf=is_cohorts) if is_cohorts(n)]
+    if not new_cohorts or any(c.counts for c in new_cohorts):
+        return  # not a `freeze` state, or the new phase was given its history
+    old_cohorts = [n for n in jax.tree.leaves(old_state, is_leaf=is_cohorts) if is_cohorts(n)]
+    spent = [int(np.max(c)) for o in old_cohorts for c in _freeze.bias_counts(o.inner_state)]
+    if not spent or max(spent) == 0:
+        return
+    parts = [name.split("/") for name in sorted(set(started_fresh))]
+    # Drop the optimizer's nesting (`inner_state/0/...`) that every name shares.
+    shared = 0
+    while shared < min(map(len, parts)) - 1 and len({n[shared] for n in parts}) == 1:
+        shared += 1
+    leaves = [_paths.path_str(name[shared:]) for name in parts]
+    warnings.warn(
+        f"transfer_opt_state: {_checks.listing(leaves, 5)} had no optimizer state (frozen) "
+        f"and now train, but share the step count of {max(spent)} that the earlier "
+        "phases spent: Adam-style bias correction will make their first updates several "
+        "times too large. Build the new phase's optimizer with its history, "
+        "layerfreeze.freeze(optimizer, spec, previous=[earlier specs]) (train.make_steps "
+        "and train.Phases pass it), so newly unfrozen leaves count their own steps.",
+        stacklevel=3,
+    )
 
 
 def _carry_blocks(
