@@ -2,7 +2,7 @@
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import numpy as np
@@ -185,60 +185,113 @@ def summary(
         p: (np.shape(x)[0] if np.ndim(x) else 1) for p, x in zip(resolved, leaves, strict=True)
     }
     group_of = _group_of(list(resolved), groups, depths)
-    per_group: dict[str, list[int]] = {g: [0, 0, 0, 0] for g in groups or ()}
-    for (path, frozen), leaf in zip(resolved.items(), leaves, strict=True):
-        size, nbytes = _size(leaf)
-        owners = group_of[path]
-        if isinstance(owners, str) and isinstance(frozen, bool):
-            row = per_group.setdefault(owners, [0, 0, 0, 0])
-            row[0] += size
-            row[1] += nbytes
-            row[2] += 0 if frozen else size
-            continue
-        depth = depths[path]
-        owners = owners if not isinstance(owners, str) else (owners,) * depth
-        frozen = frozen if not isinstance(frozen, bool) else (frozen,) * depth
-        for owner, row_frozen in zip(owners, frozen, strict=True):
-            row = per_group.setdefault(owner, [0, 0, 0, 0])
-            row[0] += size // depth
-            row[1] += nbytes // depth
-            row[2] += 0 if row_frozen else size // depth
+    per_group = _count_params(resolved, leaves, group_of, depths, groups or ())
     shared = None
     if opt_state is not None:
         shapes = {path: tuple(np.shape(leaf)) for path, leaf in zip(resolved, leaves, strict=True)}
         _check_opt_state(opt_state, shapes, resolved, spec.describe())
-        for (path, rows), nbytes in _opt_state_bytes(opt_state, list(resolved)).items():
-            if path is None:
-                shared = (shared or 0) + nbytes
-                continue
-            owners = group_of[path]
-            if isinstance(owners, str):
-                per_group[owners][3] += nbytes
-                continue
-            start, stop = rows if rows is not None else (0, depths[path])
-            for owner in owners[start:stop]:
-                per_group[owner][3] += nbytes // (stop - start)
-        shared = shared or 0
-    if groups is not None:
-        order = list(groups)
+        shared = _add_opt_state_bytes(per_group, opt_state, list(resolved), group_of, depths)
+    per_group = _ordered(per_group, list(groups) if groups is not None else order, params)
+    return FreezeSummary(
+        spec=spec.describe(),
+        groups=_group_summaries(per_group, with_opt_state=opt_state is not None),
+        shared_opt_state_bytes=shared,
+    )
+
+
+# A row of counts per group: params, bytes, trainable params, optimizer-state bytes.
+_Counts = list[int]
+
+
+def _count_params(
+    frozen: Mapping[str, _spec.FrozenBlocks],
+    leaves: Sequence[Any],
+    group_of: Mapping[str, str | tuple[str, ...]],
+    depths: Mapping[str, int],
+    first_rows: Sequence[str],
+) -> dict[str, _Counts]:
+    """Counts each leaf into its row, starting with the (empty) rows `first_rows`.
+
+    A stacked leaf whose blocks go to different rows, or are frozen differently,
+    counts one block's share per block.
+    """
+    per_group: dict[str, _Counts] = {g: [0, 0, 0, 0] for g in first_rows}
+    for (path, leaf_frozen), leaf in zip(frozen.items(), leaves, strict=True):
+        size, nbytes = _size(leaf)
+        owners = group_of[path]
+        if isinstance(owners, str) and isinstance(leaf_frozen, bool):
+            _add_params(per_group, owners, size, nbytes, leaf_frozen)
+            continue
+        depth = depths[path]
+        owners = owners if not isinstance(owners, str) else (owners,) * depth
+        blocks = leaf_frozen if not isinstance(leaf_frozen, bool) else (leaf_frozen,) * depth
+        for owner, block_frozen in zip(owners, blocks, strict=True):
+            _add_params(per_group, owner, size // depth, nbytes // depth, block_frozen)
+    return per_group
+
+
+def _add_params(
+    per_group: dict[str, _Counts], owner: str, size: int, nbytes: int, frozen: bool
+) -> None:
+    row = per_group.setdefault(owner, [0, 0, 0, 0])
+    row[0] += size
+    row[1] += nbytes
+    row[2] += 0 if frozen else size
+
+
+def _add_opt_state_bytes(
+    per_group: dict[str, _Counts],
+    opt_state: Any,
+    paths: list[str],
+    group_of: Mapping[str, str | tuple[str, ...]],
+    depths: Mapping[str, int],
+) -> int:
+    """Adds each state leaf's bytes to its parameter's row; returns the bytes of the rest.
+
+    The state of a stacked leaf spread over several rows is shared out per block.
+    """
+    shared = 0
+    for (path, rows), nbytes in _opt_state_bytes(opt_state, paths).items():
+        if path is None:
+            shared += nbytes
+            continue
+        owners = group_of[path]
+        if isinstance(owners, str):
+            per_group[owners][3] += nbytes
+            continue
+        start, stop = rows if rows is not None else (0, depths[path])
+        for owner in owners[start:stop]:
+            per_group[owner][3] += nbytes // (stop - start)
+    return shared
+
+
+def _ordered(
+    per_group: dict[str, _Counts], order: Sequence[str] | None, params: Any
+) -> dict[str, _Counts]:
+    """The rows in `order` (by default the keys of a mapping `params`), unnamed ones last."""
     if order is None and isinstance(params, Mapping):
         # Mappings keep their modules' definition order (stem ... head); the
         # flattened order is sorted.
         order = [str(k) for k in params.keys()]
-    if order is not None:
-        rank = {g: i for i, g in enumerate(order)}
-        per_group = dict(sorted(per_group.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-    groups = tuple(
+    if order is None:
+        return per_group
+    rank = {g: i for i, g in enumerate(order)}
+    return dict(sorted(per_group.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def _group_summaries(
+    per_group: Mapping[str, _Counts], *, with_opt_state: bool
+) -> tuple[GroupSummary, ...]:
+    return tuple(
         GroupSummary(
             name=name,
             params=row[0],
             bytes=row[1],
             trainable_params=row[2],
-            opt_state_bytes=row[3] if opt_state is not None else None,
+            opt_state_bytes=row[3] if with_opt_state else None,
         )
         for name, row in per_group.items()
     )
-    return FreezeSummary(spec=spec.describe(), groups=groups, shared_opt_state_bytes=shared)
 
 
 def tree_bytes(tree: Any) -> int:
@@ -296,6 +349,25 @@ def _check_opt_state(
     leaves whose path ends with a parameter's path are held to that parameter.
     """
     flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    _check_array_leaves(opt_state, flat)
+    owned, unowned = _by_owner(flat, shapes)
+    problems = _owned_problems(owned, shapes, frozen)
+    problems += _unowned_problems(unowned, owned, shapes)
+    if problems:
+        _raise_mismatch(problems, spec)
+
+
+class _OwnedLeaf(NamedTuple):
+    """An optimizer-state leaf whose path ends with the path of parameter `owner`."""
+
+    names: tuple[str, ...]
+    n: int  # how many trailing names are the parameter's path
+    owner: str
+    leaf: Any
+    key: _blocks.BlockKey | None  # the block range of a stacked leaf split by `freeze`
+
+
+def _check_array_leaves(opt_state: Any, flat: list[tuple[Any, Any]]) -> None:
     for keypath, leaf in flat:
         if not _is_array_like(leaf):
             got = type(opt_state).__name__
@@ -306,6 +378,12 @@ def _check_opt_state(
                 "opt_state must be the optimizer state of `params` (e.g. `tx.init(params)`), "
                 f"an nnx.Optimizer or None; got {got}."
             )
+
+
+def _by_owner(
+    flat: list[tuple[Any, Any]], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[list[_OwnedLeaf], list[tuple[tuple[str, ...], Any]]]:
+    """The leaves that belong to a parameter, and the (names, leaf) of the others."""
     known = {tuple(p.split("/")): p for p in shapes}
     owned, unowned = [], []
     for keypath, leaf in flat:
@@ -315,34 +393,60 @@ def _check_opt_state(
         if owner is None:
             unowned.append((names, leaf))
         else:
-            owned.append((names, n, owner, leaf, key))
+            owned.append(_OwnedLeaf(names, n, owner, leaf, key))
+    return owned, unowned
+
+
+def _owned_problems(
+    owned: list[_OwnedLeaf],
+    shapes: Mapping[str, tuple[int, ...]],
+    frozen: Mapping[str, _spec.FrozenBlocks],
+) -> list[str]:
     problems = []
-    if any(n == len(names) for names, n, _, _, _ in owned):
+    if any(o.n == len(o.names) for o in owned):
         problems.append(
             "it is a parameter tree (its leaves are named exactly like the parameters), "
             "not an optimizer state"
         )
-    for names, n, owner, leaf, key in owned:
-        path, shape = _paths.path_str(names), tuple(np.shape(leaf))
-        param_shape, state = shapes[owner], frozen[owner]
-        if key is not None:  # one block range of a stacked leaf split by `freeze`
-            path += f"/{key}"
-            param_shape = (key.stop - key.start, *param_shape[1:])
-            if not isinstance(state, bool) and key.stop <= len(state):
-                state = all(state[key.start : key.stop])
-        if not _derived_shape(shape, param_shape):
-            problems.append(
-                f"{path} has shape {shape}, which parameter {owner} of shape "
-                f"{param_shape} cannot give"
-            )
-        branch = _branch(names[: len(names) - n])
-        if branch == _spec.TRAINABLE and state is True:
-            problems.append(f"{path} is trainable state for {owner}, which this spec freezes")
-        elif branch == _spec.FROZEN and state is False:
-            problems.append(f"{path} is frozen-branch state for {owner}, which this spec trains")
+    for o in owned:
+        problems += _leaf_problems(o, shapes[o.owner], frozen[o.owner])
+    return problems
+
+
+def _leaf_problems(
+    o: _OwnedLeaf, param_shape: tuple[int, ...], state: _spec.FrozenBlocks
+) -> list[str]:
+    """What in `o` a parameter of `param_shape`, frozen as `state`, cannot explain."""
+    problems = []
+    path, shape = _paths.path_str(o.names), tuple(np.shape(o.leaf))
+    key = o.key
+    if key is not None:
+        path += f"/{key}"
+        param_shape = (key.stop - key.start, *param_shape[1:])
+        if not isinstance(state, bool) and key.stop <= len(state):
+            state = all(state[key.start : key.stop])
+    if not _derived_shape(shape, param_shape):
+        problems.append(
+            f"{path} has shape {shape}, which parameter {o.owner} of shape "
+            f"{param_shape} cannot give"
+        )
+    branch = _branch(o.names[: len(o.names) - o.n])
+    if branch == _spec.TRAINABLE and state is True:
+        problems.append(f"{path} is trainable state for {o.owner}, which this spec freezes")
+    elif branch == _spec.FROZEN and state is False:
+        problems.append(f"{path} is frozen-branch state for {o.owner}, which this spec trains")
+    return problems
+
+
+def _unowned_problems(
+    unowned: list[tuple[tuple[str, ...], Any]],
+    owned: list[_OwnedLeaf],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> list[str]:
+    problems = []
     # Where per-parameter trees sit (Adam's `mu`, ...): any other leaf there
     # is state for a parameter these params do not have.
-    roots = {names[: len(names) - n] for names, n, _, _, _ in owned if n < len(names)}
+    roots = {o.names[: len(o.names) - o.n] for o in owned if o.n < len(o.names)}
     for names, _ in unowned:
         if any(names[: len(root)] == root for root in roots):
             problems.append(
@@ -355,15 +459,18 @@ def _check_opt_state(
             "none of its leaves belongs to a parameter (no leaf path ends with a "
             f"parameter path such as {example!r})"
         )
-    if problems:
-        listed = "\n".join(f"  {p}" for p in problems[:_MAX_LISTED])
-        if len(problems) > _MAX_LISTED:
-            listed += f"\n  and {len(problems) - _MAX_LISTED} more"
-        raise ValueError(
-            f"opt_state does not belong to these params under freeze spec {spec!r}:\n"
-            f"{listed}\nPass the state of the optimizer that trains these params with this "
-            "spec, e.g. `layerfreeze.freeze(optimizer, spec).init(params)`."
-        )
+    return problems
+
+
+def _raise_mismatch(problems: list[str], spec: str) -> NoReturn:
+    listed = "\n".join(f"  {p}" for p in problems[:_MAX_LISTED])
+    if len(problems) > _MAX_LISTED:
+        listed += f"\n  and {len(problems) - _MAX_LISTED} more"
+    raise ValueError(
+        f"opt_state does not belong to these params under freeze spec {spec!r}:\n"
+        f"{listed}\nPass the state of the optimizer that trains these params with this "
+        "spec, e.g. `layerfreeze.freeze(optimizer, spec).init(params)`."
+    )
 
 
 def _is_array_like(leaf: Any) -> bool:

@@ -6,6 +6,7 @@ smaller steps (ULMFiT; fastai's `slice(lo, hi)`). Multipliers are plain
 optimizer, learning-rate schedules included.
 """
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -182,9 +183,26 @@ def scale_by_group(
     """
     table = _checks.multipliers(multipliers)
     default = _checks.non_negative("default", default)
+    rules = _group_rules(table)
+    ranked = _by_precedence(table, rules)
+    scale = functools.partial(_scale_leaf, ranked=ranked, default=default)
 
-    # Longest prefix first (`Transformer/encoderblock_1` before `Transformer`),
-    # and a block selector before the plain prefix of the same stack.
+    def init_fn(params: Any) -> optax.EmptyState:
+        _check_groups_exist(rules, params)
+        return optax.EmptyState()
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# (rule, multiplier) pairs, the rule that takes precedence first.
+_Ranked = Sequence[tuple[_spec.Rule, float]]
+
+
+def _group_rules(table: dict[str, float]) -> dict[str, _spec.Rule]:
     rules = {g: _spec.Rule(g) for g in table}
     for group, rule in rules.items():
         if rule.kind not in ("group", "block"):
@@ -193,61 +211,69 @@ def scale_by_group(
                 "'stage1' or 'Transformer/encoderblock_3', or a block selector such as "
                 "'Transformer/encoderblock[3]' (one block of a stacked encoder)."
             )
+    return rules
+
+
+def _by_precedence(table: dict[str, float], rules: dict[str, _spec.Rule]) -> _Ranked:
+    # Longest prefix first (`Transformer/encoderblock_1` before `Transformer`),
+    # and a block selector before the plain prefix of the same stack.
     ordered = sorted(table, key=lambda g: (-len(_bare(rules[g])), rules[g].kind != "block"))
+    return [(rules[g], table[g]) for g in ordered]
 
-    def multipliers_of(path: str, rows: range | None, depth: int | None) -> list[float]:
-        """The multiplier of each row in `rows` of the leaf at `path` ([one] if None)."""
-        out = []
-        for row in rows if rows is not None else [None]:
-            value = default
-            for group in ordered:
-                rule = rules[group]
-                if not rule.matches(path):
+
+def _check_groups_exist(rules: dict[str, _spec.Rule], params: Any) -> None:
+    paths = _leaf_paths_with_masked(params)
+    unknown = [g for g, rule in rules.items() if not any(rule.matches(p) for p in paths)]
+    if unknown:
+        existing = _paths.top_level_groups(paths)
+        raise ValueError(
+            f"scale_by_group: learning-rate multiplier(s) for unknown group(s) "
+            f"{', '.join(repr(g) for g in unknown)} (no parameter path is or starts with "
+            f"them). Groups that exist: {', '.join(existing) or '(none: empty params)'}."
+        )
+
+
+def _scale_leaf(keypath: Any, leaf: Any, *, ranked: _Ranked, default: float) -> Any:
+    keypath, key = _blocks.block_key_of(keypath)
+    path = _paths.path_str(_paths.keypath_names(keypath))
+    rows, depth = None, None
+    if key is not None:
+        rows, depth = range(key.start, key.stop), key.depth
+    elif any(rule.kind == "block" and rule.matches(path) for rule, _ in ranked):
+        depth = jnp.shape(leaf)[0]
+        rows = range(depth)
+    return _scaled(leaf, _multipliers_of(path, rows, depth, ranked, default))
+
+
+def _multipliers_of(
+    path: str, rows: range | None, depth: int | None, ranked: _Ranked, default: float
+) -> list[float]:
+    """The multiplier of each row in `rows` of the leaf at `path` ([one] if None)."""
+    out = []
+    for row in rows if rows is not None else [None]:
+        value = default
+        for rule, multiplier in ranked:
+            if not rule.matches(path):
+                continue
+            if rule.kind == "block":
+                if row is None or depth is None or row not in rule.blocks(depth):
                     continue
-                if rule.kind == "block":
-                    if row is None or depth is None or row not in rule.blocks(depth):
-                        continue
-                value = table[group]
-                break
-            out.append(value)
-        return out
+            value = multiplier
+            break
+        out.append(value)
+    return out
 
-    def init_fn(params: Any) -> optax.EmptyState:
-        paths = _leaf_paths_with_masked(params)
-        unknown = [g for g in table if not any(rules[g].matches(p) for p in paths)]
-        if unknown:
-            existing = _paths.top_level_groups(paths)
-            raise ValueError(
-                f"scale_by_group: learning-rate multiplier(s) for unknown group(s) "
-                f"{', '.join(repr(g) for g in unknown)} (no parameter path is or starts with "
-                f"them). Groups that exist: {', '.join(existing) or '(none: empty params)'}."
-            )
-        return optax.EmptyState()
 
-    def scale(keypath: Any, leaf: Any) -> Any:
-        keypath, key = _blocks.block_key_of(keypath)
-        path = _paths.path_str(_paths.keypath_names(keypath))
-        rows, depth = None, None
-        if key is not None:
-            rows, depth = range(key.start, key.stop), key.depth
-        elif any(rules[g].kind == "block" and rules[g].matches(path) for g in table):
-            depth = jnp.shape(leaf)[0]
-            rows = range(depth)
-        m = multipliers_of(path, rows, depth)
-        if len(set(m)) > 1:
-            column = jnp.asarray(m, leaf.dtype).reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
-            return jnp.where(column == 0, jnp.zeros_like(leaf), leaf * column)
-        if m[0] == 1.0:
-            return leaf
-        if m[0] == 0.0:
-            return jnp.zeros_like(leaf)
-        return leaf * m[0]
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        return jax.tree_util.tree_map_with_path(scale, updates), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+def _scaled(leaf: Any, m: list[float]) -> Any:
+    """`leaf` times `m` (one multiplier, or one per row), with exact zeros and exact copies."""
+    if len(set(m)) > 1:
+        column = jnp.asarray(m, leaf.dtype).reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
+        return jnp.where(column == 0, jnp.zeros_like(leaf), leaf * column)
+    if m[0] == 1.0:
+        return leaf
+    if m[0] == 0.0:
+        return jnp.zeros_like(leaf)
+    return leaf * m[0]
 
 
 def _bare(rule: _spec.Rule) -> str:

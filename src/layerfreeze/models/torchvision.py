@@ -88,35 +88,64 @@ def load_torchvision_resnet(path: str | os.PathLike, model: ResNet) -> dict:
     state = _read_state_dict(Path(path))
     expected = _expected_variables(model)
     what = _describe(model)
+    expected_fc: dict[str, tuple[int | None, ...]] = {}
+    if not _loads_head(model, state):
+        expected, expected_fc = _without_head(expected)
+    targets, optional = _targets(expected)
+    required = set(targets) | set(expected_fc)
+    missing = sorted(required - set(state))
+    unused = sorted(set(state) - required - optional)
+    if missing or unused:
+        raise ValueError(_key_error(path, what, missing, unused, state))
+    _check_fc_shapes(state, expected_fc, path, what)
+    return _convert(state, targets, path, what)
 
-    # The head's first kernel is (features, units) for either head kind.
-    num_features = expected[("params", "head", "Dense_0", "kernel")].shape[0]
-    load_head = (
+
+# Flax path, expected leaf and converter of a torchvision key.
+_Target = tuple[tuple[str, ...], jax.ShapeDtypeStruct, Callable[[np.ndarray], np.ndarray]]
+
+
+def _loads_head(model: ResNet, state: Mapping[str, np.ndarray]) -> bool:
+    return (
         model.head == "linear"
         and "fc.weight" in state
         and state["fc.weight"].shape[0] == model.num_classes
     )
-    if not load_head:
-        # The file's classifier is still checked against the model's features.
-        expected = {k: v for k, v in expected.items() if k[1] != "head"}
-        expected_fc = {"fc.weight": (None, num_features), "fc.bias": (None,)}
-    else:
-        expected_fc = {}
 
-    targets: dict[str, tuple[tuple[str, ...], jax.ShapeDtypeStruct, Callable]] = {}
+
+def _without_head(
+    expected: dict[tuple[str, ...], jax.ShapeDtypeStruct],
+) -> tuple[dict[tuple[str, ...], jax.ShapeDtypeStruct], dict[str, tuple[int | None, ...]]]:
+    """The variables but the head, and the shapes the file's classifier must still have.
+
+    The classifier is checked against the model's features (`None`: any number of classes).
+    """
+    # The head's first kernel is (features, units) for either head kind.
+    num_features = expected[("params", "head", "Dense_0", "kernel")].shape[0]
+    body = {k: v for k, v in expected.items() if k[1] != "head"}
+    return body, {"fc.weight": (None, num_features), "fc.bias": (None,)}
+
+
+def _targets(
+    expected: dict[tuple[str, ...], jax.ShapeDtypeStruct],
+) -> tuple[dict[str, _Target], set[str]]:
+    """The torchvision key of each expected variable, and the keys a file may also hold."""
+    targets: dict[str, _Target] = {}
     optional: set[str] = set()
     for flax_path, leaf in expected.items():
         key, transform = _torch_key(flax_path)
         targets[key] = (flax_path, leaf, transform)
         if key.endswith(".running_mean"):
             optional.add(key.removesuffix("running_mean") + "num_batches_tracked")
+    return targets, optional
 
-    required = set(targets) | set(expected_fc)
-    missing = sorted(required - set(state))
-    unused = sorted(set(state) - required - optional)
-    if missing or unused:
-        raise ValueError(_key_error(path, what, missing, unused, state))
 
+def _check_fc_shapes(
+    state: Mapping[str, np.ndarray],
+    expected_fc: dict[str, tuple[int | None, ...]],
+    path: Any,
+    what: str,
+) -> None:
     for key, shape in expected_fc.items():
         got = tuple(state[key].shape)
         if len(got) != len(shape) or any(
@@ -128,6 +157,11 @@ def load_torchvision_resnet(path: str | os.PathLike, model: ResNet) -> dict:
                 "(any number of classes)."
             )
 
+
+def _convert(
+    state: Mapping[str, np.ndarray], targets: dict[str, _Target], path: Any, what: str
+) -> dict:
+    """The variables tree of the file's tensors, converted to Flax layout and dtypes."""
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for key, (flax_path, leaf, transform) in targets.items():
         value = transform(state[key])
