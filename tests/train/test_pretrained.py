@@ -363,3 +363,17 @@ def test_load_run_says_what_to_pass(tmp_path):
     )
     with pytest.raises(TypeError, match="keys must be a sequence"):
         load_run(tmp_path / "run", keys="params")
+
+
+def test_merge_refuses_non_finite_pretrained_values():
+    fresh = {"params": {"body": {"w": np.zeros(3)}, "head": {"w": np.zeros(2)}}}
+    loaded = {"params": {"body": {"w": np.array([1.0, np.nan, 2.0])}, "head": {"w": np.ones(2)}}}
+    with pytest.raises(ValueError, match=r"body/w hold NaN or infinity: the source run diverged"):
+        merge_pretrained(fresh, loaded)
+    loaded["params"]["body"]["w"] = np.array([1.0, np.inf, 2.0])
+    with pytest.raises(ValueError, match="body/w hold NaN or infinity"):
+        merge_pretrained(fresh, loaded)
+    # Integer leaves (step counters) and finite values pass.
+    loaded["params"]["body"]["w"] = np.arange(3)
+    variables, _ = merge_pretrained(fresh, loaded)
+    assert variables["params"]["body"]["w"].tolist() == [0.0, 1.0, 2.0]

@@ -147,8 +147,8 @@ def merge_pretrained(
       ValueError: a group that may not be re-initialised does not fit (the
         message names it, lists up to 5 differing leaves with both shapes and
         says how to fix it), `loaded` has groups or collections `fresh`
-        lacks, `reinit` names a group `fresh` lacks, or either has no
-        `params`.
+        lacks, `reinit` names a group `fresh` lacks, either has no `params`,
+        or a loaded value is NaN or infinite (a diverged or damaged source).
       TypeError: `reinit` is a string rather than a sequence of names.
 
     >>> import numpy as np
@@ -175,6 +175,7 @@ def merge_pretrained(
                 f"merge_pretrained: {name} must be variables with a 'params' collection, "
                 f"e.g. {{'params': ..., 'batch_stats': ...}}; got {have}."
             )
+    _check_finite(loaded)
     collections = ["params", *(c for c in fresh if c != "params")]
     extra = [c for c in loaded if c not in fresh and _has_leaves(loaded[c])]
     if extra:
@@ -190,6 +191,22 @@ def merge_pretrained(
             collection, fresh[collection], loaded.get(collection, {}), allowed, reinitialised
         )
     return merged, tuple(reinitialised)
+
+
+def _check_finite(loaded: Mapping[str, Any]) -> None:
+    """Refuses pretrained values that are NaN or infinite: training would start from them."""
+    bad = [
+        _paths.path_str(_paths.keypath_names(keypath))
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(loaded)[0]
+        if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
+        and not np.all(np.isfinite(np.asarray(leaf)))
+    ]
+    if bad:
+        raise ValueError(
+            f"merge_pretrained: the loaded values of {_checks.listing(bad, _MAX_LISTED)} hold "
+            "NaN or infinity: the source run diverged, or its file is damaged. Load an "
+            "earlier checkpoint of it, or another source."
+        )
 
 
 def _merge_collection(
