@@ -11,7 +11,8 @@ submodules, imported by name:
 * `metrics`: a resumable metrics log and its averaging window;
 * `features`: cache the output of a frozen prefix and train on it;
 * `data`: in-memory image datasets, a synthetic one, resumable batching;
-* `platform`: opt-in tuning for the machine (CPU convolutions, host memory).
+* `platform`: opt-in tuning for the machine (CPU convolutions, host memory);
+* `workdir`: one run per workdir (`WorkdirLock`).
 
 >>> import jax.numpy as jnp, optax
 >>> from layerfreeze import train
