@@ -563,14 +563,14 @@ def _frozen_groups(
     return [g for g in groups if any(p == g or p.startswith(g + "/") for p in frozen)]
 
 
-def _frozen_now(spec: lf.FreezeSpec, params: Any) -> list[str]:
-    """The groups `spec` freezes entirely, in model order."""
-    resolved = spec.resolve(params)
-    return [
-        g
-        for g in models.GROUPS
-        if all(f for path, f in resolved.items() if path.split("/", 1)[0] == g)
-    ]
+def _frozen_now(spec: lf.FreezeSpec, params: Any, groups: tuple[str, ...]) -> list[str]:
+    """The groups `spec` freezes entirely, in model order.
+
+    Through `lf.summary`, which matches groups as path prefixes and block
+    selectors (a ViT's `Transformer/encoderblock_0`, or `[0]` when stacked).
+    """
+    rows = lf.summary(params, spec, groups=groups).groups
+    return [row.name for row in rows if row.status == "frozen"]
 
 
 def _diverged_message(
@@ -895,7 +895,7 @@ class _Run:
         """The groups phase `index` freezes entirely."""
         if index not in self._frozen:
             spec = self.phases.schedule.phases[index].spec
-            self._frozen[index] = _frozen_now(spec, self.builder.shapes)
+            self._frozen[index] = _frozen_now(spec, self.builder.shapes, self.builder.groups)
         return self._frozen[index]
 
     def begin_step(self, step: int, state: train.TrainState) -> tuple[Any, train.TrainState]:
