@@ -418,21 +418,7 @@ def _speed_policy(
             "experiment; for a ViT use a freeze spec or a schedule such as 'gradual' (the "
             "library's lf.auto.AutoFreeze takes any model's groups)."
         )
-    fixed_spec = lf.as_spec(config.freeze)
-    resolved = fixed_spec.resolve(params)
-    fixed, partly = [], []
-    for group in groups:
-        states = [f for path, f in resolved.items() if path.split("/", 1)[0] == group]
-        if all(states):
-            fixed.append(group)
-        elif any(states):
-            partly.append(group)
-    if partly:
-        raise UsageError(
-            f"config.schedule={config.schedule!r} takes a fixed freeze of whole groups, but "
-            f"config.freeze={config.freeze!r} freezes part of {', '.join(partly)}; name whole "
-            f"groups ({', '.join(groups[:-1])}) or 'none'."
-        )
+    fixed = _fixed_groups(config, params, groups)
     text = config.auto.groups.strip()
     candidates = [g.strip() for g in text.split(",") if g.strip()] if text else None
     try:
@@ -461,6 +447,27 @@ def _speed_policy(
             f"config.auto.groups={text!r} lists what the policy may freeze)"
         ) from e
     return policy.schedule, policy
+
+
+def _fixed_groups(
+    config: ml_collections.ConfigDict, params: Any, groups: tuple[str, ...]
+) -> list[str]:
+    """The groups `config.freeze` freezes for a speed policy's whole run: whole groups only."""
+    resolved = lf.as_spec(config.freeze).resolve(params)
+    fixed, partly = [], []
+    for group in groups:
+        states = [f for path, f in resolved.items() if path.split("/", 1)[0] == group]
+        if all(states):
+            fixed.append(group)
+        elif any(states):
+            partly.append(group)
+    if partly:
+        raise UsageError(
+            f"config.schedule={config.schedule!r} takes a fixed freeze of whole groups, but "
+            f"config.freeze={config.freeze!r} freezes part of {', '.join(partly)}; name whole "
+            f"groups ({', '.join(groups[:-1])}) or 'none'."
+        )
+    return fixed
 
 
 def _load_npz(source: pathlib.Path, model: models.ResNet | models.ViT, params: Any) -> dict:
