@@ -11,8 +11,15 @@ freezing for speed: `config.schedule='auto'` or `'freezeout'`).
 Models: the ResNets (`resnet18`, ...) and the ViTs (`vit_ti4`, ...); a model's
 ordered layer groups (`model_groups`) drive its schedules, learning-rate
 multipliers and summary.
+
+`train_and_evaluate` reads top to bottom: the setup helpers, then the loop.
+What lasts across the loop is explicit: `_PhaseBuilder` builds each phase's
+steps, `_ResumeTarget` finds the phases a checkpoint resumes in, and `_Run`
+holds the phases, metrics, checkpointer, feature cache and progress bar.
 """
 
+import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -398,6 +405,7 @@ def _speed_policy(
     config: ml_collections.ConfigDict,
     params: Any,
     total_steps: int,
+    groups: tuple[str, ...],
 ) -> tuple[schedules.FreezeSchedule, auto.AutoFreeze | None]:
     """The schedule (and for `auto`, the policy) of `config.schedule='auto'|'freezeout'`.
 
@@ -410,27 +418,13 @@ def _speed_policy(
             "experiment; for a ViT use a freeze spec or a schedule such as 'gradual' (the "
             "library's lf.auto.AutoFreeze takes any model's groups)."
         )
-    fixed_spec = lf.as_spec(config.freeze)
-    resolved = fixed_spec.resolve(params)
-    fixed, partly = [], []
-    for group in models.GROUPS:
-        states = [f for path, f in resolved.items() if path.split("/", 1)[0] == group]
-        if all(states):
-            fixed.append(group)
-        elif any(states):
-            partly.append(group)
-    if partly:
-        raise UsageError(
-            f"config.schedule={config.schedule!r} takes a fixed freeze of whole groups, but "
-            f"config.freeze={config.freeze!r} freezes part of {', '.join(partly)}; name whole "
-            f"groups ({', '.join(models.GROUPS[:-1])}) or 'none'."
-        )
+    fixed = _fixed_groups(config, params, groups)
     text = config.auto.groups.strip()
     candidates = [g.strip() for g in text.split(",") if g.strip()] if text else None
     try:
         if config.schedule == "freezeout":
             schedule = auto.freezeout(
-                models.GROUPS,
+                groups,
                 total_steps,
                 t0=float(config.freezeout.t0),
                 scaling=config.freezeout.scaling,
@@ -440,7 +434,7 @@ def _speed_policy(
             )
             return schedule, None
         policy = auto.AutoFreeze(
-            models.GROUPS,
+            groups,
             interval=config.auto.interval,
             percentile=float(config.auto.percentile),
             frozen=fixed,
@@ -453,6 +447,27 @@ def _speed_policy(
             f"config.auto.groups={text!r} lists what the policy may freeze)"
         ) from e
     return policy.schedule, policy
+
+
+def _fixed_groups(
+    config: ml_collections.ConfigDict, params: Any, groups: tuple[str, ...]
+) -> list[str]:
+    """The groups `config.freeze` freezes for a speed policy's whole run: whole groups only."""
+    resolved = lf.as_spec(config.freeze).resolve(params)
+    fixed, partly = [], []
+    for group in groups:
+        states = [f for path, f in resolved.items() if path.split("/", 1)[0] == group]
+        if all(states):
+            fixed.append(group)
+        elif any(states):
+            partly.append(group)
+    if partly:
+        raise UsageError(
+            f"config.schedule={config.schedule!r} takes a fixed freeze of whole groups, but "
+            f"config.freeze={config.freeze!r} freezes part of {', '.join(partly)}; name whole "
+            f"groups ({', '.join(groups[:-1])}) or 'none'."
+        )
+    return fixed
 
 
 def _load_npz(source: pathlib.Path, model: models.ResNet | models.ViT, params: Any) -> dict:
@@ -496,9 +511,11 @@ def _local(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _check_feature_caching(
     config: ml_collections.ConfigDict,
     schedule: schedules.FreezeSchedule,
-    prefixes: list[str | None],
+    params: Any,
+    feature_groups: tuple[str, ...],
 ) -> None:
     """Refuses `cache_frozen_features` where cached features would change the run."""
+    prefixes = [_feature_prefix(params, p, feature_groups) for p in schedule.phases]
     if config.augment:
         raise UsageError(
             "config.cache_frozen_features=True computes each training image's features "
@@ -553,14 +570,14 @@ def _frozen_groups(
     return [g for g in groups if any(p == g or p.startswith(g + "/") for p in frozen)]
 
 
-def _frozen_now(spec: lf.FreezeSpec, params: Any) -> list[str]:
-    """The groups `spec` freezes entirely, in model order."""
-    resolved = spec.resolve(params)
-    return [
-        g
-        for g in models.GROUPS
-        if all(f for path, f in resolved.items() if path.split("/", 1)[0] == g)
-    ]
+def _frozen_now(spec: lf.FreezeSpec, params: Any, groups: tuple[str, ...]) -> list[str]:
+    """The groups `spec` freezes entirely, in model order.
+
+    Through `lf.summary`, which matches groups as path prefixes and block
+    selectors (a ViT's `Transformer/encoderblock_0`, or `[0]` when stacked).
+    """
+    rows = lf.summary(params, spec, groups=groups).groups
+    return [row.name for row in rows if row.status == "frozen"]
 
 
 def _diverged_message(
@@ -583,182 +600,108 @@ def _identity(rng: jax.Array, x: jax.Array) -> jax.Array:
     return x
 
 
-# --------------------------------------------------------------------------- #
-# Training
-# --------------------------------------------------------------------------- #
+def _augment_and_normalize(rng: jax.Array, images: jax.Array) -> jax.Array:
+    return data.normalize(data.augment(rng, images))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains and evaluates; resumes from the latest checkpoint in `workdir`.
+def _normalize(rng: jax.Array, images: jax.Array) -> jax.Array:
+    return data.normalize(images)
 
-    Returns:
-      A summary dict: final test `accuracy` and `loss`, `steps`, number of
-      train-step `compilations`, and `phases` seen.
+
+def _feature_groups(model: models.ResNet | models.ViT) -> tuple[str, ...]:
+    """The groups after which `model` can start from cached features, input to output.
+
+    A ResNet starts after any group but its head (`start_after`); a ViT has no
+    such entry point.
     """
-    validate_config(config)
-    workdir_path = pathlib.Path(workdir)
-    _check_workdir(workdir_path)
+    return () if isinstance(model, models.ViT) else model_groups(model)[:-1]
 
-    num_classes = (
-        config.synthetic_num_classes
-        if config.dataset == "synthetic"
-        else input_pipeline.NUM_CLASSES[config.dataset]
-    )
-    model = build_model(config, num_classes)
-    groups = model_groups(model)
-    schedule = build_schedule(config, groups).replace_specs(train_bn=config.train_bn)
-    rng = jax.random.PRNGKey(config.seed)
-    sample = jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32)
-    shapes = jax.eval_shape(lambda r: model.init(r, sample, train=False), rng)
+
+def _pooled_feature_groups(model: models.ResNet | models.ViT) -> tuple[str, ...]:
+    """The groups whose features are cached as their spatial mean.
+
+    The head reads only the mean of the last group before it, so caching the
+    mean instead of the map loses nothing.
+    """
+    return _feature_groups(model)[-1:]
+
+
+def _feature_prefix(
+    params: Any, phase: schedules.Phase, feature_groups: tuple[str, ...] | None
+) -> str | None:
+    """The group whose cached output `phase` trains from (None: images, or no caching)."""
+    if feature_groups is None:
+        return None
+    return features.frozen_prefix(params, phase.spec, feature_groups)
+
+
+# --------------------------------------------------------------------------- #
+# Setting up a run
+# --------------------------------------------------------------------------- #
+
+
+def _num_classes(config: ml_collections.ConfigDict) -> int:
+    if config.dataset == "synthetic":
+        return config.synthetic_num_classes
+    return input_pipeline.NUM_CLASSES[config.dataset]
+
+
+def _model_init(model: models.ResNet | models.ViT, rng: jax.Array) -> Any:
+    """The model's variables, initialised on one CIFAR-sized image."""
+    return model.init(rng, jnp.zeros((1, *data.IMAGE_SHAPE), jnp.float32), train=False)
+
+
+def _param_shapes(
+    model: models.ResNet | models.ViT, rng: jax.Array, schedule: schedules.FreezeSchedule
+) -> Any:
+    """The model's parameter shapes, once every spec of `schedule` is known to fit them."""
+    params = jax.eval_shape(functools.partial(_model_init, model), rng)["params"]
     for phase in schedule.phases:  # every spec must fit this model, before any work
         try:
-            phase.spec.resolve(shapes["params"])
+            phase.spec.resolve(params)
         except ValueError as e:
             raise UsageError(str(e)) from e
+    return params
 
-    def feature_prefix(phase: schedules.Phase) -> str | None:
-        """The group whose cached output this phase trains from (None: images)."""
-        if not config.cache_frozen_features:
-            return None
-        return features.frozen_prefix(shapes["params"], phase.spec, models.GROUPS[:-1])
 
-    speed_policy = config.schedule in auto.POLICIES  # the schedule comes once the length is known
-    if config.cache_frozen_features and not speed_policy:
-        _check_feature_caching(config, schedule, [feature_prefix(p) for p in schedule.phases])
-
-    dataset = load_data(config)
+def _check_batch_size(config: ml_collections.ConfigDict, dataset: data.Dataset) -> None:
     if config.batch_size > dataset.num_train:
         raise UsageError(
             f"config.batch_size={config.batch_size} is larger than the training set "
             f"({dataset.num_train} examples); use a batch size of at most {dataset.num_train}."
         )
-    spe = data.steps_per_epoch(dataset.num_train, config.batch_size)
+
+
+def _total_steps(
+    config: ml_collections.ConfigDict, schedule: schedules.FreezeSchedule, steps_per_epoch: int
+) -> int:
     if config.num_train_steps > 0:
-        total_steps = config.num_train_steps
-    elif schedule.total is not None:  # the recipe fixes the length (fine_tune)
-        total_steps = schedule.total * (spe if schedule.unit == "epoch" else 1)
-    else:
-        total_steps = max(1, math.ceil(config.num_epochs * spe))
-    policy: auto.AutoFreeze | None = None
-    if speed_policy:
-        schedule, policy = _speed_policy(config, shapes["params"], total_steps)
-        if config.cache_frozen_features:
-            _check_feature_caching(config, schedule, [feature_prefix(p) for p in schedule.phases])
-    # 0: about 50 train rows over the run, so short runs plot a curve too.
-    log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
-    variables = jax.jit(lambda r: model.init(r, sample, train=False))(rng)
+        return config.num_train_steps
+    if schedule.total is not None:  # the recipe fixes the length (fine_tune)
+        return schedule.total * (steps_per_epoch if schedule.unit == "epoch" else 1)
+    return max(1, math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def _initial_variables(
+    config: ml_collections.ConfigDict, model: models.ResNet | models.ViT, rng: jax.Array
+) -> tuple[dict, str]:
+    """The variables training starts from, and a note on where they came from."""
+    variables = jax.jit(functools.partial(_model_init, model))(rng)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    init_note = "random init"
-    if config.init_from:
-        variables, init_note = _load_source_variables(config.init_from, model, variables)
+    if not config.init_from:
+        return variables, "random init"
+    return _load_source_variables(config.init_from, model, variables)
 
-    mesh = train.make_mesh()
-    base_opt = build_optimizer(config, total_steps)
-    augment = config.augment
 
-    def preprocess(rng, images):
-        if augment:
-            images = data.augment(rng, images)
-        return data.normalize(images)
-
-    def build(phase: schedules.Phase, previous: tuple[lf.FreezeSpec, ...]) -> train.TrainSteps:
-        prefix = feature_prefix(phase)
-        # Always chained, so the optimizer state keeps its structure across
-        # phases with and without multipliers and carries over intact.
-        opt = optax.chain(base_opt, lr.scale_by_group(dict(phase.lr_multipliers)))
-        return train.make_steps(
-            model,
-            opt,
-            phase.spec,
-            variables["params"],
-            method=config.freeze_method,
-            preprocess=preprocess if prefix is None else _identity,
-            preprocess_eval=data.normalize,
-            mesh=mesh,
-            start_after=prefix,
-            previous=previous,
-            group_norms=models.GROUPS if policy is not None else (),
-            # CPU convolutions through Eigen: the frozen ResNet-18 step 1.30x ->
-            # 1.10x PyTorch's on a 2-core CPU (benchmarks/RESULTS.md); {} elsewhere.
-            compiler_options=platform.cpu_conv_options(),
-        )
-
-    def make_phases(schedule: schedules.FreezeSchedule) -> train.Phases:
-        return train.Phases(
-            schedule,
-            build,
-            params=shapes["params"],
-            steps_per_epoch=spe,
-            method=config.freeze_method,
-            mesh=mesh,
-        )
-
-    phases = make_phases(schedule)
-    frozen_cache: dict[int, list[str]] = {}
-
-    def frozen_now(index: int) -> list[str]:
-        """The groups phase `index` freezes entirely."""
-        if index not in frozen_cache:
-            spec = phases.schedule.phases[index].spec
-            frozen_cache[index] = _frozen_now(spec, shapes["params"])
-        return frozen_cache[index]
-
-    ckpt = checkpoint.Checkpointer(
-        workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
-    )
-    start_step, resumed = 0, {}
-    if ckpt.latest_step() is not None:
-
-        def make_target(meta: dict[str, Any]) -> dict[str, Any]:
-            nonlocal phases
-            if policy is not None:  # the decisions so far, then the phases they made
-                policy.restore(meta.get("auto", {}))
-                phases = make_phases(policy.schedule)
-            phases.restore(meta)
-            return phases.steps().init_state(variables, rng).as_dict()
-
-        try:
-            start_step, restored, resumed, damaged = ckpt.restore_latest_intact(make_target)
-        except lf.schedules.ResumeMismatchError as e:
-            raise UsageError(f"{e} (workdir {workdir_path})") from e
-        except checkpoint.CheckpointDamagedError as e:
-            raise UsageError(
-                f"{e} Nothing intact is left to resume from; run the same command again to "
-                "start this workdir from scratch."
-            ) from e
-        for step, reason in damaged:
-            print(
-                f"warning: checkpoint step {step} is damaged ({reason}); moved to "
-                f"{ckpt.damaged_directory}, resuming from step {start_step}",
-                file=sys.stderr,
-            )
-        state = train.TrainState(**restored)
-        logging.info(
-            "Resumed from step %d (phase %d) in %s.", start_step, phases.current, ckpt.directory
-        )
-        print(f"Resuming from step {start_step} (phase {phases.current}).")
-    else:
-        state = phases.init_state(variables, rng)
-    state = train.replicate(mesh, state)
-    steps = phases.steps()
-    if start_step >= total_steps:
-        finished = _final_test_row(workdir_path / "metrics.jsonl", start_step)
-        if finished is not None:
-            ckpt.close()
-            print(
-                f"{workdir_path} already finished at step {start_step}: test accuracy "
-                f"{finished['accuracy']:.4f} (loss {finished['loss']:.4f}). Nothing to do; "
-                "give a new --workdir (or more steps) to train again."
-            )
-            return {
-                "accuracy": finished["accuracy"],
-                "loss": finished["loss"],
-                "steps": start_step,
-                "compilations": 0,
-                "phase": phases.current,
-                "state": state,
-            }
-    frozen_random = [] if config.init_from else _frozen_groups(schedule, shapes["params"], groups)
+def _record_config(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    schedule: schedules.FreezeSchedule,
+    params: Any,
+    groups: tuple[str, ...],
+) -> None:
+    """Writes `config.json`, warning first if frozen layers keep their random weights."""
+    frozen_random = [] if config.init_from else _frozen_groups(schedule, params, groups)
     if frozen_random:
         print(
             f"warning: no config.init_from, so the frozen layers ({', '.join(frozen_random)}) "
@@ -770,182 +713,332 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Only a run that got this far owns the workdir's record of its config.
     record = json.loads(config.to_json())
     record["frozen_random_init"] = frozen_random
-    (workdir_path / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
+
+def _print_finished(workdir: pathlib.Path, step: int, test_row: dict[str, Any]) -> None:
     print(
-        f"layerfreeze: {config.model} on {config.dataset}, {init_note}, "
-        f"{total_steps} steps of {config.batch_size} ({spe} per epoch), "
-        f"schedule: {schedule.describe()}"
+        f"{workdir} already finished at step {step}: test accuracy "
+        f"{test_row['accuracy']:.4f} (loss {test_row['loss']:.4f}). Nothing to do; "
+        "give a new --workdir (or more steps) to train again."
     )
-    print(lf.summary(state.params, steps.spec, state.opt_state, groups=groups))
 
-    writer = metrics.MetricsWriter(workdir_path / "metrics.jsonl", resume_step=start_step)
-    feature_cache = (
-        features.FeatureCache(
-            model,
-            dataset.train_images,
-            preprocess=data.normalize,
-            batch_size=config.batch_size,
-            pool=("stage4",),  # the head reads only stage4's spatial mean
+
+def _summary(
+    test_row: dict[str, Any], step: int, compilations: int, phase: int, state: train.TrainState
+) -> dict[str, Any]:
+    """What `train_and_evaluate` returns."""
+    return {
+        "accuracy": test_row["accuracy"],
+        "loss": test_row["loss"],
+        "steps": step,
+        "compilations": compilations,
+        "phase": phase,
+        "state": state,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Phases, resuming, the loop's state
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _PhaseBuilder:
+    """Builds the steps of a phase (the `build` of `train.Phases`) and a schedule's `Phases`.
+
+    Attributes:
+      params: the initial parameters, which `train.make_steps` builds for.
+      shapes: their shapes, which specs resolve against.
+      feature_groups: where a phase may start from cached features; None: no
+        caching.
+      groups: the model's groups (`model_groups`).
+      policy: the automatic freezing policy whose decisions add phases, if any.
+    """
+
+    config: ml_collections.ConfigDict
+    model: models.ResNet | models.ViT
+    optimizer: optax.GradientTransformation
+    params: Any
+    shapes: Any
+    mesh: Any
+    steps_per_epoch: int
+    feature_groups: tuple[str, ...] | None
+    groups: tuple[str, ...]
+    policy: auto.AutoFreeze | None
+
+    def __call__(
+        self, phase: schedules.Phase, previous: tuple[lf.FreezeSpec, ...]
+    ) -> train.TrainSteps:
+        prefix = _feature_prefix(self.shapes, phase, self.feature_groups)
+        preprocess = _augment_and_normalize if self.config.augment else _normalize
+        # Always chained, so the optimizer state keeps its structure across
+        # phases with and without multipliers and carries over intact.
+        opt = optax.chain(self.optimizer, lr.scale_by_group(dict(phase.lr_multipliers)))
+        return train.make_steps(
+            self.model,
+            opt,
+            phase.spec,
+            self.params,
+            method=self.config.freeze_method,
+            preprocess=preprocess if prefix is None else _identity,
+            preprocess_eval=data.normalize,
+            mesh=self.mesh,
+            start_after=prefix,
+            previous=previous,
+            # The policy decides from each group's gradient norm.
+            group_norms=self.groups if self.policy is not None else (),
+            # CPU convolutions through Eigen: the frozen ResNet-18 step 1.30x ->
+            # 1.10x PyTorch's on a 2-core CPU (benchmarks/RESULTS.md); {} elsewhere.
+            compiler_options=platform.cpu_conv_options(),
         )
-        if config.cache_frozen_features
-        else None
-    )
-    progress = _progress(config.progress, start_step, total_steps)
-    # The train rows average every step since the last row; the steps before
-    # a checkpoint ride along in its metadata, so a resumed run writes the
-    # rows an uninterrupted one writes.
-    saved_window = resumed.get("window")
-    window = metrics.Window.from_state(saved_window) if saved_window else metrics.Window()
-    pending: list[tuple[int, dict[str, jax.Array]]] = []  # per step, still on the device
-    last_eval: dict[str, float] = {}
 
-    def flush(check_params: bool = False) -> None:
+    def phases(self, schedule: schedules.FreezeSchedule) -> train.Phases:
+        return train.Phases(
+            schedule,
+            self,
+            params=self.shapes,
+            steps_per_epoch=self.steps_per_epoch,
+            method=self.config.freeze_method,
+            mesh=self.mesh,
+            prefix_groups=self.feature_groups,
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class _ResumeTarget:
+    """The restore target of a checkpoint's metadata; keeps the phases it resumes in.
+
+    `restore_latest_intact` calls it for each step it tries, newest first; the
+    phases of the step it restores are the run's from then on. Under
+    `config.schedule='auto'` they are rebuilt from the decisions made up to
+    that step.
+    """
+
+    builder: _PhaseBuilder
+    phases: train.Phases
+    variables: dict
+    rng: jax.Array
+
+    def __call__(self, meta: dict[str, Any]) -> dict[str, Any]:
+        policy = self.builder.policy
+        if policy is not None:  # the decisions so far, then the phases they made
+            policy.restore(meta.get("auto", {}))
+            self.phases = self.builder.phases(policy.schedule)
+        self.phases.restore(meta)
+        return self.phases.steps().init_state(self.variables, self.rng).as_dict()
+
+
+def _resume(
+    ckpt: checkpoint.Checkpointer, target: _ResumeTarget, workdir: pathlib.Path
+) -> tuple[train.Phases, train.TrainState, int, dict[str, Any]]:
+    """The phases, state and step to start from, and the restored checkpoint's metadata."""
+    if ckpt.latest_step() is None:
+        return target.phases, target.phases.init_state(target.variables, target.rng), 0, {}
+    try:
+        start_step, restored, resumed, damaged = ckpt.restore_latest_intact(target)
+    except lf.schedules.ResumeMismatchError as e:
+        raise UsageError(f"{e} (workdir {workdir})") from e
+    except checkpoint.CheckpointDamagedError as e:
+        raise UsageError(
+            f"{e} Nothing intact is left to resume from; run the same command again to "
+            "start this workdir from scratch."
+        ) from e
+    for step, reason in damaged:
+        print(
+            f"warning: checkpoint step {step} is damaged ({reason}); moved to "
+            f"{ckpt.damaged_directory}, resuming from step {start_step}",
+            file=sys.stderr,
+        )
+    phases = target.phases
+    logging.info(
+        "Resumed from step %d (phase %d) in %s.", start_step, phases.current, ckpt.directory
+    )
+    print(f"Resuming from step {start_step} (phase {phases.current}).")
+    return phases, train.TrainState(**restored), start_step, resumed
+
+
+class _Run:
+    """What a run carries from step to step: its phases and what records them.
+
+    The train rows average every step since the last row; the steps before a
+    checkpoint ride along in its metadata, so a resumed run writes the rows an
+    uninterrupted one writes.
+    """
+
+    def __init__(
+        self,
+        builder: _PhaseBuilder,
+        dataset: data.Dataset,
+        phases: train.Phases,
+        ckpt: checkpoint.Checkpointer,
+        workdir: pathlib.Path,
+        start_step: int,
+        total_steps: int,
+        resumed: dict[str, Any],
+    ):
+        config = builder.config
+        self.config, self.builder, self.policy = config, builder, builder.policy
+        self.dataset, self.phases, self.ckpt = dataset, phases, ckpt
+        self.writer = metrics.MetricsWriter(workdir / "metrics.jsonl", resume_step=start_step)
+        self.feature_cache = None
+        if builder.feature_groups is not None:
+            self.feature_cache = features.FeatureCache(
+                builder.model,
+                dataset.train_images,
+                preprocess=data.normalize,
+                batch_size=config.batch_size,
+                pool=_pooled_feature_groups(builder.model),
+            )
+        self.progress = _Progress(config.progress, start_step, total_steps)
+        saved_window = resumed.get("window")
+        self.window = metrics.Window.from_state(saved_window) if saved_window else metrics.Window()
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # per step, still on the device
+        self.last_eval: dict[str, float] = {}
+        self._frozen: dict[int, list[str]] = {}  # phase index -> frozen_now
+        self.speed_policy = config.schedule in auto.POLICIES
+
+    def frozen_now(self, index: int) -> list[str]:
+        """The groups phase `index` freezes entirely."""
+        if index not in self._frozen:
+            spec = self.phases.schedule.phases[index].spec
+            self._frozen[index] = _frozen_now(spec, self.builder.shapes, self.builder.groups)
+        return self._frozen[index]
+
+    def begin_step(self, step: int, state: train.TrainState) -> tuple[Any, train.TrainState]:
+        """The steps of the phase in force at `step`, and the state carried into it."""
+        if self.policy is not None and self.policy.update(step):
+            self.phases.extend(self.policy.schedule)
+        steps, state, change = self.phases.update(step, state)
+        if change is not None:
+            print(change.describe())
+            self.writer.write(self._phase_row(step, change, steps))
+        return steps, state
+
+    def _phase_row(self, step: int, change: train.PhaseChange, steps: Any) -> dict[str, Any]:
+        row = {
+            "step": step,
+            "split": "phase",
+            "phase": self.phases.current,
+            "phase_start": True,
+            "spec": steps.spec.describe(),
+            "frozen": self.frozen_now(self.phases.current),
+            "trainable_params": steps.trainable_params,
+            "loss": None,
+            "accuracy": None,
+        }
+        if self.policy is not None:  # what AutoFreeze decided from
+            row["rates"] = dict(self.policy.last_rates)
+        if self.speed_policy:  # the plot labels the line with the groups that froze
+            before = self.frozen_now(change.previous_index)
+            row["label"] = "+" + ",".join(g for g in row["frozen"] if g not in before)
+        return row
+
+    def inputs(self, batch: data.TrainBatch, state: train.TrainState) -> np.ndarray:
+        """The batch's images, or their cached features after the phase's frozen prefix."""
+        cache = self.feature_cache
+        if cache is None:
+            return batch.images
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        if cache.update(self.phases.frozen_prefix(), variables):
+            print(
+                f"cached features after {cache.prefix}: shape {cache.features.shape} float32 "
+                f"({cache.nbytes / 2**20:.1f} MiB) in {cache.seconds:.2f}s"
+            )
+        if cache.features is None:
+            return batch.images
+        config = self.config
+        idx = data.batch_indices(config.seed, batch.step, self.dataset.num_train, config.batch_size)
+        return cache.features[idx]
+
+    def collect(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
+        """Keeps a step's metrics on the device until the next row or checkpoint."""
+        if self.policy is not None:
+            self.policy.observe(step_metrics)
+            step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith("grad_norm/")}
+        self.pending.append((step, step_metrics))
+
+    def flush(self) -> None:
         """Moves pending step metrics into the window; stops at the first non-finite one."""
-        for at, values in jax.device_get(pending):
+        config = self.config
+        for at, values in jax.device_get(self.pending):
             bad = {k: float(values[k]) for k in ("loss", "grad_norm") if k in values}
             bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
             if bad and not config.allow_nonfinite:
-                raise Diverged(_diverged_message(at, bad, ckpt.latest_step(), config))
-            window.add(values, examples=config.batch_size)
-        pending.clear()
-        if check_params and not config.allow_nonfinite and not bool(_all_finite(state.params)):
-            raise Diverged(
-                _diverged_message(int(state.step), {"params": math.nan}, ckpt.latest_step(), config)
-            )
+                raise Diverged(_diverged_message(at, bad, self.ckpt.latest_step(), config))
+            self.window.add(values, examples=config.batch_size)
+        self.pending.clear()
 
-    def save(step: int) -> None:
-        flush(check_params=True)
-        ckpt.save(
-            step,
-            jax.device_get(state.as_dict()),
-            metadata={
-                **phases.metadata(),
-                **({"auto": policy.metadata()} if policy is not None else {}),
-                "data_position": step,
-                "epoch": step / spe,
-                "window": window.state(),
-            },
-        )
+    def log_train(self, done: int, steps: Any) -> None:
+        """Writes the train row of the steps up to `done`."""
+        self.flush()
+        host = self.window.mean()
+        row = {
+            "step": done,
+            "split": "train",
+            "loss": host["loss"],
+            "accuracy": host["accuracy"],
+            "grad_norm": host.get("grad_norm"),
+            "trainable_params": steps.trainable_params,
+            "examples_per_sec": self.window.examples_per_sec(),
+            "phase": self.phases.current,
+            "epoch": done / self.builder.steps_per_epoch,
+        }
+        if self.speed_policy:
+            row["frozen"] = self.frozen_now(self.phases.current)
+        self.writer.write(row)
+        self.progress.update(done, row, self.last_eval)
+        self.window.reset()
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(self, step: int, state: train.TrainState, steps: Any) -> dict[str, Any]:
+        """Writes the test row at `step`, and keeps it for the progress bar."""
         totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for batch in data.eval_batches(dataset.test_images, dataset.test_labels, config.batch_size):
+        dataset, mesh = self.dataset, self.builder.mesh
+        for batch in data.eval_batches(
+            dataset.test_images, dataset.test_labels, self.config.batch_size
+        ):
             sharded = train.shard_batch(
                 mesh, _local({"image": batch.images, "label": batch.labels, "mask": batch.mask})
             )
             out = jax.device_get(steps.eval_step(state, sharded))
             for k in totals:
                 totals[k] += float(out[k])
-        row = {
+        self.last_eval = {
             "step": step,
             "split": "test",
             "loss": totals["loss"] / totals["count"],
             "accuracy": totals["correct"] / totals["count"],
             "trainable_params": steps.trainable_params,
-            "phase": phases.current,
+            "phase": self.phases.current,
             "examples": int(totals["count"]),
         }
-        writer.write(row)
-        return row
+        self.writer.write(self.last_eval)
+        return self.last_eval
 
-    for batch in data.train_batches(
-        dataset,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        start_step=start_step,
-        stop_step=total_steps,
-    ):
-        step = batch.step
-        if policy is not None and policy.update(step):
-            phases.extend(policy.schedule)
-        steps, state, change = phases.update(step, state)
-        if change is not None:
-            print(change.describe())
-            row = {
-                "step": step,
-                "split": "phase",
-                "phase": phases.current,
-                "phase_start": True,
-                "spec": steps.spec.describe(),
-                "frozen": frozen_now(phases.current),
-                "trainable_params": steps.trainable_params,
-                "loss": None,
-                "accuracy": None,
-            }
-            if policy is not None:  # what AutoFreeze decided from
-                row["rates"] = dict(policy.last_rates)
-            if speed_policy:  # the plot labels the line with the groups that froze
-                before = frozen_now(change.previous_index)
-                row["label"] = "+" + ",".join(g for g in row["frozen"] if g not in before)
-            writer.write(row)
-        image = batch.images
-        if feature_cache is not None:
-            variables_now = {"params": state.params, "batch_stats": state.batch_stats}
-            prefix = feature_prefix(phases.schedule.phases[phases.current])
-            if feature_cache.update(prefix, variables_now):
-                print(
-                    f"cached features after {feature_cache.prefix}: shape "
-                    f"{feature_cache.features.shape} float32 ({feature_cache.nbytes / 2**20:.1f} "
-                    f"MiB) in {feature_cache.seconds:.2f}s"
+    def save(self, step: int, state: train.TrainState) -> None:
+        """Checkpoints `state` at `step`, once its metrics and params are known to be finite."""
+        self.flush()
+        config = self.config
+        if not config.allow_nonfinite and not bool(_all_finite(state.params)):
+            raise Diverged(
+                _diverged_message(
+                    int(state.step), {"params": math.nan}, self.ckpt.latest_step(), config
                 )
-            if feature_cache.features is not None:
-                idx = data.batch_indices(config.seed, step, dataset.num_train, config.batch_size)
-                image = feature_cache.features[idx]
-        sharded = train.shard_batch(mesh, _local({"image": image, "label": batch.labels}))
-        state, step_metrics = steps.train_step(state, sharded)
-        if policy is not None:
-            policy.observe(step_metrics)
-            step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith("grad_norm/")}
-        pending.append((step, step_metrics))
-        done = step + 1
-        if done % log_every == 0 or done == total_steps:
-            flush()
-            host = window.mean()
-            row = {
-                "step": done,
-                "split": "train",
-                "loss": host["loss"],
-                "accuracy": host["accuracy"],
-                "grad_norm": host.get("grad_norm"),
-                "trainable_params": steps.trainable_params,
-                "examples_per_sec": window.examples_per_sec(),
-                "phase": phases.current,
-                "epoch": done / spe,
-            }
-            if speed_policy:
-                row["frozen"] = frozen_now(phases.current)
-            writer.write(row)
-            progress.update(done, row, last_eval)
-            window.reset()
-        if done % config.eval_every == 0 and done != total_steps:
-            last_eval = evaluate(done)
-        if done % config.checkpoint_every == 0 or done == total_steps:
-            save(done)
-    progress.close()
-
-    final_step = int(jax.device_get(state.step))
-    if ckpt.latest_step() != final_step:
-        save(final_step)
-    ckpt.close()
-    result = evaluate(final_step)
-    if config.plot:
-        plot.plot_curves(writer.rows(), workdir_path / "curves.png")
-    print(
-        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
-        f"{result['examples']} examples, step {final_step})"
-    )
-    return {
-        "accuracy": result["accuracy"],
-        "loss": result["loss"],
-        "steps": final_step,
-        "compilations": phases.compilations,
-        "phase": phases.current,
-        "state": state,
-    }
+            )
+        self.ckpt.save(
+            step,
+            jax.device_get(state.as_dict()),
+            metadata={
+                **self.phases.metadata(),
+                **({"auto": self.policy.metadata()} if self.policy is not None else {}),
+                "data_position": step,
+                "epoch": step / self.builder.steps_per_epoch,
+                "window": self.window.state(),
+            },
+        )
 
 
-class _progress:
+class _Progress:
     """A tqdm bar with loss, accuracy and examples/s; silent when disabled."""
 
     def __init__(self, enabled: bool, start: int, total: int):
@@ -973,3 +1066,112 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates; resumes from the latest checkpoint in `workdir`.
+
+    Returns:
+      A summary dict: final test `accuracy` and `loss`, `steps`, number of
+      train-step `compilations`, the final `phase` and `state`.
+    """
+    validate_config(config)
+    workdir_path = pathlib.Path(workdir)
+    _check_workdir(workdir_path)
+
+    model = build_model(config, _num_classes(config))
+    groups = model_groups(model)
+    schedule = build_schedule(config, groups).replace_specs(train_bn=config.train_bn)
+    rng = jax.random.PRNGKey(config.seed)
+    shapes = _param_shapes(model, rng, schedule)
+    feature_groups = _feature_groups(model) if config.cache_frozen_features else None
+    speed_policy = config.schedule in auto.POLICIES  # the schedule comes once the length is known
+    if feature_groups is not None and not speed_policy:
+        _check_feature_caching(config, schedule, shapes, feature_groups)
+
+    dataset = load_data(config)
+    _check_batch_size(config, dataset)
+    steps_per_epoch = data.steps_per_epoch(dataset.num_train, config.batch_size)
+    total_steps = _total_steps(config, schedule, steps_per_epoch)
+    policy: auto.AutoFreeze | None = None
+    if speed_policy:
+        schedule, policy = _speed_policy(config, shapes, total_steps, groups)
+        if feature_groups is not None:
+            _check_feature_caching(config, schedule, shapes, feature_groups)
+    # 0: about 50 train rows over the run, so short runs plot a curve too.
+    log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
+    variables, init_note = _initial_variables(config, model, rng)
+
+    mesh = train.make_mesh()
+    builder = _PhaseBuilder(
+        config,
+        model,
+        build_optimizer(config, total_steps),
+        params=variables["params"],
+        shapes=shapes,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        feature_groups=feature_groups,
+        groups=groups,
+        policy=policy,
+    )
+    target = _ResumeTarget(builder, builder.phases(schedule), variables, rng)
+    ckpt = checkpoint.Checkpointer(
+        workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
+    )
+    phases, state, start_step, resumed = _resume(ckpt, target, workdir_path)
+    state = train.replicate(mesh, state)
+    steps = phases.steps()
+    if start_step >= total_steps:
+        finished = _final_test_row(workdir_path / "metrics.jsonl", start_step)
+        if finished is not None:
+            ckpt.close()
+            _print_finished(workdir_path, start_step, finished)
+            return _summary(finished, start_step, 0, phases.current, state)
+    _record_config(config, workdir_path, schedule, shapes, groups)
+    print(
+        f"layerfreeze: {config.model} on {config.dataset}, {init_note}, "
+        f"{total_steps} steps of {config.batch_size} ({steps_per_epoch} per epoch), "
+        f"schedule: {schedule.describe()}"
+    )
+    print(lf.summary(state.params, steps.spec, state.opt_state, groups=groups))
+
+    run = _Run(builder, dataset, phases, ckpt, workdir_path, start_step, total_steps, resumed)
+    for batch in data.train_batches(
+        dataset,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        stop_step=total_steps,
+    ):
+        steps, state = run.begin_step(batch.step, state)
+        image = run.inputs(batch, state)
+        sharded = train.shard_batch(mesh, _local({"image": image, "label": batch.labels}))
+        state, step_metrics = steps.train_step(state, sharded)
+        run.collect(batch.step, step_metrics)
+        done = batch.step + 1
+        if done % log_every == 0 or done == total_steps:
+            run.log_train(done, steps)
+        if done % config.eval_every == 0 and done != total_steps:
+            run.evaluate(done, state, steps)
+        if done % config.checkpoint_every == 0 or done == total_steps:
+            run.save(done, state)
+    run.progress.close()
+
+    final_step = int(jax.device_get(state.step))
+    if ckpt.latest_step() != final_step:
+        run.save(final_step, state)
+    ckpt.close()
+    result = run.evaluate(final_step, state, steps)
+    if config.plot:
+        plot.plot_curves(run.writer.rows(), workdir_path / "curves.png")
+    print(
+        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
+        f"{result['examples']} examples, step {final_step})"
+    )
+    return _summary(result, final_step, phases.compilations, phases.current, state)
