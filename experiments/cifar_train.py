@@ -18,12 +18,14 @@ steps, `_ResumeTarget` finds the phases a checkpoint resumes in, and `_Run`
 holds the phases, metrics, checkpointer, feature cache and progress bar.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import pathlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import input_pipeline
@@ -38,6 +40,7 @@ from absl import logging
 import layerfreeze as lf
 from layerfreeze import auto, lr, models, schedules, train
 from layerfreeze.train import checkpoint, data, features, metrics, platform, pretrained
+from layerfreeze.train.workdir import WorkdirBusyError, WorkdirLock
 
 __all__ = ["Diverged", "UsageError", "train_and_evaluate", "validate_config"]
 
@@ -199,6 +202,23 @@ def _check_workdir(path: pathlib.Path) -> None:
             f"Cannot write to --workdir={str(path)!r} ({e.strerror or e}); give a writable "
             "directory."
         ) from e
+
+
+@contextlib.contextmanager
+def _one_run(path: pathlib.Path) -> Iterator[None]:
+    """Holds the workdir for this run: a second run there is refused, naming the holder."""
+    if jax.process_index() != 0:  # one lock per run; process 0 writes the workdir's files
+        yield
+        return
+    try:
+        lock = WorkdirLock(path)
+        lock.acquire()
+    except WorkdirBusyError as e:
+        raise UsageError(str(e)) from e
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class Diverged(RuntimeError):
@@ -1083,7 +1103,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate_config(config)
     workdir_path = pathlib.Path(workdir)
     _check_workdir(workdir_path)
+    with _one_run(workdir_path):
+        return _train(config, workdir_path)
 
+
+def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path) -> dict[str, Any]:
+    """`train_and_evaluate` in a checked workdir that this run holds."""
     model = build_model(config, _num_classes(config))
     groups = model_groups(model)
     schedule = build_schedule(config, groups).replace_specs(train_bn=config.train_bn)

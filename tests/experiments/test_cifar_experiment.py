@@ -1,6 +1,7 @@
 """End-to-end runs of `experiments/cifar.py` on tiny models and data."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -315,3 +316,15 @@ def test_metrics_rows_after_a_resume_equal_the_uninterrupted_run(tmp_path):
 
     assert [r["step"] for r in rows(straight) if r["split"] == "train"] == [4, 8]
     assert rows(killed) == rows(straight)
+
+
+def test_a_second_run_in_a_workdir_is_refused_in_one_line(tmp_path):
+    from layerfreeze.train.workdir import WorkdirLock
+
+    with WorkdirLock(tmp_path / "run"):  # a run in progress, here this test process
+        proc = _run_cli(f"--workdir={tmp_path / 'run'}", "--config.dataset=synthetic", cwd=tmp_path)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: Another run is using the workdir")
+    assert f"pid {os.getpid()} on " in line and "another --workdir" in line
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
