@@ -11,22 +11,26 @@ HEAVY = ("orbax", "tensorstore", "tensorflow_datasets", "tensorflow", "matplotli
          "ml_collections", "tqdm", "PIL", "torch")  # fmt: skip
 
 
-def _imported_after(statement):
-    code = (
-        f"import sys, json; {statement}; "
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+_IMPORTS = """
+import json, sys
+seen = lambda: sorted({m.split('.')[0] for m in sys.modules})
+import layerfreeze
+core = seen()
+from layerfreeze import models, train
+stack = seen()
+from layerfreeze.train import checkpoint
+print(json.dumps({"core": core, "stack": stack, "checkpoint": seen()}))
+"""
+
+
+def test_the_core_and_the_training_steps_import_nothing_heavy_checkpoints_bring_orbax():
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return set(json.loads(out.stdout))
-
-
-def test_import_layerfreeze_and_its_training_steps_pull_in_nothing_heavy():
-    for statement in ("import layerfreeze", "from layerfreeze import models, train"):
-        assert not _imported_after(statement) & set(HEAVY), statement
-
-
-def test_checkpoints_bring_orbax():
-    assert {"orbax", "tensorstore"} <= _imported_after("from layerfreeze.train import checkpoint")
+    imported = {k: set(v) for k, v in json.loads(out.stdout).items()}
+    assert not imported["core"] & set(HEAVY), "import layerfreeze"
+    assert not imported["stack"] & set(HEAVY), "from layerfreeze import models, train"
+    assert {"orbax", "tensorstore"} <= imported["checkpoint"]
 
 
 def test_installed_core_requires_only_jax_flax_optax_numpy():

@@ -100,18 +100,6 @@ def test_nnx_paths_drop_value():
     ]
 
 
-def test_frozen_bn_groups_follow_spec():
-    params = {
-        "stem": {"Conv_0": {"kernel": 1}, "BatchNorm_0": {"scale": 1, "bias": 1}},
-        "stage1": {"Conv_0": {"kernel": 1}, "BatchNorm_0": {"scale": 1, "bias": 1}},
-        "head": {"kernel": 1},
-    }
-    assert lf.frozen_bn_groups(params, "stem") == {"stem"}
-    assert lf.frozen_bn_groups(params, "stem,stage1/Conv_0") == {"stem"}
-    assert lf.frozen_bn_groups(params, "all") == {"stem", "stage1", "head"}
-    assert lf.frozen_bn_groups(params, lf.FreezeSpec.parse("all", train_bn=True)) == set()
-
-
 def test_structure_mismatch_is_explained():
     params = _dict_params()
     labels = lf.freeze_labels(params, "stem")

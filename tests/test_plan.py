@@ -149,3 +149,15 @@ def test_value_and_grad_with_a_plan_is_the_spec_version(mixer):
         np.testing.assert_array_equal(a, b)
     assert not np.any(g1["blocks"]["tokens"]["kernel"][1:])
     assert np.any(g1["blocks"]["tokens"]["kernel"][0])
+
+
+def test_frozen_bn_groups_follow_spec():
+    params = {
+        "stem": {"Conv_0": {"kernel": 1}, "BatchNorm_0": {"scale": 1, "bias": 1}},
+        "stage1": {"Conv_0": {"kernel": 1}, "BatchNorm_0": {"scale": 1, "bias": 1}},
+        "head": {"kernel": 1},
+    }
+    assert lf.plan(params, "stem").frozen_bn_groups == {"stem"}
+    assert lf.plan(params, "stem,stage1/Conv_0").frozen_bn_groups == {"stem"}
+    assert lf.plan(params, "all").frozen_bn_groups == {"stem", "stage1", "head"}
+    assert lf.plan(params, lf.FreezeSpec.parse("all", train_bn=True)).frozen_bn_groups == set()

@@ -22,7 +22,6 @@ from layerfreeze._freeze import METHODS, freeze
 from layerfreeze._grad import grad, value_and_grad
 from layerfreeze._labels import (
     freeze_labels,
-    frozen_bn_groups,
     frozen_mask,
     label_fn,
     trainable_since,
@@ -47,7 +46,6 @@ __all__ = [
     "freeze",
     "freeze_labels",
     "frozen_batchnorm",
-    "frozen_bn_groups",
     "frozen_mask",
     "grad",
     "label_fn",

@@ -10,7 +10,6 @@ from layerfreeze import _nnx, _paths, _plan, _spec
 __all__ = [
     "check_same_structure",
     "freeze_labels",
-    "frozen_bn_groups",
     "frozen_mask",
     "label_fn",
     "trainable_since",
@@ -80,20 +79,6 @@ def trainable_since(
     {'head/w': 0, 'stage1/w': 0, 'stem/w': None}
     """
     return _plan.plan(params, spec, previous=previous).since()
-
-
-def frozen_bn_groups(params: Any, spec: _spec.SpecLike | _plan.Plan) -> frozenset[str]:
-    """Top-level groups whose BatchNorm layers must run on running statistics.
-
-    A group's BatchNorm is frozen when every parameter of the group is frozen,
-    so the policy follows the freeze spec. With `train_bn=True` no BatchNorm
-    is frozen: fastai semantics, where BatchNorm layers keep training inside
-    frozen groups.
-
-    >>> sorted(frozen_bn_groups({"stem": {"w": 1}, "head": {"w": 1}}, "stem"))
-    ['stem']
-    """
-    return _plan.plan(params, spec).frozen_bn_groups
 
 
 def check_same_structure(labels: Any, params: Any, *, what: str = "labels") -> None:

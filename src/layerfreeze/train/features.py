@@ -35,7 +35,7 @@ import flax
 import jax
 import numpy as np
 
-from layerfreeze import _labels, _paths, _spec
+from layerfreeze import _paths, _plan, _spec
 
 __all__ = ["FeatureCache", "compute_features", "frozen_prefix"]
 
@@ -75,7 +75,7 @@ def frozen_prefix(params: Any, spec: _spec.SpecLike, groups: Sequence[str]) -> s
         raise ValueError(
             f"groups {unknown} are not top-level keys of the params; those are {known}."
         )
-    frozen = _labels.frozen_bn_groups(params, spec)
+    frozen = _plan.plan(params, spec).frozen_bn_groups
     last = None
     for group in groups:
         if group not in frozen:
