@@ -86,14 +86,9 @@ def check_same_structure(labels: Any, params: Any, *, what: str = "labels") -> N
     lt, pt = jax.tree.structure(labels), jax.tree.structure(params)
     if lt == pt:
         return
-    lp, pp = _paths.leaf_paths(labels), _paths.leaf_paths(params)
-    missing = sorted(set(pp) - set(lp))[:5]
-    extra = sorted(set(lp) - set(pp))[:5]
-    detail = []
-    if missing:
-        detail.append(f"missing from {what}: {missing}")
-    if extra:
-        detail.append(f"not in params: {extra}")
+    detail = _paths.path_differences(
+        _paths.leaf_paths(params), _paths.leaf_paths(labels), missing_from=what, extra_in="params"
+    )
     if not detail:
         detail.append(f"same paths, different containers: {what} {lt} vs params {pt}")
     raise ValueError(

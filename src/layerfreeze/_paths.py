@@ -5,7 +5,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["keypath_names", "leaf_paths", "path_str", "top_level_groups"]
+__all__ = ["keypath_names", "leaf_paths", "path_differences", "path_str", "top_level_groups"]
 
 _SEPARATOR = "/"
 
@@ -66,3 +66,20 @@ def top_level_groups(paths: Sequence[str]) -> list[str]:
     for path in paths:
         groups.setdefault(path.split(_SEPARATOR, 1)[0], None)
     return list(groups)
+
+
+def path_differences(
+    expected: Sequence[str], got: Sequence[str], *, missing_from: str, extra_in: str
+) -> list[str]:
+    """What differs between two lists of leaf paths, for error messages.
+
+    `["missing from <missing_from>: [...]", "not in <extra_in>: [...]"]`, empty ones left out.
+
+    At most five paths each, sorted.
+    """
+    missing = sorted(set(expected) - set(got))[:5]
+    extra = sorted(set(got) - set(expected))[:5]
+    return [
+        *([f"missing from {missing_from}: {missing}"] if missing else []),
+        *([f"not in {extra_in}: {extra}"] if extra else []),
+    ]

@@ -218,13 +218,9 @@ class Plan:
         if self.fits(tree):
             return
         paths = _paths.leaf_paths(tree)
-        missing = sorted(set(self.paths) - set(paths))[:5]
-        extra = sorted(set(paths) - set(self.paths))[:5]
-        detail = []
-        if missing:
-            detail.append(f"missing from the {what}: {missing}")
-        if extra:
-            detail.append(f"not in the plan: {extra}")
+        detail = _paths.path_differences(
+            self.paths, paths, missing_from=f"the {what}", extra_in="the plan"
+        )
         if not detail:
             shapes = dict(
                 zip(paths, (tuple(_shape(x)) for x in jax.tree.leaves(tree)), strict=True)
