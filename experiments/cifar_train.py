@@ -849,6 +849,52 @@ class _ResumeTarget:
         return self.phases.steps().init_state(self.variables, self.rng).as_dict()
 
 
+# Fields a resumed run may change: where data and records go, how often it logs,
+# evaluates and saves, and how long it runs (the learning-rate schedule then
+# spans the new length). The freeze spec, schedule and method are checked
+# against the checkpoint itself (`train.Phases.restore`).
+_CHANGEABLE_ON_RESUME = frozenset(
+    {
+        "num_epochs", "num_train_steps", "data_dir", "download", "checkpoint_every",
+        "keep_checkpoints", "eval_every", "log_every", "progress", "plot", "allow_nonfinite",
+        "freeze", "schedule", "freeze_method", "train_bn",
+    }
+)  # fmt: skip
+
+
+def _check_same_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Refuses to resume a workdir's checkpoint under settings that change what it trains."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable record: the checkpoint's own checks still apply
+    now = _flat(json.loads(config.to_json()))
+    before = _flat(saved)
+    differ = [
+        f"{key}: {before[key]!r} in the checkpoint's run, {now[key]!r} now"
+        for key in sorted(now)
+        if key in before
+        and before[key] != now[key]
+        and key.split(".")[0] not in _CHANGEABLE_ON_RESUME
+    ]
+    if differ:
+        raise UsageError(
+            f"Cannot resume {workdir}: its checkpoint was trained with other settings "
+            f"({'; '.join(differ)}). Resume with the settings it was saved with, or start a "
+            "fresh run in another --workdir."
+        )
+
+
+def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _resume(
     ckpt: checkpoint.Checkpointer, target: _ResumeTarget, workdir: pathlib.Path
 ) -> tuple[train.Phases, train.TrainState, int, dict[str, Any]]:
@@ -1149,6 +1195,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path) -> dic
     ckpt = checkpoint.Checkpointer(
         workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
     )
+    if ckpt.latest_step() is not None:
+        _check_same_run(config, workdir_path)
     phases, state, start_step, resumed = _resume(ckpt, target, workdir_path)
     state = train.replicate(mesh, state)
     steps = phases.steps()

@@ -220,6 +220,27 @@ def test_resume_with_another_spec_names_both_and_changes_nothing(tmp_path):
         cifar.train_and_evaluate(tiny_config(num_train_steps=6, freeze_method="lr0"), str(tmp_path))
 
 
+def test_resume_under_other_training_settings_is_refused_naming_each(tmp_path):
+    cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    record = (tmp_path / "config.json").read_bytes()
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    other = tiny_config(num_train_steps=6, batch_size=8, learning_rate=3e-3)
+    with pytest.raises(cifar.UsageError) as info:
+        cifar.train_and_evaluate(other, str(tmp_path))
+    message = str(info.value)
+    assert "batch_size: 16 in the checkpoint's run, 8 now" in message
+    assert "learning_rate: 0.001 in the checkpoint's run, 0.003 now" in message
+    assert "\n" not in message and "another --workdir" in message
+    # Another model is refused the same way, before its restore is tried.
+    with pytest.raises(cifar.UsageError, match=r"width: 4 in the checkpoint's run, 8 now"):
+        cifar.train_and_evaluate(tiny_config(num_train_steps=6, width=8), str(tmp_path))
+    assert (tmp_path / "config.json").read_bytes() == record
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    # Running longer, or logging differently, resumes.
+    result = cifar.train_and_evaluate(tiny_config(num_train_steps=6, log_every=3), str(tmp_path))
+    assert result["steps"] == 6
+
+
 def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
     uninterrupted = tmp_path / "uninterrupted"
     cifar.train_and_evaluate(tiny_config(), str(uninterrupted))
