@@ -702,6 +702,25 @@ def _total_steps(
     return max(1, math.ceil(config.num_epochs * steps_per_epoch))
 
 
+def _check_phases_start(
+    schedule: schedules.FreezeSchedule, total_steps: int, steps_per_epoch: int
+) -> None:
+    """Refuses a schedule whose later phases would start after the run has ended."""
+    per_unit = steps_per_epoch if schedule.unit == "epoch" else 1
+    late = [
+        f"phase {i} ({phase.describe(schedule.unit)}, step {phase.start * per_unit})"
+        for i, phase in enumerate(schedule.phases)
+        if phase.start * per_unit >= total_steps
+    ]
+    if late:
+        raise UsageError(
+            f"The schedule has phases that start after the run's {total_steps} steps "
+            f"({steps_per_epoch} per epoch) and would never run: "
+            f"{'; '.join(late)}. Lengthen the run (--config.num_epochs or "
+            "--config.num_train_steps) or start them earlier."
+        )
+
+
 def _initial_variables(
     config: ml_collections.ConfigDict, model: models.ResNet | models.ViT, rng: jax.Array
 ) -> tuple[dict, str]:
@@ -1169,6 +1188,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path) -> dic
     _check_batch_size(config, dataset)
     steps_per_epoch = data.steps_per_epoch(dataset.num_train, config.batch_size)
     total_steps = _total_steps(config, schedule, steps_per_epoch)
+    if not speed_policy:
+        _check_phases_start(schedule, total_steps, steps_per_epoch)
     policy: auto.AutoFreeze | None = None
     if speed_policy:
         schedule, policy = _speed_policy(config, shapes, total_steps, groups)

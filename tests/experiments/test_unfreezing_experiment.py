@@ -122,3 +122,21 @@ def test_a_schedule_with_a_total_sets_the_run_length(tmp_path):
     )
     result = cifar.train_and_evaluate(config, str(tmp_path))
     assert result["steps"] == 12 and result["phase"] == 1  # (1 + 2) epochs of 4 steps
+
+
+@pytest.mark.parametrize(
+    ("schedule", "late"),
+    [
+        ("fine_tune:freeze_epochs=1,epochs=2", "phase 1 (epoch 1: freeze none;"),
+        ("gradual:every=1", "phase 1 (epoch 1: freeze"),
+    ],
+)
+def test_phases_after_the_runs_end_are_refused(tmp_path, schedule, late):
+    # 64 examples in batches of 16: 4 steps an epoch, and the run stops at step 4.
+    config = tiny_config(schedule=schedule, num_train_steps=4)
+    with pytest.raises(cifar.UsageError, match="would never run") as info:
+        cifar.train_and_evaluate(config, str(tmp_path))
+    message = str(info.value)
+    assert late in message and "step 4)" in message and "Lengthen the run" in message
+    assert "\n" not in message
+    assert not (tmp_path / "checkpoints").exists()
