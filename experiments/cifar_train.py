@@ -580,14 +580,17 @@ def _final_test_row(path: pathlib.Path, step: int) -> dict[str, Any] | None:
 def _frozen_groups(
     schedule: schedules.FreezeSchedule, params: Any, groups: tuple[str, ...]
 ) -> list[str]:
-    """The groups with a parameter frozen in some phase, in model order."""
+    """The groups with a parameter frozen in some phase, in model order.
+
+    Through `lf.summary`, so a stacked ViT's block groups (`[i]`) count too.
+    """
     frozen = {
-        path
+        row.name
         for phase in schedule.phases
-        for path, is_frozen in phase.spec.resolve(params).items()
-        if is_frozen
+        for row in lf.summary(params, phase.spec, groups=groups).groups
+        if row.trainable_params < row.params
     }
-    return [g for g in groups if any(p == g or p.startswith(g + "/") for p in frozen)]
+    return [g for g in groups if g in frozen]
 
 
 def _frozen_now(spec: lf.FreezeSpec, params: Any, groups: tuple[str, ...]) -> list[str]:

@@ -1,6 +1,7 @@
 """The CIFAR experiment with a ViT: unrolled and scanned, .npz and run init, bad options."""
 
 import importlib
+import json
 
 import cifar_train as cifar
 import jax
@@ -175,3 +176,11 @@ def test_cli_refuses_train_bn_for_a_vit(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "has no BatchNorm" in errors[0], proc.stderr[-2000:]
+
+
+def test_frozen_random_blocks_of_a_scanned_vit_are_announced_and_recorded(tmp_path, capsys):
+    freeze = ",".join([*EMBEDDINGS, "Transformer/encoderblock[:1]"])
+    cifar.train_and_evaluate(vit_config(scan=True, freeze=freeze, num_train_steps=1), tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())["frozen_random_init"]
+    assert recorded == [*EMBEDDINGS, "Transformer/encoderblock[0]"]
+    assert "Transformer/encoderblock[0])" in capsys.readouterr().err
