@@ -9,6 +9,8 @@ synthetic dataset are the library's (`layerfreeze.train.data`).
 ((100, 32, 32, 3), dtype('uint8'), 10)
 """
 
+import importlib.util
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,24 +84,22 @@ def load_dataset(
 
 def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> data.Dataset:
     # Imported here: TFDS takes half a second to import and synthetic runs never need it.
-    import tensorflow_datasets as tfds
-
     try:
-        train, test = tfds.data_source(
-            name,
-            split=["train", "test"],
-            data_dir=data_dir,
-            download=download,
-            # `tfds.data_source` picks ArrayRecord only when no data_dir is given;
-            # a data_dir would otherwise be prepared as TFRecord, which it cannot read.
-            builder_kwargs={"file_format": "array_record"},
-        )
+        train, test = _data_source(name, data_dir, download=False)
     # TFDS reports "not prepared" and "cannot prepare" through unrelated types
     # (KeyError for empty splits, NotImplementedError for a TFRecord copy,
     # ImportError without TensorFlow, OSError without network); to the user they
     # all mean the same, and the original error stays chained and quoted.
     except Exception as err:
-        raise DatasetUnavailableError(_unavailable_message(name, data_dir, download, err)) from err
+        if not download:
+            raise DatasetUnavailableError(_unavailable_message(name, data_dir, False, err)) from err
+        # TFDS retries a failed download for minutes: without the network, say so now.
+        if not _reachable(_DOWNLOAD_HOSTS[name]):
+            raise DatasetUnavailableError(_offline_message(name, data_dir)) from err
+        try:
+            train, test = _data_source(name, data_dir, download=True)
+        except Exception as err:
+            raise DatasetUnavailableError(_unavailable_message(name, data_dir, True, err)) from err
     train_images, train_labels = _materialise(train, name=name, split="train")
     test_images, test_labels = _materialise(test, name=name, split="test")
     return data.Dataset(
@@ -109,6 +109,48 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> data.Datas
         test_labels=test_labels,
         num_classes=NUM_CLASSES[name],
         name=name,
+    )
+
+
+# Where TFDS downloads each dataset from (its `download_and_prepare` URLs).
+_DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+
+
+def _data_source(name: str, data_dir: str | None, *, download: bool) -> tuple[Any, Any]:
+    import tensorflow_datasets as tfds  # half a second to import; synthetic runs skip it
+
+    return tfds.data_source(
+        name,
+        split=["train", "test"],
+        data_dir=data_dir,
+        download=download,
+        # `tfds.data_source` picks ArrayRecord only when no data_dir is given;
+        # a data_dir would otherwise be prepared as TFRecord, which it cannot read.
+        builder_kwargs={"file_format": "array_record"},
+    )
+
+
+def _tensorflow_installed() -> bool:
+    """Whether TensorFlow, which preparing CIFAR needs, is importable here."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether an HTTPS connection to `host` opens within `timeout` seconds."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _offline_message(name: str, data_dir: str | None) -> str:
+    where = f"data_dir={data_dir!r}" if data_dir else "the TFDS default data_dir"
+    return (
+        f"{name} is not prepared in {where}, and its download host "
+        f"{_DOWNLOAD_HOSTS[name]} cannot be reached (no network?). Offline, train on the "
+        "synthetic dataset: python experiments/cifar.py --config.dataset=synthetic; or "
+        "point --config.data_dir at a prepared copy (with --config.download=False)."
     )
 
 
@@ -128,9 +170,13 @@ def _unavailable_message(name: str, data_dir: str | None, download: bool, err: E
         f"{name} is not prepared (as ArrayRecord) in {where}; {tried}.\n"
         f"TFDS said: {type(err).__name__}: {cause}\n"
         "To fix, do one of:\n"
-        '  - pip install "layerfreeze[cifar]" (brings tensorflow-cpu), then load once '
-        "with download=True (needs network);\n"
-        f"  - tfds build {name} --data_dir={target} --file_format=array_record;\n"
+        + (
+            ""
+            if _tensorflow_installed()
+            else '  - pip install "layerfreeze[cifar]" (brings tensorflow-cpu), then load once '
+            "with download=True (needs network);\n"
+        )
+        + f"  - tfds build {name} --data_dir={target} --file_format=array_record;\n"
         f"  - put a prepared ArrayRecord copy under {target}/{name}/{version}/;\n"
         "  - or use the synthetic dataset, layerfreeze.train.data.make_synthetic "
         "(in experiments/cifar.py: --config.dataset=synthetic)."

@@ -143,14 +143,17 @@ def test_load_dataset_reads_prepared_array_record_copy(tmp_path):
     assert (ds.num_train, ds.num_test, ds.num_classes) == (70, 30, 10)
 
 
-def test_missing_data_raises_actionable_error(tmp_path):
+@pytest.mark.parametrize("tensorflow", [False, True])
+def test_missing_data_raises_actionable_error(tmp_path, monkeypatch, tensorflow):
+    monkeypatch.setattr(input_pipeline, "_tensorflow_installed", lambda: tensorflow)
     with pytest.raises(input_pipeline.DatasetUnavailableError) as info:
         input_pipeline.load_dataset("cifar10", data_dir=str(tmp_path))
     message = str(info.value)
     assert isinstance(info.value, ValueError)
     assert f"data_dir={str(tmp_path)!r}" in message
     assert "download=False" in message
-    assert 'pip install "layerfreeze[cifar]"' in message
+    # The extra is advised only where what it brings is missing.
+    assert ('pip install "layerfreeze[cifar]"' in message) is not tensorflow
     assert f"tfds build cifar10 --data_dir={tmp_path} --file_format=array_record" in message
     assert f"{tmp_path}/cifar10/3.0.2/" in message
     assert "--config.dataset=synthetic" in message
@@ -163,11 +166,28 @@ def test_failed_download_raises_actionable_error(tmp_path, monkeypatch):
         raise ModuleNotFoundError("No module named 'tensorflow'")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_tensorflow)
+    monkeypatch.setattr(input_pipeline, "_reachable", lambda host: True)
     with pytest.raises(input_pipeline.DatasetUnavailableError, match="could not download") as info:
         input_pipeline.load_dataset("cifar100", data_dir=str(tmp_path), download=True)
     assert "No module named 'tensorflow'" in str(info.value)
     assert "tfds build cifar100" in str(info.value)
     assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+def test_offline_download_fails_at_once_naming_the_offline_command(tmp_path, monkeypatch):
+    def never(self, *args, **kwargs):
+        raise AssertionError("no download may be attempted without the network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", never)
+    hosts = []
+    monkeypatch.setattr(input_pipeline, "_reachable", lambda host: hosts.append(host) or False)
+    with pytest.raises(input_pipeline.DatasetUnavailableError) as info:
+        input_pipeline.load_dataset("cifar10", data_dir=str(tmp_path), download=True)
+    assert hosts == ["www.cs.toronto.edu"]
+    message = str(info.value)
+    assert "cannot be reached (no network?)" in message
+    assert "python experiments/cifar.py --config.dataset=synthetic" in message
+    assert "\n" not in message and "pip install" not in message
 
 
 def test_default_data_dir_is_named_in_error(monkeypatch, tmp_path):
