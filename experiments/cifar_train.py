@@ -36,6 +36,7 @@ import numpy as np
 import optax
 import plot
 from absl import logging
+from configs import cifar10 as default_config
 
 import layerfreeze as lf
 from layerfreeze import auto, lr, models, schedules, train
@@ -69,6 +70,15 @@ def is_vit(config: ml_collections.ConfigDict) -> bool:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks the fields that name choices, before any work is done."""
+    missing = sorted(
+        set(_flat(default_config.get_config().to_dict())) - set(_flat(config.to_dict()))
+    )
+    if missing:
+        raise UsageError(
+            f"The config lacks field(s) {', '.join(missing)}. A config file builds on the "
+            "default one (from configs import cifar10; config = cifar10.get_config()) and "
+            "changes fields of it."
+        )
     _choice("dataset", config.dataset, input_pipeline.DATASETS)
     _choice("model", config.model, models.MODEL_NAMES + models.VIT_NAMES)
     _choice("pool", config.pool, models.POOLS)
@@ -113,8 +123,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         value = float(config[field])
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"config.{field} must be a finite number >= 0, got {config[field]}.")
+    if not math.isfinite(float(config.num_epochs)):
+        raise UsageError(f"config.num_epochs must be a finite number, got {config.num_epochs}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise UsageError("Set config.num_train_steps > 0 or config.num_epochs > 0.")
+    _check_ranges(config)
     n = jax.device_count()
     if config.batch_size % n:
         raise UsageError(
@@ -128,6 +141,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "earlier run, a torchvision .pth/.safetensors file (ResNets) or a big_vision .npz "
             "file (ViTs)."
         )
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Numbers that would otherwise train anyway, bent, or fail deep inside a library."""
+    if config.warmup_steps < 0:
+        raise UsageError(f"config.warmup_steps must be >= 0, got {config.warmup_steps}.")
+    dropout = float(config.head_dropout)
+    if not 0 <= dropout < 1:
+        raise UsageError(f"config.head_dropout must be in [0, 1), got {config.head_dropout}.")
+    if not 0 <= config.seed < 2**32:
+        raise UsageError(f"config.seed must be in [0, 2**32), got {config.seed}.")
 
 
 def _check_vit_options(config: ml_collections.ConfigDict) -> None:

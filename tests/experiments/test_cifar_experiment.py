@@ -271,6 +271,11 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys)
         ({"learning_rate": float("nan")}, "config.learning_rate must be a finite number >= 0"),
         ({"freeze": ""}, "Empty freeze spec. Write 'none' to freeze nothing"),
         ({"log_every": -1}, "config.log_every must be >= 0"),
+        ({"warmup_steps": -5}, "config.warmup_steps must be >= 0, got -5"),
+        ({"num_epochs": float("nan")}, "config.num_epochs must be a finite number, got nan"),
+        ({"num_epochs": float("inf")}, "config.num_epochs must be a finite number, got inf"),
+        ({"head_dropout": 1.5}, "config.head_dropout must be in [0, 1), got 1.5"),
+        ({"seed": -1}, "config.seed must be in [0, 2**32), got -1"),
     ],
 )
 def test_bad_values_are_one_clear_error(tmp_path, overrides, message):
@@ -349,3 +354,13 @@ def test_a_second_run_in_a_workdir_is_refused_in_one_line(tmp_path):
     assert line.startswith("error: Another run is using the workdir")
     assert f"pid {os.getpid()} on " in line and "another --workdir" in line
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
+
+
+def test_a_config_that_lacks_fields_is_one_clear_error(tmp_path):
+    import ml_collections
+
+    fields = tiny_config().to_dict()
+    del fields["freeze_method"], fields["auto"]["interval"]
+    with pytest.raises(cifar.UsageError, match=r"lacks field\(s\) auto.interval, freeze_method\."):
+        cifar.train_and_evaluate(ml_collections.ConfigDict(fields), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
