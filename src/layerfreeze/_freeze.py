@@ -335,7 +335,7 @@ def bias_counts(state: Any) -> tuple[Any, ...]:
         found.append(count)
         return count
 
-    _mapbias_counts(state, record)
+    _map_bias_counts(state, record)
     return tuple(found)
 
 
@@ -347,10 +347,10 @@ def _replace_bias_counts(state: Any, counts: Sequence[Any]) -> Any:
             f"{wanted}; the state was built for a different optimizer."
         )
     replacements = iter(counts)
-    return _mapbias_counts(state, lambda _: next(replacements))
+    return _map_bias_counts(state, lambda _: next(replacements))
 
 
-def _mapbias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
+def _map_bias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
     """Applies `fn` to every NamedTuple field `count` that is a bias-correction count.
 
     A `count` of a schedule-position state (`_upstream.GLOBAL_COUNT_STATES`) is the
@@ -360,14 +360,14 @@ def _mapbias_counts(node: Any, fn: Callable[[Any], Any]) -> Any:
     if _is_namedtuple(node):
         is_global = type(node).__name__ in _upstream.GLOBAL_COUNT_STATES
         parts = [
-            fn(value) if name == "count" and not is_global else _mapbias_counts(value, fn)
+            fn(value) if name == "count" and not is_global else _map_bias_counts(value, fn)
             for name, value in zip(node._fields, node, strict=True)
         ]
         return type(node)(*parts)
     if isinstance(node, tuple | list):
-        return type(node)(_mapbias_counts(v, fn) for v in node)
+        return type(node)(_map_bias_counts(v, fn) for v in node)
     if isinstance(node, dict):
-        return _dict_map(node, lambda _, v: _mapbias_counts(v, fn))
+        return _dict_map(node, lambda _, v: _map_bias_counts(v, fn))
     return node
 
 

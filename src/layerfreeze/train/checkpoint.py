@@ -255,13 +255,13 @@ class Checkpointer:
         mismatch = _describe_mismatch(saved, target)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
-        metadata = self._read_metadata(step)
+        stored = self._read_stored(step)
         state = self._read_state(step, jax.tree.map(_abstract, target))
         mismatch = _describe_restored_mismatch(state, target)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
-        self._verify(step, state)
-        return state, metadata
+        self._verify(step, state, stored.pop(_CHECKSUMS, None))
+        return state, stored
 
     def restore_latest_intact(
         self, make_target: Callable[[dict[str, Any]], PyTree]
@@ -349,7 +349,12 @@ class Checkpointer:
             is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
         )
         restored = self._read_state(step, target)
-        self._verify(step, restored, metadata_required=False)
+        try:
+            saved = self._read_stored(step).get(_CHECKSUMS)
+        except CheckpointDamagedError as e:  # the arrays can still be read, unchecked
+            _log.warning("%s Its arrays are read without their checksums.", e)
+            saved = None
+        self._verify(step, restored, saved)
         return {k: restored[k] for k in keys}
 
     def restore_arrays_latest_intact(
@@ -513,6 +518,10 @@ class Checkpointer:
         return tree
 
     def _read_metadata(self, step: int) -> dict[str, Any]:
+        return {k: v for k, v in self._read_stored(step).items() if k != _CHECKSUMS}
+
+    def _read_stored(self, step: int) -> dict[str, Any]:
+        """The step's metadata item as stored: the caller's metadata and the checksums."""
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
@@ -523,33 +532,15 @@ class Checkpointer:
             raise self._damaged(
                 step, f"its {_METADATA!r} item holds {type(restored).__name__}, not a JSON object"
             )
-        return {k: v for k, v in restored.items() if k != _CHECKSUMS}
+        return dict(restored)
 
-    def _verify(self, step: int, state: PyTree, *, metadata_required: bool = True) -> None:
-        """Raises CheckpointDamagedError if a restored leaf's checksum differs from the saved one.
+    def _verify(self, step: int, state: PyTree, saved: Mapping[str, str] | None) -> None:
+        """Raises CheckpointDamagedError if a restored leaf's checksum differs from `saved`.
 
-        Without `metadata_required`, a step whose metadata item (which holds the
-        checksums) cannot be read gives its arrays unchecked, with a warning.
+        `saved` is None for a step written before checksums were recorded.
         """
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
-            )[_METADATA]
-        except Exception as e:
-            if metadata_required:
-                raise self._damaged(step, f"cannot read its {_METADATA!r} item", e) from e
-            _log.warning(
-                "Checkpoint step %d in %s: its %r item is unreadable (%s), so its arrays "
-                "are read without their checksums.",
-                step,
-                self._directory,
-                _METADATA,
-                _one_line(e),
-            )
-            return
-        saved = restored.get(_CHECKSUMS) if isinstance(restored, Mapping) else None
         if saved is None:
-            return  # saved before checksums were recorded
+            return
         now = _checksums(state)
         changed = [path for path, crc in saved.items() if crc and now.get(path, crc) != crc]
         if changed:
