@@ -52,6 +52,28 @@ CHECKS = {
             np.testing.assert_array_equal(a, b)
         assert np.isfinite(float(metrics["loss"]))
     """,
+    'features = Trunk(name="trunk")(x)': """
+        import numpy as np
+        initial = jax.jit(model.init)(jax.random.key(1), x[:1])["params"]
+        for a, b in zip(jax.tree.leaves(initial["trunk"]), jax.tree.leaves(params["trunk"]),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+        for head in ("head_a", "head_b"):
+            assert not np.array_equal(initial[head]["kernel"], params[head]["kernel"])
+        assert float(metrics["loss_a"]) < 1.0 and float(metrics["loss_b"]) < 0.2
+    """,
+    'spec = "teacher,student/layer0"': """
+        import numpy as np
+        teacher_init = jax.jit(teacher.init)(jax.random.key(1), x[:1])["params"]
+        student_init = jax.jit(student.init)(jax.random.key(2), x[:1])["params"]
+        for a, b in zip(jax.tree.leaves((teacher_init, student_init["layer0"])),
+                        jax.tree.leaves((params["teacher"], params["student"]["layer0"])),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+        head = params["student"]["head"]["kernel"]
+        assert not np.array_equal(student_init["head"]["kernel"], head)
+        assert float(metrics["soft"]) < 0.1
+    """,
     "variables, reinit = pretrained.merge_pretrained(": """
         assert reinit == ("head",)
         assert not variables["params"]["Transformer"]["encoderblock"]["MlpBlock_3"][
