@@ -190,6 +190,50 @@ def test_autofreeze_bad_input(kwargs, error, message):
 
 
 @pytest.mark.parametrize(
+    ("groups", "kwargs", "error", "message"),
+    [
+        (None, {}, TypeError, r"AutoFreeze: groups must be a sequence .*got NoneType None"),
+        ([1, 2], {}, TypeError, r"non-empty strings, got \[1, 2\] in AutoFreeze: groups"),
+        (["stem", ""], {}, TypeError, r"non-empty strings, got \[''\]"),
+        (GROUPS, {"frozen": None}, TypeError, r"AutoFreeze: frozen must be a sequence .*NoneType"),
+        (GROUPS, {"candidates": [0]}, TypeError, r"non-empty strings, got \[0\] in AutoFreeze: c"),
+        (GROUPS, {"train_bn": "no"}, TypeError, r"train_bn must be True or False, got str 'no'"),
+    ],
+    ids=["none", "ints", "empty-name", "frozen-none", "candidates-int", "train_bn-string"],
+)
+def test_autofreeze_names_wrong_types(groups, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        lf.auto.AutoFreeze(groups, interval=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ([1.0, 2.0, 3.0], r"observe takes the train step's metrics, a mapping .*got list"),
+        ({auto.norm_metric(g): "1.0" for g in GROUPS}, r"grad_norm/stem must be a number .*str"),
+        ({auto.norm_metric(g): None for g in GROUPS}, r"grad_norm/stem must be a number .*None"),
+    ],
+    ids=["list", "string-value", "none-value"],
+)
+def test_observe_names_wrong_metrics(metrics, message):
+    with pytest.raises(TypeError, match=message):
+        lf.auto.AutoFreeze(GROUPS, interval=2).observe(metrics)
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "message"),
+    [
+        ("4", TypeError, r"update: step must be an integer, got str '4'"),
+        (4.0, TypeError, r"update: step must be an integer, got float 4.0"),
+        (-2, ValueError, r"update: step must be >= 0, got -2"),
+    ],
+)
+def test_update_names_a_wrong_step(step, error, message):
+    with pytest.raises(error, match=message):
+        lf.auto.AutoFreeze(GROUPS, interval=2).update(step)
+
+
+@pytest.mark.parametrize(
     ("scaling", "want"),
     [
         # t_i = 0.5 + 0.5 * (i / 4) ** p, i = 0..3; the head trains to the end.
@@ -220,6 +264,19 @@ def test_freezeout_keeps_a_fixed_freeze_and_merges_equal_stops():
 )
 def test_freezeout_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        lf.auto.freezeout(GROUPS, 10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scaling": ["cubic"]}, r"scaling must be one of the strings linear, .*got list"),
+        ({"train_bn": "yes"}, r"freezeout: train_bn must be True or False, got str 'yes'"),
+        ({"frozen": None}, r"freezeout: frozen must be a sequence .*NoneType"),
+    ],
+)
+def test_freezeout_names_wrong_types(kwargs, message):
+    with pytest.raises(TypeError, match=message):
         lf.auto.freezeout(GROUPS, 10, **kwargs)
 
 

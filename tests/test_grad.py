@@ -97,6 +97,23 @@ def test_non_scalar_loss_is_a_clear_error():
         lf.value_and_grad(lambda p: _loss(p, X, Y), "stem", has_aux=True)(_params())
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("loss", "stem"), {}, r"takes the loss function first.*got fun=str 'loss'"),
+        (("stem", _loss), {}, r"takes the loss function first.*got fun=str 'stem'"),
+        ((_loss, optax.adam(0.1)), {}, r"spec from an optax optimizer"),
+        ((_loss, "stem"), {"has_aux": "yes"}, r"has_aux must be True or False, got str 'yes'"),
+    ],
+    ids=["fun-string", "swapped", "spec-optimizer", "has_aux"],
+)
+def test_value_and_grad_names_wrong_arguments(args, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        lf.value_and_grad(*args, **kwargs)
+    with pytest.raises(TypeError, match=match):
+        lf.grad(*args, **kwargs)
+
+
 def test_rule_matching_nothing_fails_on_first_call():
     with pytest.raises(ValueError, match=r"'stage9' matches no parameter.*body, head, stem"):
         lf.value_and_grad(_loss, "stage9")(_params(), X, Y)

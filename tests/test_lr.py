@@ -67,6 +67,7 @@ def test_geometric_multipliers():
         (1e-2, 1e-4, ValueError, "lo <= hi"),
         (float("inf"), 1.0, ValueError, "lo must be > 0"),
         ("a", 1.0, TypeError, "lo must be a number"),
+        ("0.001", 1.0, TypeError, "lo must be a number, got str '0.001'"),
     ],
 )
 def test_geometric_multipliers_rejects(lo, hi, error, match):
@@ -289,3 +290,20 @@ def test_layerwise_decay_bad_values(decay, error):
         layerfreeze.lr.layerwise_decay(["a", "b"], decay)
     with pytest.raises(ValueError, match="Duplicate group name"):
         layerfreeze.lr.layerwise_decay(["a", ("b", "a")], 0.5)
+
+
+@pytest.mark.parametrize(
+    ("layers", "decay", "error", "match"),
+    [
+        (["a", "b"], "0.75", TypeError, r"decay must be a number, got str '0.75'"),
+        (["a", "b"], np.float32(1.5), ValueError, r"decay must be in \(0, 1\], got np.float32"),
+        (["a", "b"], jnp.float32(1.5), ValueError, r"decay must be in \(0, 1\], got Array"),
+        ([1, 2], 0.5, TypeError, r"layers\[0\] must be a group name or a tuple .*got int 1"),
+        ([("a",), ()], 0.5, ValueError, r"layers\[1\] is empty"),
+        ({"a": 1, "b": 2}, 0.5, TypeError, r"layers must be a sequence of groups .*got dict"),
+    ],
+    ids=["string-decay", "numpy-decay", "jax-decay", "int-layers", "empty-layer", "dict-layers"],
+)
+def test_layerwise_decay_names_wrong_arguments(layers, decay, error, match):
+    with pytest.raises(error, match=match):
+        layerfreeze.lr.layerwise_decay(layers, decay)

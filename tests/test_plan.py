@@ -161,3 +161,17 @@ def test_frozen_bn_groups_follow_spec():
     assert lf.plan(params, "stem,stage1/Conv_0").frozen_bn_groups == {"stem"}
     assert lf.plan(params, "all").frozen_bn_groups == {"stem", "stage1", "head"}
     assert lf.plan(params, lf.FreezeSpec.parse("all", train_bn=True)).frozen_bn_groups == set()
+
+
+@pytest.mark.parametrize(
+    ("params", "kwargs", "error", "match"),
+    [
+        ("params", {}, TypeError, r"params must be the parameter pytree .*got str 'params'"),
+        (None, {}, TypeError, r"params must be the parameter pytree .*got NoneType None"),
+        ({"stem": {"w": jnp.ones(2)}}, {"method": "adam"}, ValueError, r"method 'adam'; valid"),
+    ],
+    ids=["string", "none", "method"],
+)
+def test_plan_names_wrong_arguments(params, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lf.plan(params, "none", **kwargs)

@@ -1,3 +1,4 @@
+import optax
 import pytest
 
 from layerfreeze import FROZEN, TRAINABLE, FreezeSpec, Rule, as_spec
@@ -101,6 +102,7 @@ def test_strict_requires_cover():
         ([("stem", "frozen", 3)], TypeError, r"\(pattern, state\) pair"),
         (3.5, TypeError, r"Cannot build a freeze spec from float"),
         ([None], TypeError, r"Freeze rule None is not valid"),
+        (optax.adam(0.1), TypeError, r"spec from an optax optimizer .*Were two arguments swapped"),
     ],
 )
 def test_bad_specs(spec, error, match):
@@ -121,3 +123,11 @@ def test_rule_rejects_empty_and_bad_state():
 def test_empty_spec_is_an_error_that_suggests_none(text):
     with pytest.raises(ValueError, match=r"Empty freeze spec. Write 'none' to freeze nothing"):
         as_spec(text)
+
+
+def test_a_rule_that_matches_inside_variables_params_says_pass_params():
+    paths = ["params/stem/kernel", "params/head/kernel", "batch_stats/stem/mean"]
+    with pytest.raises(ValueError, match=r"flax variables dict .*pass variables\['params'\]"):
+        as_spec("stem").resolve_paths(paths)
+    with pytest.raises(ValueError, match=r"matches no parameter\. Groups that exist: [^.]*\. A"):
+        as_spec("stage9").resolve_paths(paths)  # not inside params either: no hint

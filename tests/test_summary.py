@@ -177,3 +177,22 @@ def test_rows_by_a_models_layer_groups():
         lf.summary(params, spec, groups=groups[:-1])
     with pytest.raises(ValueError, match=r"Groups \['stage9'\] cover no parameter"):
         lf.summary(params, spec, groups=[*groups, "stage9"])
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (("params", "stem"), {}, TypeError, r"params must be the parameter pytree .* got str"),
+        ((None, "stem"), {}, TypeError, r"params must be the parameter pytree .* got NoneType"),
+        ((nn.Dense(3), "stem"), {}, TypeError, r"got the model Dense itself.*\['params'\]"),
+        ((optax.adam(0.1), "stem"), {}, TypeError, r"got an optax optimizer .*swapped"),
+        ((_params(), optax.adam(0.1)), {}, TypeError, r"spec from an optax optimizer"),
+        ((_params(), "stem"), {"order": "stem"}, TypeError, r"order must be a sequence .*str"),
+        ((_params(), "stem"), {"groups": [1]}, TypeError, r"non-empty strings, got \[1\]"),
+        (({"params": _params(), "batch_stats": {}}, "stem"), {}, ValueError, r"variables\['p"),
+    ],
+    ids=["string", "none", "model", "optimizer", "spec-optimizer", "order", "groups", "variables"],
+)
+def test_summary_names_wrong_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lf.summary(*args, **kwargs)

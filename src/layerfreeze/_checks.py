@@ -6,27 +6,55 @@ what was wrong, what was expected, and the value given.
 
 import math
 import operator
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["count", "groups", "listing", "multipliers", "non_negative", "number", "positive"]
+import numpy as np
+
+__all__ = [
+    "count",
+    "flag",
+    "given",
+    "groups",
+    "listing",
+    "multipliers",
+    "non_negative",
+    "number",
+    "params",
+    "positive",
+]
 
 Multipliers = Mapping[str, float] | Iterable[tuple[str, float]]
 
 
-def groups(groups: Sequence[str]) -> tuple[str, ...]:
-    """Returns `groups` as a tuple after checking it is a list of unique names."""
+def given(value: Any) -> str:
+    """`str 'stem'`: a value's type and repr, as an error message shows what it got."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def groups(groups: Sequence[str], what: str = "groups", *, empty: bool = False) -> tuple[str, ...]:
+    """Returns `groups` as a tuple after checking it is a list of unique names.
+
+    Args:
+      groups: the value to check.
+      what: the argument's name, for the messages.
+      empty: whether an empty sequence is valid.
+    """
     if isinstance(groups, str) or not isinstance(groups, Iterable):
         raise TypeError(
-            f"groups must be a sequence of group names such as ('stem', 'stage1', 'head'), "
-            f"got {groups!r}."
+            f"{what} must be a sequence of group names such as ('stem', 'stage1', 'head'), "
+            f"got {given(groups)}."
         )
     groups = tuple(groups)
-    if not groups:
-        raise ValueError("groups is empty: name at least one top-level group.")
+    if not groups and not empty:
+        raise ValueError(f"{what} is empty: name at least one top-level group.")
     bad = [g for g in groups if not isinstance(g, str) or not g]
     if bad:
-        raise TypeError(f"Group names must be non-empty strings, got {bad!r} in {groups!r}.")
+        raise TypeError(f"Group names must be non-empty strings, got {bad!r} in {what} {groups!r}.")
     duplicates = sorted({g for g in groups if groups.count(g) > 1})
     if duplicates:
         raise ValueError(f"Duplicate group name(s) {duplicates} in {groups!r}.")
@@ -58,12 +86,17 @@ def multipliers(multipliers: Multipliers | None) -> dict[str, float]:
 
 
 def number(what: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be a number, got {value!r}.")
+    """Returns `value` as a float: a real number (Python, numpy or a JAX scalar), not a bool.
+
+    Strings are refused: `float("0.7")` would accept a value read from the
+    wrong place silently.
+    """
+    if isinstance(value, bool | str | bytes):
+        raise TypeError(f"{what} must be a number, got {given(value)}.")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{what} must be a number, got {value!r}.") from None
+        raise TypeError(f"{what} must be a number, got {given(value)}.") from None
 
 
 def non_negative(what: str, value: Any) -> float:
@@ -93,6 +126,39 @@ def count(what: str, value: Any) -> int:
     if number < 0:
         raise ValueError(f"{what} must be >= 0, got {number}.")
     return number
+
+
+def flag(what: str, value: Any) -> bool:
+    """Returns `value` as a bool after checking it is one (`"no"` would be truthy)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{what} must be True or False, got {given(value)}.")
+    return bool(value)
+
+
+def params(value: Any, what: str = "params") -> Any:
+    """Returns `value` after checking it can be a parameter pytree.
+
+    Catches what is plainly no pytree of parameters: None, a string or path,
+    a model or an optimizer (passed in the wrong place). Leaves are not
+    looked at: this runs wherever a plan is resolved.
+    """
+    expected = (
+        f"{what} must be the parameter pytree (e.g. variables['params'], or its shapes "
+        "from jax.eval_shape) or an NNX model"
+    )
+    if value is None or isinstance(value, str | bytes | os.PathLike):
+        raise TypeError(f"{expected}; got {given(value)}.")
+    if callable(getattr(value, "init", None)) and callable(getattr(value, "apply", None)):
+        raise TypeError(
+            f"{expected}; got the model {type(value).__name__} itself. Pass its parameters: "
+            "model.init(rng, x)['params']."
+        )
+    if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+        raise TypeError(
+            f"{expected}; got an optax optimizer ({type(value).__name__}). Were two "
+            "arguments swapped?"
+        )
+    return value
 
 
 def listing(items: Sequence[str], limit: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from layerfreeze import _blocks, _plan, _spec
+from layerfreeze import _blocks, _checks, _plan, _spec
 
 __all__ = ["grad", "merge", "split", "value_and_grad", "value_and_grads"]
 
@@ -84,6 +84,11 @@ def value_and_grad(
       `(params, *args, **kwargs) -> (value, grads)`, with `value` being
       `(loss, aux)` when `has_aux`.
 
+    Raises:
+      TypeError: `fun` is not callable, `spec` is no spec (e.g. an optax
+        optimizer), or `has_aux` is no bool; when called, `params` is no
+        parameter pytree.
+
     >>> import jax.numpy as jnp
     >>> params = {"stem": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
     >>> loss = lambda p, x: jnp.sum((p["stem"]["w"] * p["head"]["w"] - x) ** 2)
@@ -91,8 +96,14 @@ def value_and_grad(
     >>> float(value), grads["stem"]["w"], grads["head"]["w"]
     (8.0, Array([0., 0.], dtype=float32), Array([-4., -4.], dtype=float32))
     """
+    if not callable(fun):
+        raise TypeError(
+            "value_and_grad takes the loss function first, then the freeze spec: "
+            f"value_and_grad(fun, spec); got fun={_checks.given(fun)}."
+        )
     if not isinstance(spec, _plan.Plan):
         spec = _spec.as_spec(spec)
+    has_aux = _checks.flag("has_aux", has_aux)
 
     @functools.wraps(fun)
     def wrapped(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:

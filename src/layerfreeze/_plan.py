@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from layerfreeze import _blocks, _paths, _spec
+from layerfreeze import _blocks, _checks, _paths, _spec
 
 __all__ = ["Plan", "check_previous", "from_labels", "plan", "since_from_history"]
 
@@ -265,8 +265,10 @@ def plan(
 
     Raises:
       ValueError: a rule matches nothing, a strict spec leaves a leaf
-        uncovered, a block selector does not fit its stack, or a given
-        `Plan` was resolved against other params.
+        uncovered, a block selector does not fit its stack, a given
+        `Plan` was resolved against other params, or an unknown method.
+      TypeError: `params` is plainly no parameter pytree (None, a string, a
+        model, an optimizer) or `spec` is no spec.
 
     >>> import jax.numpy as jnp
     >>> params = {"stem": {"w": jnp.ones((3, 4))}, "head": {"w": jnp.ones(4)}}
@@ -276,12 +278,13 @@ def plan(
     >>> plan(params, "stem") is p
     True
     """
-    from layerfreeze import _nnx  # _nnx builds on plans
+    from layerfreeze import _freeze, _nnx  # both build on plans
 
-    params = _nnx.as_params(params)
+    params = _checks.params(_nnx.as_params(params))
     if isinstance(spec, Plan):
         spec.check(params)
         return spec
+    _freeze.check_method(method)
     spec = _spec.as_spec(spec)
     previous = tuple(_spec.as_spec(s) for s in check_previous(previous))
     treedef, shapes = _structure_key(params)

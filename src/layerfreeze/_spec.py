@@ -391,6 +391,7 @@ class FreezeSpec:
                 raise ValueError(
                     f"Freeze rule {rule.pattern!r} matches no parameter. "
                     f"Groups that exist: {', '.join(groups) or '(none: empty params)'}. "
+                    f"{_variables_hint(rule, paths)}"
                     "A rule is a group name or path prefix (e.g. "
                     f"'{groups[0] if groups else 'stage1'}'), a glob, 're:<regex>', or a "
                     "block selector over stacked blocks (e.g. 'Transformer/encoderblock[:6]')."
@@ -520,14 +521,35 @@ def as_spec(spec: SpecLike) -> FreezeSpec:
         return FreezeSpec()
     if isinstance(spec, str):
         return FreezeSpec.parse(spec)
+    if callable(getattr(spec, "init", None)) and callable(getattr(spec, "update", None)):
+        # An optax optimizer is a NamedTuple: iterated as rules it would fail obscurely.
+        raise TypeError(
+            f"Cannot build a freeze spec from an optax optimizer ({type(spec).__name__}): "
+            "the spec says what to freeze, e.g. 'stage1,stage2' or 'all-but:head', and the "
+            "optimizer is a separate argument (freeze(optimizer, spec), make_steps(model, "
+            f"optimizer, spec, params)). Were two arguments swapped? {_VALID_SPECS}"
+        )
     if isinstance(spec, Mapping):
         return FreezeSpec(tuple((k, v) for k, v in spec.items()))
     if isinstance(spec, Iterable):
         return FreezeSpec(tuple(spec))
-    raise TypeError(
-        f"Cannot build a freeze spec from {type(spec).__name__}. Valid: a FreezeSpec, a "
-        "string such as 'stage1,stage2', 'none', 'all' or 'all-but:head', a list of "
-        "patterns, or a list of (pattern, 'frozen'|'trainable') pairs."
+    raise TypeError(f"Cannot build a freeze spec from {type(spec).__name__}. {_VALID_SPECS}")
+
+
+_VALID_SPECS = (
+    "Valid: a FreezeSpec, a string such as 'stage1,stage2', 'none', 'all' or "
+    "'all-but:head', a list of patterns, or a list of (pattern, 'frozen'|'trainable') pairs."
+)
+
+
+def _variables_hint(rule: Rule, paths: Sequence[str]) -> str:
+    """A sentence for a rule that matches under `params/` of a flax variables dict, else ''."""
+    inner = [p.split("/", 1)[1] for p in paths if p.startswith("params/")]
+    if not any(rule.matches(p) for p in inner):
+        return ""
+    return (
+        "These look like a flax variables dict ({'params': ..., 'batch_stats': ...}): the rule "
+        "matches inside 'params': pass variables['params']. "
     )
 
 

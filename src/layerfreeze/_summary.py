@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from layerfreeze import _blocks, _nnx, _paths, _plan, _spec, _upstream
+from layerfreeze import _blocks, _checks, _nnx, _paths, _plan, _spec, _upstream
 
 __all__ = ["FreezeSummary", "GroupSummary", "summary", "tree_bytes", "opt_state_bytes_by_path"]
 
@@ -160,7 +160,10 @@ def summary(
       A `FreezeSummary`; `print` it, or read `as_dict()`.
 
     Raises:
-      TypeError: `opt_state` is not a pytree of arrays (a string, a model, ...).
+      TypeError: `params` is no parameter pytree (None, a string, a model,
+        an optimizer), `spec` is no spec (e.g. an optimizer), `order` or
+        `groups` is not a sequence of names, or `opt_state` is not a pytree
+        of arrays (a string, a model, ...).
       ValueError: `opt_state` does not belong to `params` under `spec`: a leaf
         whose path ends with a parameter's path has a shape that parameter
         cannot give, state sits among per-parameter state for a parameter
@@ -174,6 +177,10 @@ def summary(
     >>> s.trainable_params, s.total_params
     (2, 5)
     """
+    if order is not None:
+        order = _checks.groups(order, "order", empty=True)
+    if groups is not None:
+        groups = _checks.groups(groups)
     params = _nnx.as_params(params)
     plan = _plan.plan(params, spec)
     spec = plan.spec
@@ -513,8 +520,6 @@ def _group_of(
     """
     if groups is None:
         return {p: p.split("/", 1)[0] for p in paths}
-    if isinstance(groups, str):
-        raise TypeError(f"groups must be a sequence of path prefixes, not the string {groups!r}.")
     rules = [(g, _spec.Rule(g)) for g in groups]
     found: dict[str, str | tuple[str, ...]] = {}
     used: set[str] = set()

@@ -55,12 +55,13 @@ step 100: end
 """
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from layerfreeze import _spec, schedules
+from layerfreeze import _checks, _spec, schedules
 
 __all__ = ["POLICIES", "SCALINGS", "AutoFreeze", "freezeout", "norm_metric"]
 
@@ -83,13 +84,12 @@ def _policy_groups(
         raise TypeError(
             f"{what} takes sequences of group names, e.g. ['stem', 'body', 'head'], not a string."
         )
-    groups, frozen = tuple(groups), tuple(frozen)
+    groups = _checks.groups(groups, f"{what}: groups")
+    frozen = _checks.groups(frozen, f"{what}: frozen", empty=True)
     if len(groups) < 2:
         raise ValueError(
             f"{what} needs at least two groups (the last, the head, never freezes); got {groups}."
         )
-    if len(set(groups)) != len(groups):
-        raise ValueError(f"{what}: a group is named twice in {groups}.")
     unknown = [g for g in frozen if g not in groups]
     if unknown:
         raise ValueError(
@@ -104,7 +104,7 @@ def _policy_groups(
         )
     if candidates is None:
         return groups, frozen, tuple(g for g in groups[:-1] if g not in frozen)
-    candidates = tuple(candidates)
+    candidates = _checks.groups(candidates, f"{what}: candidates", empty=True)
     unknown = [g for g in candidates if g not in groups[:-1]]
     if unknown:
         raise ValueError(
@@ -157,6 +157,9 @@ class AutoFreeze:
       ValueError: a percentile outside (0, 100), an interval below 1, fewer
         than two groups, an unknown or the last group in `frozen` or
         `candidates`, a group in both.
+      TypeError: `groups`, `frozen` or `candidates` is no sequence of group
+        names, `interval` no integer, `percentile` no number, `train_bn` no
+        bool.
     """
 
     def __init__(
@@ -186,7 +189,7 @@ class AutoFreeze:
             )
         self.interval = int(interval)
         self.percentile = float(percentile)
-        self.train_bn = bool(train_bn)
+        self.train_bn = _checks.flag("AutoFreeze: train_bn", train_bn)
         self._reset()
 
     def _reset(self) -> None:
@@ -237,7 +240,13 @@ class AutoFreeze:
 
         Raises:
           KeyError: a trainable group's norm is missing from `metrics`.
+          TypeError: `metrics` is no mapping, or a norm is no number or array.
         """
+        if not isinstance(metrics, Mapping):
+            raise TypeError(
+                "AutoFreeze.observe takes the train step's metrics, a mapping such as "
+                f"{{'grad_norm/{self.groups[0]}': ..., ...}}; got {_checks.given(metrics)}."
+            )
         missing = [g for g in self.trainable if norm_metric(g) not in metrics]
         if missing:
             raise KeyError(
@@ -245,7 +254,17 @@ class AutoFreeze:
                 f"metrics (it has {', '.join(sorted(metrics))}); build the steps with "
                 f"train.make_steps(..., group_norms={list(self.groups)})."
             )
-        self._pending.append({g: metrics[norm_metric(g)] for g in self.trainable})
+        values = {g: metrics[norm_metric(g)] for g in self.trainable}
+        for group, value in values.items():
+            # Device arrays are fetched later; only their type is checked here.
+            if isinstance(value, bool | str | bytes) or not (
+                isinstance(value, numbers.Real) or hasattr(value, "dtype")
+            ):
+                raise TypeError(
+                    f"AutoFreeze.observe: {norm_metric(group)} must be a number (a float or "
+                    f"a scalar array), got {_checks.given(value)}."
+                )
+        self._pending.append(values)
         self._count += 1
 
     def _fetch(self) -> None:
@@ -268,9 +287,10 @@ class AutoFreeze:
 
         Raises:
           ValueError: the interval ending here did not get one `observe` per
-            step.
+            step, or `step` is negative.
+          TypeError: `step` is no integer.
         """
-        step = int(step)
+        step = _checks.count("AutoFreeze.update: step", step)
         if step == self._last_update or step <= 0 or step % self.interval:
             return ()
         if self._count != self.interval:
@@ -405,8 +425,14 @@ def freezeout(
         bad groups.
     """
     groups, fixed, candidates = _policy_groups(groups, frozen, candidates, "freezeout")
+    if not isinstance(scaling, str):
+        raise TypeError(
+            f"freezeout: scaling must be one of the strings {', '.join(SCALINGS)}; got "
+            f"{_checks.given(scaling)}."
+        )
     if scaling not in SCALINGS:
         raise ValueError(f"freezeout: unknown scaling {scaling!r}; valid: {', '.join(SCALINGS)}.")
+    train_bn = _checks.flag("freezeout: train_bn", train_bn)
     if isinstance(t0, bool) or not isinstance(t0, int | float | np.number) or not 0 < t0 <= 1:
         raise ValueError(f"freezeout: t0 must be a number in (0, 1], got {t0!r}.")
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:

@@ -7,7 +7,7 @@ optimizer, learning-rate schedules included.
 """
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -98,20 +98,46 @@ def layerwise_decay(layers: Sequence[str | Sequence[str]], decay: float) -> dict
     Returns:
       `{group: multiplier}` for `scale_by_group`, in the order of `layers`.
 
+    Raises:
+      TypeError: `decay` is no number, `layers` no sequence, or a layer
+        neither a group name nor a sequence of them.
+      ValueError: `decay` outside (0, 1], an empty layer, or a group named
+        twice.
+
     >>> layerwise_decay([("embedding", "cls"), "block_0", "block_1", "head"], 0.5)
     {'embedding': 0.125, 'cls': 0.125, 'block_0': 0.25, 'block_1': 0.5, 'head': 1.0}
     """
-    if isinstance(decay, int | float) and not isinstance(decay, bool) and not 0 < decay <= 1:
+    value = _checks.number("decay", decay)  # numpy and JAX scalars too
+    if not 0 < value <= 1:
         raise ValueError(f"decay must be in (0, 1], got {decay!r}; 0.65-0.75 is usual.")
-    decay = _checks.positive("decay", decay)
-    if isinstance(layers, str) or not isinstance(layers, Iterable):
+    if isinstance(layers, str | Mapping) or not isinstance(layers, Iterable):
         raise TypeError(
-            f"layers must be a sequence of groups (or tuples of groups), got {layers!r}."
+            "layers must be a sequence of groups (or tuples of groups), input to output, "
+            f"e.g. [('embedding', 'cls'), 'block_0', 'head']; got {_checks.given(layers)}."
         )
-    layers = [(layer,) if isinstance(layer, str) else tuple(layer) for layer in layers]
-    _checks.groups([g for layer in layers for g in layer])  # unique, non-empty names
+    layers = [_layer(i, layer) for i, layer in enumerate(layers)]
+    _checks.groups([g for layer in layers for g in layer], "layers")  # unique, non-empty
     n = len(layers)
+    decay = value
     return {g: decay ** (n - 1 - i) for i, layer in enumerate(layers) for g in layer}
+
+
+def _layer(i: int, layer: Any) -> tuple[str, ...]:
+    """Layer `i` of `layerwise_decay` as a tuple of groups."""
+    if isinstance(layer, str):
+        return (layer,)
+    if isinstance(layer, Mapping) or not isinstance(layer, Iterable):
+        raise TypeError(
+            f"layers[{i}] must be a group name or a tuple of group names, got "
+            f"{_checks.given(layer)}."
+        )
+    layer = tuple(layer)
+    if not layer:
+        raise ValueError(
+            f"layers[{i}] is empty: each layer names at least one group (an empty one would "
+            "shift every layer below it by a factor of decay)."
+        )
+    return layer
 
 
 def freeze_below(multipliers: MultipliersLike, threshold: float) -> "_spec.FreezeSpec":

@@ -165,3 +165,43 @@ def test_bad_files(tmp_path, content, params, error, match):
         _write(path, _source())
     with pytest.raises(error, match=match):
         load_big_vision_npz(path, params if params is not None else _shapes(_tiny()))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("npy", r"it is a single-array .npy file \(np.save\)"),
+        (b"not a zip", r"it is not a zip archive"),
+        ("dir", r"is a directory; give the path of a big_vision .npz file"),
+    ],
+)
+def test_files_that_are_no_npz_say_what_they_are(tmp_path, content, match):
+    path = tmp_path / "vit.npz"
+    if content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif content == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        load_big_vision_npz(path, _shapes(_tiny()))
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "match"),
+    [
+        (None, "shapes", r"path must be the path of a local .npz file .*got NoneType None"),
+        (["vit.npz"], "shapes", r"path must be .*got list \['vit.npz'\]"),
+        ("file", "params", r"params must be the target ViT's parameters.*got str 'params'"),
+        ("file", None, r"params must be the target ViT's parameters.*got NoneType None"),
+        ("shapes", "file", r"path must be .*got dict .*\(path, params\): were they swapped"),
+    ],
+    ids=["path-none", "path-list", "params-string", "params-none", "swapped"],
+)
+def test_wrong_argument_types(tmp_path, path, params, match):
+    file = _write(tmp_path / "vit.npz", _source())
+    given = {"file": file, "shapes": _shapes(_tiny())}
+    path, params = (given.get(x, x) if isinstance(x, str) else x for x in (path, params))
+    with pytest.raises(TypeError, match=match):
+        load_big_vision_npz(path, params)

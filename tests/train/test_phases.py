@@ -213,6 +213,50 @@ def test_bad_input():
         _linen(MLP(), lf.schedules.gradual_unfreezing(["stem", "body", "head"]), steps_per_epoch=0)
 
 
+SMALL = {g: {"w": jnp.ones(2)} for g in ("stem", "body", "head")}
+
+
+def _build_tx(phase, previous):
+    return lf.freeze(optax.adam(1e-2), phase.spec, previous=previous)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"build": optax.adam(1e-2)}, TypeError, r"build must be a function .*got an optax opt"),
+        ({"build": "make_steps"}, TypeError, r"build must be a function .*got str 'make_steps'"),
+        ({"params": "params"}, TypeError, r"params must be the parameter pytree .*got str"),
+        ({"params": None}, TypeError, r"params must be the parameter pytree .*got NoneType"),
+        ({"steps_per_epoch": 2.5}, TypeError, r"steps_per_epoch must be an integer, got float"),
+        ({"steps_per_epoch": "10"}, TypeError, r"steps_per_epoch must be an integer, got str"),
+        ({"prefix_groups": "stem"}, TypeError, r"prefix_groups must be a sequence .*got str"),
+    ],
+    ids=["optimizer", "string", "params-string", "params-none", "float", "string-count", "prefix"],
+)
+def test_construction_names_the_wrong_argument(kwargs, error, match):
+    schedule = lf.schedules.gradual_unfreezing(["stem", "body", "head"])  # counts epochs
+    args = {"build": _build_tx, "params": SMALL, "steps_per_epoch": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        train.Phases(schedule, args.pop("build"), **args)
+
+
+@pytest.mark.parametrize(
+    ("step", "state", "error", "match"),
+    [
+        (2.5, "ok", TypeError, r"step must be an integer, got float 2.5"),
+        ("3", "ok", TypeError, r"step must be an integer, got str '3'"),
+        (3, None, TypeError, r"takes the train state.*got NoneType None, which has no params"),
+        (3, {"params": SMALL}, TypeError, r"got dict .*which has no params, opt_state, replace"),
+    ],
+)
+def test_update_names_a_wrong_step_or_state(step, state, error, match):
+    phases = train.Phases(SCHEDULE, _build_tx, params=SMALL)
+    if state == "ok":
+        state = train_state.TrainState.create(apply_fn=None, params=SMALL, tx=phases.tx())
+    with pytest.raises(error, match=match):
+        phases.update(step, state)
+
+
 def test_frozen_prefix_changes_are_reported_for_a_feature_cache():
     phases, variables = _linen(MLP(), SCHEDULE, prefix_groups=("stem", "body"))
     state = phases.init_state(variables, jax.random.key(1))

@@ -290,3 +290,21 @@ def test_options_as_one_object_or_as_keywords_build_the_same_steps():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match=r"unknown option\(s\) 'lr'; valid options: loss_fn, "):
         train.make_steps(None, optax.sgd(0.1), "stem", params, loss_fn=loss_fn, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"loss_fn": "mse"}, r"option loss_fn must be a function .*got str 'mse'"),
+        ({"preprocess": "normalize"}, r"option preprocess must be a function .*got str"),
+        ({"inputs": 3}, r"option inputs must be the batch key .*got int 3"),
+        ({"train_kwargs": True}, r"option train_kwargs must be a dict .*got bool True"),
+        ({"grad_norm": "yes"}, r"option grad_norm must be True or False, got str 'yes'"),
+    ],
+)
+def test_options_of_the_wrong_type_fail_when_given(fields, match):
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(TypeError, match=match):
+        train.make_steps(None, optax.sgd(0.1), "none", params, **fields)
+    with pytest.raises(TypeError, match=match):
+        train.StepOptions(**fields)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from layerfreeze import _checks
 from layerfreeze.models.vit import stack_blocks, unstack_blocks
 
 __all__ = ["load_big_vision_npz"]
@@ -41,6 +43,7 @@ _SHOW = 8  # How many offending keys an error lists per kind.
 _PREFIX = "params/"
 _STACKED_PREFIX = "Transformer/encoderblock/"
 _UNROLLED = re.compile(r"encoderblock_\d+")
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def load_big_vision_npz(path: str | os.PathLike, params: Any) -> dict[str, Any]:
@@ -72,6 +75,7 @@ def load_big_vision_npz(path: str | os.PathLike, params: Any) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
+        TypeError: If ``path`` is not a str or path, or ``params`` not a nested dict.
         ValueError: If the file is not an ``.npz`` of ViT parameters, a position embedding
             grid is not square and differs from the target's, or the checkpoint does not
             fit ``params`` (the message lists the keys and shapes that differ).
@@ -94,6 +98,7 @@ def load_big_vision_npz(path: str | os.PathLike, params: Any) -> dict[str, Any]:
         >>> loaded["Transformer"]["encoderblock"]["MlpBlock_3"]["Dense_0"]["kernel"].shape
         (2, 32, 64)
     """
+    _check_arguments(path, params)
     target = traverse_util.flatten_dict(_plain(params), sep="/")
     if not any(k.startswith("Transformer/") for k in target):
         raise ValueError(
@@ -121,6 +126,22 @@ def load_big_vision_npz(path: str | os.PathLike, params: Any) -> dict[str, Any]:
     return traverse_util.unflatten_dict(out, sep="/")
 
 
+def _check_arguments(path: Any, params: Any) -> None:
+    swapped = isinstance(path, Mapping) and isinstance(params, str | os.PathLike)
+    hint = " The arguments are (path, params): were they swapped?" if swapped else ""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            "path must be the path of a local .npz file (a str or os.PathLike), got "
+            f"{_checks.given(path)}.{hint}"
+        )
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            "params must be the target ViT's parameters, a nested dict such as "
+            "variables['params'] or jax.eval_shape(model.init, ...)['params'], got "
+            f"{_checks.given(params)}.{hint}"
+        )
+
+
 def _plain(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _plain(v) for k, v in tree.items()}
@@ -130,6 +151,16 @@ def _plain(tree: Any) -> Any:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; give a local big_vision .npz file.")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give the path of a big_vision .npz file.")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            npy = f.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+        what = "a single-array .npy file (np.save)" if npy else "not a zip archive"
+        raise ValueError(
+            f"Cannot read {path} as an .npz checkpoint: it is {what}. An .npz checkpoint is "
+            "a zip of named arrays, written by np.savez with one array per parameter path."
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             flat = {k: npz[k] for k in npz.files}

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from layerfreeze import _batchnorm, _blocks, _freeze, _grad, _nnx, _plan, _spec
+from layerfreeze import _batchnorm, _blocks, _checks, _freeze, _grad, _nnx, _plan, _spec
 
 __all__ = [
     "LossFn",
@@ -215,6 +215,31 @@ class StepOptions:
     mesh: Mesh | None = None
     donate: bool = True
     compiler_options: Mapping[str, Any] | None = None
+
+    def __post_init__(self):
+        # The functions and keywords are first used while tracing the step, where a
+        # wrong type fails far from here.
+        for name in ("loss_fn", "preprocess", "preprocess_eval"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(
+                    f"make_steps option {name} must be a function (or None for the default), "
+                    f"got {_checks.given(value)}."
+                )
+        if not (isinstance(self.inputs, str) or callable(self.inputs)):
+            raise TypeError(
+                "make_steps option inputs must be the batch key of the model's input (e.g. "
+                f"'image') or a function batch -> input, got {_checks.given(self.inputs)}."
+            )
+        for name in ("train_kwargs", "eval_kwargs", "compiler_options"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise TypeError(
+                    f"make_steps option {name} must be a dict (of keyword arguments or "
+                    f"options) or None, got {_checks.given(value)}."
+                )
+        for name in ("grad_norm", "donate"):
+            _checks.flag(f"make_steps option {name}", getattr(self, name))
 
     @classmethod
     def of(cls, options: "StepOptions | None", fields: Mapping[str, Any]) -> "StepOptions":

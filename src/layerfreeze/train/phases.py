@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from layerfreeze import _batchnorm, _freeze, _nnx, _plan, _spec, _transfer, schedules
+from layerfreeze import _batchnorm, _checks, _freeze, _nnx, _plan, _spec, _transfer, schedules
 
 __all__ = ["PhaseChange", "Phases"]
 
@@ -120,7 +120,10 @@ class Phases:
     Raises:
       ValueError: a phase's spec does not fit `params` (a rule matches no
         parameter), or the schedule counts epochs and `steps_per_epoch` is
-        missing.
+        missing or below 1.
+      TypeError: `schedule` is no `FreezeSchedule`, `build` is not callable,
+        `params` is no parameter pytree, `steps_per_epoch` is no integer, or
+        `prefix_groups` is no sequence of group names.
     """
 
     def __init__(
@@ -140,14 +143,18 @@ class Phases:
                 f"{type(schedule).__name__}; build one with layerfreeze.schedules."
                 "parse_schedule, gradual_unfreezing, fine_tune, ..."
             )
+        _check_build(build)
         _freeze.check_method(method)
-        if schedule.unit == "epoch":
-            if steps_per_epoch is None or isinstance(steps_per_epoch, bool):
-                raise ValueError(
-                    "This schedule counts epochs: pass steps_per_epoch (steps in one epoch)."
-                )
-            if int(steps_per_epoch) < 1:
+        if schedule.unit == "epoch" and steps_per_epoch is None:
+            raise ValueError(
+                "This schedule counts epochs: pass steps_per_epoch (steps in one epoch)."
+            )
+        if steps_per_epoch is not None:
+            steps_per_epoch = _checks.count("steps_per_epoch", steps_per_epoch)
+            if steps_per_epoch < 1:
                 raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}.")
+        if prefix_groups is not None:
+            prefix_groups = _checks.groups(prefix_groups, "prefix_groups", empty=True)
         self.schedule = schedule
         self.build = build
         # An NNX model's BatchNorm layers are named by type in its specs, as
@@ -156,10 +163,10 @@ class Phases:
             _batchnorm.batchnorm_modules(params) if isinstance(params, nnx.Module) else ()
         )
         self.params = _nnx.as_params(params)
-        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
         self.method = method
         self.mesh = mesh
-        self.prefix_groups = None if prefix_groups is None else tuple(prefix_groups)
+        self.prefix_groups = prefix_groups
         for index in range(len(schedule.phases)):  # every spec must fit, before any work
             self.plan(index)
         self._cache: dict[Any, Any] = {}
@@ -289,7 +296,13 @@ class Phases:
           `(steps, state, change)`: the current phase's steps, the state (with
           the carried-over optimizer state after a change), and a
           `PhaseChange` or None.
+
+        Raises:
+          TypeError: `step` is no integer or `state` no train state.
+          ValueError: `step` is negative.
         """
+        step = _checks.count("Phases.update: step", step)
+        _check_state(state)
         wanted = self.index_at(step)
         if wanted == self.current:
             return self.steps(), state, None
@@ -369,6 +382,32 @@ class Phases:
             )
         self.current = index
         return index
+
+
+def _check_build(build: Any) -> None:
+    if callable(build):
+        return
+    usage = (
+        "build must be a function (phase, previous_specs) -> steps, e.g. lambda phase, "
+        "previous: train.make_steps(model, optimizer, phase.spec, params, previous=previous)"
+    )
+    if isinstance(build, optax.GradientTransformation):
+        raise TypeError(
+            f"{usage}; got an optax optimizer. For a loop with a step of its own: lambda "
+            "phase, previous: layerfreeze.freeze(optimizer, phase.spec, previous=previous)."
+        )
+    raise TypeError(f"{usage}; got {_checks.given(build)}.")
+
+
+def _check_state(state: Any) -> None:
+    missing = [a for a in ("params", "opt_state", "replace") if not hasattr(state, a)]
+    if missing:
+        raise TypeError(
+            "Phases.update takes the train state: anything with params and opt_state fields "
+            "and a replace method (train.TrainState, flax.training.train_state.TrainState), "
+            f"e.g. from phases.init_state(...); got {_checks.given(state)}, which has no "
+            f"{', '.join(missing)}."
+        )
 
 
 _FRESH = "Resume with the settings it was saved with, or start a fresh run in another workdir."
