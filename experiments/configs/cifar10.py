@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment = True  # random crop (pad 4) + horizontal flip, on device
 
     # Model.
-    config.model = "resnet18"  # resnet18 | resnet34 | resnet50 | vit_ti4 | vit_s4 | ...
+    config.model = "resnet18"  # resnet10 | resnet18 | resnet34 | resnet50 | vit_ti4 | vit_s4 | ...
     # ResNets only:
     config.stem = "cifar"  # cifar (3x3, no max-pool) | imagenet (7x7 + max-pool)
     config.width = 64  # base channels (64 = the standard ResNet)

@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def tiny_config(**overrides):
     config = default_config.get_config()
     config.dataset = "synthetic"
+    config.model = "resnet10"  # half of ResNet-18's depth: half its tracing and compiling
     config.synthetic_train_size = 64
     config.synthetic_test_size = 24
     config.width = 4
@@ -174,7 +175,10 @@ def _run_cli(*args, cwd):
             ["--config.dataset=imagenet"],
             "Unknown dataset 'imagenet'; valid: cifar10, cifar100, synthetic",
         ),
-        (["--config.model=vgg"], "Unknown model 'vgg'; valid: resnet18, resnet34, resnet50"),
+        (
+            ["--config.model=vgg"],
+            "Unknown model 'vgg'; valid: resnet10, resnet18, resnet34, resnet50",
+        ),
         (
             ["--config.init_from=does/not/exist"],
             "does not exist; give the workdir of an earlier run",

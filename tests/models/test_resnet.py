@@ -237,12 +237,13 @@ def test_eval_mode_batch_stats_unchanged():
 
 
 def test_create_model_names():
-    assert MODEL_NAMES == ("resnet18", "resnet34", "resnet50")
+    assert MODEL_NAMES == ("resnet10", "resnet18", "resnet34", "resnet50")
     for name in MODEL_NAMES:
         model = create_model(name, num_classes=3, stem="cifar")
         assert (model.num_classes, model.stem) == (3, "cifar")
     assert create_model("resnet50", num_classes=3).block == "bottleneck"
     assert resnet50(3).stage_sizes == (3, 4, 6, 3)
+    assert create_model("resnet10", num_classes=3).stage_sizes == (1, 1, 1, 1)
 
 
 def test_stage_sizes_list_is_stored_as_tuple():
@@ -253,7 +254,9 @@ def test_stage_sizes_list_is_stored_as_tuple():
 
 
 def test_create_model_unknown_name():
-    with pytest.raises(ValueError, match=r"'resnet101'.*\['resnet18', 'resnet34', 'resnet50'\]"):
+    with pytest.raises(
+        ValueError, match=r"'resnet101'.*\['resnet10', 'resnet18', 'resnet34', 'resnet50'\]"
+    ):
         create_model("resnet101", num_classes=10)
 
 

@@ -12,6 +12,7 @@ nn = torch.nn
 
 from layerfreeze.models import (  # noqa: E402
     load_torchvision_resnet,
+    resnet10,
     resnet18,
     resnet34,
     resnet50,
@@ -249,6 +250,13 @@ def test_wrong_model_lists_offending_keys(tmp_path):
         ValueError, match=r"torchvision resnet50.*Missing keys \(165\): \['layer1.0.bn3.bias'"
     ):
         load_torchvision_resnet(path, resnet50(1000))
+    # torchvision has no ResNet-10: the message names its layout, not a torchvision model.
+    with pytest.raises(
+        ValueError,
+        match=r"of ResNet\(stage_sizes=\(1, 1, 1, 1\), block='basic', width=64\)\. "
+        r"Unused keys \(\d+\): \['layer1.1",
+    ):
+        load_torchvision_resnet(path, resnet10(1000))
 
 
 def test_data_parallel_prefix_hint(tmp_path):

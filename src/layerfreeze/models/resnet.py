@@ -35,6 +35,7 @@ __all__ = [
     "STEMS",
     "ResNet",
     "create_model",
+    "resnet10",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -52,7 +53,7 @@ STEMS: tuple[str, ...] = ("cifar", "imagenet")
 HEADS: tuple[str, ...] = ("linear", "mlp")
 """Classifier head kinds: one ``Dense`` layer, or ``Dense -> relu -> dropout -> Dense``."""
 
-MODEL_NAMES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
+MODEL_NAMES: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50")
 """Names accepted by :func:`create_model`."""
 
 _EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -364,6 +365,24 @@ def _check_group(what: str, group: Any, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{what} must be one of {list(valid)}; got {group!r}.")
 
 
+def resnet10(num_classes: int, **kw: Any) -> ResNet:
+    """ResNet-10: basic blocks, one per stage, ``(1, 1, 1, 1)``.
+
+    Half of ResNet-18's depth with the same groups and widths: it traces and
+    compiles in about half the time, for quick runs and smoke tests.
+    torchvision has no ResNet-10, so there are no torchvision weights for it.
+
+    Args:
+        num_classes: Number of output logits.
+        **kw: Further :class:`ResNet` attributes (``stem``, ``width``, ``head``, ...).
+
+    Example:
+        >>> resnet10(10, stem="cifar").stage_sizes
+        (1, 1, 1, 1)
+    """
+    return ResNet(stage_sizes=(1, 1, 1, 1), block="basic", num_classes=num_classes, **kw)
+
+
 def resnet18(num_classes: int, **kw: Any) -> ResNet:
     """ResNet-18: basic blocks, stages ``(2, 2, 2, 2)``.
 
@@ -406,14 +425,16 @@ def resnet50(num_classes: int, **kw: Any) -> ResNet:
     return ResNet(stage_sizes=(3, 4, 6, 3), block="bottleneck", num_classes=num_classes, **kw)
 
 
-_FACTORIES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+_FACTORIES = {
+    "resnet10": resnet10,
+    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 
 
 def create_model(name: str, *, num_classes: int, **kw: Any) -> ResNet:
     """Builds the ResNet called ``name``, one of :data:`MODEL_NAMES`.
 
     Args:
-        name: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        name: ``"resnet10"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
         num_classes: Number of output logits.
         **kw: Further :class:`ResNet` attributes (``stem``, ``width``, ``head``, ...).
 

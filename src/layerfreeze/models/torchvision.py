@@ -35,6 +35,7 @@ _INSTALL_HINT = 'pip install "layerfreeze[torch]"'
 _TORCH_SUFFIXES = (".pth", ".pt")
 _SAFETENSORS_SUFFIXES = (".safetensors",)
 _SHOW = 5  # How many offending keys an error lists.
+_TORCHVISION_NAMES = tuple(name for name in MODEL_NAMES if name != "resnet10")  # no ResNet-10
 
 _BN_LEAVES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
@@ -259,7 +260,7 @@ def _torch_key(flax_path: tuple[str, ...]) -> tuple[str, Callable[[np.ndarray], 
 
 
 def _describe(model: ResNet) -> str:
-    for name in MODEL_NAMES:
+    for name in _TORCHVISION_NAMES:
         reference = create_model(name, num_classes=model.num_classes)
         if (tuple(model.stage_sizes), model.block, model.width) == (
             reference.stage_sizes,
