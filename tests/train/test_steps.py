@@ -221,9 +221,9 @@ _PARALLEL = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from layerfreeze import train
-    from layerfreeze.models import resnet18
+    from layerfreeze.models import resnet10
 
-    model = resnet18(10, stem="cifar", width=4)
+    model = resnet10(10, stem="cifar", width=4)
     variables = model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False)
     r = np.random.RandomState(0)
     batches = [{"image": r.randint(0, 255, (8, 16, 16, 3)).astype(np.uint8),
