@@ -8,8 +8,9 @@ r"""Transfer learning on CIFAR with layer freezing: the command line.
 This file reads the flags; the work is `cifar_train.train_and_evaluate(config,
 workdir)`. A run writes to its workdir: Orbax checkpoints (restarting with the
 same `--workdir` resumes), `metrics.jsonl`, `config.json` and `curves.png`.
-Bad input ends the run with one `error:` line (exit code 2); divergence with
-one `error:` line (exit code 1).
+Bad input ends the run with one `error:` line (exit code 2); divergence, and
+an environment that stops the run (a full disk, a path it may not write or
+read), with one `error:` line (exit code 1) that says what remains to resume.
 """
 
 import pathlib
@@ -134,6 +135,9 @@ def main(argv: list[str]) -> None:
         _exit_usage(str(e))
     except cifar_train.Diverged as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # no space, no permission: the run stops, nothing saved is lost
+        print(f"error: {cifar_train.environment_message(e, workdir)}", file=sys.stderr)
         sys.exit(1)
 
 

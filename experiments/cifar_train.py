@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import pathlib
+import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -43,9 +44,17 @@ from layerfreeze import auto, lr, models, schedules, train
 from layerfreeze.train import checkpoint, data, features, metrics, platform, pretrained
 from layerfreeze.train.workdir import WorkdirBusyError, WorkdirLock
 
-__all__ = ["Diverged", "UsageError", "train_and_evaluate", "validate_config"]
+__all__ = [
+    "Diverged",
+    "UsageError",
+    "environment_message",
+    "train_and_evaluate",
+    "validate_config",
+]
 
 OPTIMIZERS = ("adamw", "sgd")
+# The values of a test row that a finished run reports again.
+_RESULT_FIELDS = ("accuracy", "loss")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -596,9 +605,25 @@ def _check_feature_caching(
 
 
 def _final_test_row(path: pathlib.Path, step: int) -> dict[str, Any] | None:
-    """The test row a finished run wrote at `step`, if its metrics hold one."""
+    """The test row a finished run wrote at `step`, if its metrics hold a readable one."""
     rows = metrics.read_rows(path) if path.exists() else []
-    return next((r for r in reversed(rows) if r["split"] == "test" and r["step"] == step), None)
+    row = next((r for r in reversed(rows) if r.get("split") == "test" and r["step"] == step), None)
+    if row is None:
+        return None
+    bad = {k: row.get(k) for k in _RESULT_FIELDS if not _is_number(row.get(k))}
+    if bad:
+        given = ", ".join(f"{k} {v!r}" for k, v in bad.items())
+        print(
+            f"warning: the test row of {path} at step {step} holds {given}, not numbers; "
+            "evaluating the final checkpoint again.",
+            file=sys.stderr,
+        )
+        return None
+    return row
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _frozen_groups(
@@ -1194,9 +1219,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     validate_config(config)
     workdir_path = pathlib.Path(workdir)
+    created = not workdir_path.exists()
     _check_workdir(workdir_path)
-    with _one_run(workdir_path):
-        return _train(config, workdir_path)
+    try:
+        with _one_run(workdir_path):
+            return _train(config, workdir_path)
+    except BaseException:
+        if created:
+            _remove_if_unused(workdir_path)
+        raise
+
+
+def environment_message(error: OSError, workdir: str) -> str:
+    """One line for a run stopped by its environment (no space, no permission)."""
+    step = _newest_step(pathlib.Path(workdir) / "checkpoints")
+    then = f"it resumes from checkpoint step {step}" if step is not None else "it starts afresh"
+    if isinstance(error, checkpoint.CheckpointWriteError):  # says what was kept
+        return f"{error} Fix that and run the same command again: {then}."
+    what = error.strerror or str(error)
+    where = f": {error.filename}" if error.filename else ""
+    return (
+        f"{what.rstrip('.')}{where}. Nothing saved was lost: fix that and run the same "
+        f"command again: {then}."
+    )
+
+
+def _newest_step(directory: pathlib.Path) -> int | None:
+    """The newest finished step directory under `directory`, read without Orbax."""
+    try:
+        steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    except OSError:
+        return None
+    return max(steps, default=None)
+
+
+def _remove_if_unused(path: pathlib.Path) -> None:
+    """Removes a workdir that a failed run created and left with no file but its lock."""
+    try:
+        files = [p for p in path.rglob("*") if not p.is_dir() and p.name != ".lock"]
+        if not files:
+            shutil.rmtree(path)
+    except OSError:
+        pass  # leaving an empty directory behind is harmless
 
 
 def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """End-to-end runs of `experiments/cifar.py` on tiny models and data."""
 
+import errno
 import json
 import os
 import pathlib
@@ -37,6 +38,24 @@ def tiny_config(**overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+# The fields tiny_config sets, for a command line that runs the same config.
+_TINY_FIELDS = (
+    "dataset",
+    "model",
+    "synthetic_train_size",
+    "synthetic_test_size",
+    "width",
+    "batch_size",
+    "num_train_steps",
+    "warmup_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "progress",
+    "plot",
+)
 
 
 def _rows(workdir):
@@ -210,6 +229,7 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # a failed run leaves no empty workdir behind
 
 
 def test_resume_with_another_spec_names_both_and_changes_nothing(tmp_path):
@@ -312,13 +332,24 @@ def test_divergence_stops_at_the_step_and_saves_nothing_non_finite(tmp_path):
 
 
 def test_finished_run_rerun_changes_nothing(tmp_path, capsys):
-    first = cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    config = tiny_config(num_train_steps=3, plot=True)
+    first = cifar.train_and_evaluate(config, str(tmp_path))
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     capsys.readouterr()
-    again = cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+    again = cifar.train_and_evaluate(config, str(tmp_path))
     assert "already finished at step 3" in capsys.readouterr().out
     assert again["accuracy"] == first["accuracy"]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    # A final test row that holds no numbers (edited by hand, say) is evaluated again.
+    rows = _rows(tmp_path)
+    rows[-1] = {**rows[-1], "accuracy": "n/a"}
+    assert rows[-1]["split"] == "test" and rows[-1]["step"] == 3
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    repaired = cifar.train_and_evaluate(config, str(tmp_path))
+    out, err = capsys.readouterr()
+    assert "holds accuracy 'n/a', not numbers; evaluating the final checkpoint again" in err
+    assert "final test accuracy" in out and repaired["accuracy"] == first["accuracy"]
+    assert _rows(tmp_path)[-1] == _rows(tmp_path)[-1] | {"accuracy": first["accuracy"]}
 
 
 def test_frozen_random_layers_are_announced_and_recorded(tmp_path, capsys):
@@ -360,6 +391,40 @@ def test_a_second_run_in_a_workdir_is_refused_in_one_line(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
 
 
+_FULL_DISK = """
+import pathlib, runpy, shutil, sys
+usage = shutil.disk_usage
+shutil.disk_usage = lambda path: usage(path)._replace(free=1000)  # a full disk
+script = pathlib.Path(sys.argv[1])
+sys.path.insert(0, str(script.parent))
+sys.argv = sys.argv[1:]
+runpy.run_path(str(script), run_name="__main__")
+"""
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(num_train_steps=3, checkpoint_every=3)
+    flags = [f"--workdir={run}", *(f"--config.{k}={config[k]}" for k in _TINY_FIELDS)]
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(ROOT / "experiments" / "cifar.py"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: No space for checkpoint step 3 in {run / 'checkpoints'}: ")
+    assert error.endswith(
+        "Nothing was written; there is no earlier checkpoint. Fix that and run the same "
+        "command again: it starts afresh."
+    )
+    assert not list((run / "checkpoints").iterdir())
+    assert [r["step"] for r in _rows(run)] == [2, 3]  # the train rows logged before the save
+
+
 def test_a_config_that_lacks_fields_is_one_clear_error(tmp_path):
     import ml_collections
 
@@ -368,3 +433,18 @@ def test_a_config_that_lacks_fields_is_one_clear_error(tmp_path):
     with pytest.raises(cifar.UsageError, match=r"lacks field\(s\) auto.interval, freeze_method\."):
         cifar.train_and_evaluate(ml_collections.ConfigDict(fields), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_environment_error_anywhere_is_one_line_naming_the_resume_step(tmp_path):
+    (tmp_path / "checkpoints" / "6").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp").mkdir()
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    assert cifar.environment_message(full, str(tmp_path)) == (
+        f"No space left on device: {tmp_path / 'metrics.jsonl'}. Nothing saved was lost: fix "
+        "that and run the same command again: it resumes from checkpoint step 6."
+    )
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "config.json"))
+    assert cifar.environment_message(denied, str(tmp_path / "fresh")).endswith(
+        "config.json. Nothing saved was lost: fix that and run the same command again: it "
+        "starts afresh."
+    )

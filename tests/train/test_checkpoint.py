@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -652,3 +653,112 @@ def test_restore_arrays_latest_intact_all_damaged_or_missing_keys(ckpt_dir):
         assert info.value.moved_to == {}
         assert ckpt.all_steps() == [10, 20]
     assert _listing(ckpt_dir) == before
+
+
+# The environment: linked steps, no space, no permission.
+
+
+def test_a_linked_older_step_is_pruned_by_removing_the_link_only(ckpt_dir, tmp_path):
+    _save_10_and_20(ckpt_dir)  # max_to_keep=3
+    archive = tmp_path / "archive" / "10"
+    archive.parent.mkdir()
+    (ckpt_dir / "10").rename(archive)
+    (ckpt_dir / "10").symlink_to(archive, target_is_directory=True)
+    with Checkpointer(ckpt_dir, max_to_keep=2) as ckpt:
+        assert ckpt.all_steps() == [10, 20]
+        np.testing.assert_array_equal(
+            ckpt.restore_arrays(("params",), step=10)["params"]["w"], _small(10)["params"]["w"]
+        )
+        ckpt.save(30, _small(30), metadata={"step": 30})
+        assert ckpt.all_steps() == [20, 30]
+        ckpt.save(40, _small(40), metadata={"step": 40}, force=True)
+    assert not (ckpt_dir / "10").exists() and not (ckpt_dir / "10").is_symlink()
+    assert (archive / "state").is_dir()  # what the link pointed to is left alone
+
+
+def test_a_step_that_does_not_fit_is_refused_before_anything_is_written(ckpt_dir, monkeypatch):
+    import shutil as real_shutil
+
+    from layerfreeze.train import checkpoint
+
+    _save_10_and_20(ckpt_dir)
+    before = _listing(ckpt_dir)
+    usage = real_shutil.disk_usage(ckpt_dir)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(checkpoint.CheckpointWriteError) as info:
+            ckpt.save(30, _small(30), metadata={"step": 30})
+        assert ckpt.all_steps() == [10, 20]
+    assert info.value.errno == errno.ENOSPC
+    message = str(info.value)
+    assert "\n" not in message
+    assert (
+        f"No space for checkpoint step 30 in {ckpt_dir}: it needs about 2.1 KiB and 1000 B is free"
+        in message
+    )
+    assert "Nothing was written; the newest checkpoint is still step 20." in message
+    assert _listing(ckpt_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("code", "strerror"),
+    [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")],
+)
+def test_a_write_that_fails_for_the_environment_keeps_nothing_of_the_step(
+    ckpt_dir, monkeypatch, code, strerror
+):
+    from layerfreeze.train import checkpoint
+
+    _save_10_and_20(ckpt_dir)
+    before = _listing(ckpt_dir)
+    with Checkpointer(ckpt_dir) as ckpt:
+
+        def failing_save(step, *args, **kwargs):
+            # What Orbax leaves and raises when TensorStore's write fails midway.
+            (ckpt_dir / f"{step}{TMP_SUFFIX}" / "state").mkdir(parents=True)
+            (ckpt_dir / f"{step}{TMP_SUFFIX}" / "state" / "part").write_bytes(b"x" * 10)
+            raise ValueError(
+                f'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database: Failed '
+                f"to write 2048 bytes to file 15: {strerror} [os_error_code='{code}']"
+            )
+
+        monkeypatch.setattr(ckpt._manager, "save", failing_save)
+        with pytest.raises(checkpoint.CheckpointWriteError) as info:
+            ckpt.save(30, _small(30), metadata={"step": 30})
+        assert ckpt.all_steps() == [10, 20]
+    assert info.value.errno == code
+    assert str(info.value) == (
+        f"Cannot write checkpoint step 30 in {ckpt_dir}: {strerror}. Nothing of step 30 was "
+        "kept; the newest checkpoint is still step 20."
+    )
+    assert _listing(ckpt_dir) == before  # the partial step is gone, the others untouched
+
+
+def test_a_failure_that_is_not_the_environment_is_raised_as_it_is(ckpt_dir, monkeypatch):
+    with Checkpointer(ckpt_dir) as ckpt:
+        monkeypatch.setattr(ckpt._manager, "save", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            ckpt.save(30, _small(30), metadata={"step": 30})
+
+
+def test_an_unreadable_step_is_not_damage_and_stays_in_place(ckpt_dir, monkeypatch):
+    _save_10_and_20(ckpt_dir)
+    unreadable = ckpt_dir / "20" / "state" / "_METADATA"
+    read_bytes = Path.read_bytes
+
+    def guarded(path):
+        if path == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", guarded)
+    target = jax.eval_shape(lambda: _small(20))
+    with Checkpointer(ckpt_dir) as ckpt:
+        with pytest.raises(PermissionError) as info:
+            ckpt.restore_latest_intact(lambda meta: target)
+        assert ckpt.all_steps() == [10, 20]
+    assert str(info.value).startswith(
+        f"[Errno 13] Cannot read checkpoint step 20 in {ckpt_dir}: Permission denied "
+        f"({unreadable}). It is not damaged and was left in place"
+    )
+    assert not (ckpt_dir.parent / "ckpt_damaged").exists()

@@ -427,7 +427,10 @@ def resnet50(num_classes: int, **kw: Any) -> ResNet:
 
 _FACTORIES = {
     "resnet10": resnet10,
-    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+}
 
 
 def create_model(name: str, *, num_classes: int, **kw: Any) -> ResNet:

@@ -21,8 +21,16 @@ directory after the rename: this protects against a dying process, not necessari
 against losing power.
 Pruning old steps (``max_to_keep``) happens only after the new step is renamed into
 place, so the newest checkpoint is never touched; a process killed while pruning
-can leave an *older* step half deleted (Orbax deletes it file by file).
-One process writes a directory at a time.
+can leave an *older* step half deleted (Orbax deletes it file by file). A step
+that is a symbolic link (to an archived copy, say) is pruned by removing the link;
+what it points to is left alone. One process writes a directory at a time.
+
+The environment: a save that needs more space than the filesystem has free is
+refused before anything is written, and a write that fails all the same (the disk
+filled meanwhile, a read-only or unwritable directory) leaves no partial step and
+raises :class:`CheckpointWriteError`, an ``OSError`` with a one-line message; the
+older steps stay as they were. A step that cannot be read for want of permission
+raises ``PermissionError``: it is not damage, and is never moved aside.
 
 Damage: a step whose files were later truncated, emptied or deleted (a full disk,
 a copy cut short, a person tidying up) cannot be read, and one whose stored bytes
@@ -41,9 +49,11 @@ falls back to the newest intact step.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -58,7 +68,7 @@ import tensorstore as ts
 
 from layerfreeze import _checks, _paths
 
-__all__ = ["CheckpointDamagedError", "Checkpointer"]
+__all__ = ["CheckpointDamagedError", "CheckpointWriteError", "Checkpointer"]
 
 PyTree = Any
 
@@ -76,6 +86,12 @@ _MAX_REASON = 200
 # a way our own comparison of leaf paths cannot see (a dict where a list was
 # saved, an empty node present on one side only): a mismatch, not damage.
 _ORBAX_STRUCTURE_MISMATCH = "structures do not match"
+# How TensorStore reports the OS error under a failed read or write.
+_TENSORSTORE_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
+# OS errors of the environment, not of the checkpoint: no space, no permission.
+_ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+)
 
 
 class CheckpointDamagedError(Exception):
@@ -101,6 +117,21 @@ class CheckpointDamagedError(Exception):
         self.moved_to = dict(moved_to or {})
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint step could not be written (no space, no permission); none of it is kept.
+
+    An ``OSError`` whose ``errno`` says why (``ENOSPC``, ``EACCES``, ``EROFS``, ...)
+    and whose message is one line naming the step, the directory and the steps
+    that remain.
+    """
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class Checkpointer:
     """Saves and restores training state with its JSON metadata, atomically.
 
@@ -111,7 +142,8 @@ class Checkpointer:
         directory: Directory that holds one subdirectory per saved step. Created
             if missing.
         max_to_keep: How many of the most recent steps to keep; older ones are
-            deleted after each save. ``None`` keeps every step.
+            deleted after each save (a step that is a symbolic link loses the
+            link only). ``None`` keeps every step.
 
     Raises:
         ValueError: If ``max_to_keep`` is not a positive integer or ``None``.
@@ -137,6 +169,7 @@ class Checkpointer:
             )
         self._directory = Path(directory).absolute()
         self._directory.mkdir(parents=True, exist_ok=True)
+        self._max_to_keep = max_to_keep
         _remove_unfinished_steps(self._directory)
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         registry.add(_STATE, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
@@ -146,7 +179,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self._directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
+                max_to_keep=None,  # pruned by `_prune`, which also handles linked steps
                 # Synchronous: `save` returns only once the step is renamed into place.
                 enable_async_checkpointing=False,
                 create=True,
@@ -189,6 +222,9 @@ class Checkpointer:
                 than the latest saved step.
             TypeError: If ``step`` is not an integer, or ``metadata`` is not a
                 mapping of JSON-serialisable values with string keys.
+            CheckpointWriteError: If the step needs more space than is free (checked
+                before writing), or writing it failed for want of space or
+                permission. Nothing of the step is kept; older steps are untouched.
         """
         step = _checks.count("step", step)
         metadata = _check_metadata(metadata)
@@ -200,20 +236,25 @@ class Checkpointer:
                 f"in {self._directory}; checkpoints are never overwritten. Save under a "
                 f"newer step, or pass force=True to delete steps {stale} first."
             )
+        self._check_space(step, state)
         for old in reversed(stale):
             # Newest first: an interruption leaves the older steps intact.
-            self._manager.delete(old)
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(stored)}
-            ),
-            # Our checks above replace Orbax's save-interval policy.
-            force=True,
-        )
+            self._delete(old)
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(stored)}
+                ),
+                # Our checks above replace Orbax's save-interval policy.
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(step, e) from e
         if not saved:
             raise RuntimeError(f"Orbax declined to save step {step} in {self._directory}.")
-        self._manager.wait_until_finished()
+        self._prune()
 
     def latest_step(self) -> int | None:
         """Returns the newest saved step, or ``None`` if there is none."""
@@ -503,7 +544,10 @@ class Checkpointer:
             item = self._step_path(step) / _STATE
         except ValueError as e:  # Orbax no longer finds the step's directory.
             raise self._damaged(step, "its directory is gone", e) from e
-        problem = _check_state_files(item)
+        try:
+            problem = _check_state_files(item)
+        except PermissionError as e:
+            raise self._damaged(step, f"cannot read its {_STATE!r} item", e) from e
         if problem:
             raise self._damaged(step, problem)
         try:
@@ -564,12 +608,72 @@ class Checkpointer:
 
     def _damaged(
         self, step: int, what: str, error: BaseException | None = None
-    ) -> CheckpointDamagedError:
+    ) -> CheckpointDamagedError | PermissionError:
+        """The error for a step that cannot be read: damage, unless permission is wanting."""
+        found = _os_error(error) if error is not None else None
+        if found is not None and found[0] in (errno.EACCES, errno.EPERM):
+            code, strerror, where = found
+            at = f" ({where})" if where else ""
+            return PermissionError(
+                code,
+                f"Cannot read checkpoint step {step} in {self._directory}: {strerror}{at}. "
+                "It is not damaged and was left in place; give this process read access "
+                "and run again",
+            )
         reason = f"{what}: {_one_line(error)}" if error is not None else what
         return CheckpointDamagedError(
             f"The checkpoint at step {step} in {self._directory} is damaged: {reason}.",
             [(step, reason)],
         )
+
+    def _check_space(self, step: int, state: PyTree) -> None:
+        needed = _stored_bytes(state)
+        free = shutil.disk_usage(self._directory).free
+        if needed > free:
+            raise CheckpointWriteError(
+                errno.ENOSPC,
+                f"No space for checkpoint step {step} in {self._directory}: it needs about "
+                f"{_size(needed)} and {_size(free)} is free. Nothing was written; "
+                f"{self._remaining()}",
+            )
+
+    def _write_error(self, step: int, error: Exception) -> Exception:
+        """`error` as a one-line CheckpointWriteError if the environment caused it."""
+        found = _os_error(error)
+        if found is None or found[0] not in _ENVIRONMENT_ERRNOS:
+            return error
+        code, strerror, where = found
+        _remove_unfinished_steps(self._directory)
+        self._manager.reload()
+        at = f" ({where})" if where else ""
+        return CheckpointWriteError(
+            code,
+            f"Cannot write checkpoint step {step} in {self._directory}: {strerror}{at}. "
+            f"Nothing of step {step} was kept; {self._remaining()}",
+        )
+
+    def _remaining(self) -> str:
+        steps = self.all_steps()
+        if not steps:
+            return "there is no earlier checkpoint."
+        return f"the newest checkpoint is still step {steps[-1]}."
+
+    def _prune(self) -> None:
+        if self._max_to_keep is None:
+            return
+        for old in self.all_steps()[: -self._max_to_keep]:
+            self._delete(old)
+
+    def _delete(self, step: int) -> None:
+        path = self._step_path(step)
+        if not path.is_symlink():
+            self._manager.delete(step)
+            return
+        if jax.process_index() == 0:
+            target = os.readlink(path)
+            path.unlink()
+            _log.info("Removed checkpoint step %d, a link to %s (left in place).", step, target)
+        self._manager.reload()
 
     def _step_path(self, step: int) -> Path:
         return Path(
@@ -628,6 +732,8 @@ def _check_state_files(item: Path) -> str:
             parsed = json.loads(path.read_bytes())
         except FileNotFoundError:
             return f"{name} is missing"
+        except PermissionError:
+            raise  # not damage: the caller says so
         except (OSError, ValueError) as e:
             return f"{name} is unreadable: {_one_line(e)}"
         layout = parsed if layout is None else layout
@@ -647,6 +753,46 @@ def _check_state_files(item: Path) -> str:
     except ValueError as e:
         return f"cannot read {_STATE}/: {_one_line(e)}"
     return ""
+
+
+def _stored_bytes(tree: PyTree) -> int:
+    """The bytes of array data this process writes for `tree`: one replica of each shard."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array):
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.replica_id == 0)
+        else:
+            total += np.asarray(leaf).nbytes
+    return total
+
+
+def _size(nbytes: int) -> str:
+    """`1.5 MiB`: bytes in the largest binary unit that keeps a number >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _os_error(error: BaseException) -> tuple[int, str, str] | None:
+    """`(errno, strerror, filename)` of the OS error under `error`, if one is there.
+
+    Follows the chain of causes; TensorStore (under Orbax) reports one as
+    `[os_error_code='28']` in its message rather than as an OSError.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno, error.strerror or os.strerror(error.errno), error.filename or ""
+        match = _TENSORSTORE_OS_ERROR.search(str(error))
+        if match:
+            code = int(match.group(1))
+            return code, os.strerror(code), ""
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _checksums(tree: PyTree) -> dict[str, str]:
