@@ -693,7 +693,7 @@ def test_a_step_that_does_not_fit_is_refused_before_anything_is_written(ckpt_dir
     message = str(info.value)
     assert "\n" not in message
     assert (
-        f"No space for checkpoint step 30 in {ckpt_dir}: it needs about 2.1 KiB and 1000 B is free"
+        f"No space for checkpoint step 30 in {ckpt_dir}: it needs about 2.0 KiB and 1000 B is free"
         in message
     )
     assert "Nothing was written; the newest checkpoint is still step 20." in message
