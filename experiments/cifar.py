@@ -14,6 +14,7 @@ read), with one `error:` line (exit code 1) that says what remains to resume.
 """
 
 import pathlib
+import re
 import sys
 
 import cifar_train  # this folder is on sys.path when the file runs as a script
@@ -27,15 +28,73 @@ from layerfreeze.train import platform
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "cifar10.py")
 
 
-def _config_fields(argv: list[str]) -> list[str]:
+def _config_path(argv: list[str]) -> str:
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    return path or _DEFAULT_CONFIG
+
+
+def _load_config(argv: list[str]) -> ml_collections.ConfigDict:
+    """The config file's `get_config()`, loaded without applying overrides."""
     import importlib.util
 
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    path = path or _DEFAULT_CONFIG
-    spec = importlib.util.spec_from_file_location("_config", path)
+    spec = importlib.util.spec_from_file_location("_config", _config_path(argv))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return list(module.get_config().keys())
+    return module.get_config()
+
+
+def _config_fields(argv: list[str]) -> list[str]:
+    return list(_load_config(argv).keys())
+
+
+def _config_help(argv: list[str]) -> str:
+    """Every `--config.*` field with its default and the config file's comment on it."""
+    path = _config_path(argv)
+    comments = _field_comments(pathlib.Path(path).read_text())
+    fields = dict(_flat(_load_config(argv)))
+    order = [name for name in comments if name in fields]
+    order += sorted(set(fields) - set(order))
+    lines = [f"Config fields, set with --config.<field>=<value> (defaults from {path}):"]
+    for name in order:
+        comment = f"  # {comments[name]}" if comments.get(name) else ""
+        lines.append(f"  {name} = {fields[name]!r}{comment}")
+    return "\n".join(lines)
+
+
+def _field_comments(source: str) -> dict[str, str]:
+    """`{field: comment}` in file order: a field's trailing comment, else the lines above it."""
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in source.splitlines():
+        field = re.match(r"\s*config\.([\w.]+)\s*=[^#]*(?:#\s*(.*))?$", line)
+        if field:
+            comments.setdefault(field.group(1), field.group(2) or " ".join(above))
+            above = []
+        elif line.strip().startswith("#"):
+            above.append(line.strip().lstrip("#").strip())
+        else:
+            above = []
+    return comments
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            items += _flat(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _print_help(argv: list[str]) -> None:
+    print(__doc__)
+    print(flags.FLAGS.main_module_help())
+    try:
+        print(_config_help(argv))
+    except Exception as e:  # the config file itself cannot be loaded
+        _exit_usage(_config_file_error(argv, e))
+    sys.exit(0)
 
 
 def _exit_usage(message: str) -> None:
@@ -60,8 +119,7 @@ def _bad_override(argv: list[str], error: Exception) -> None:
 
 
 def _config_file_error(argv: list[str], error: Exception) -> str:
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    path = path or _DEFAULT_CONFIG
+    path = _config_path(argv)
     if not pathlib.Path(path).is_file():
         return (
             f"--config={path!r} does not exist; give a config file such as "
@@ -79,7 +137,7 @@ try:
     _CONFIG = config_flags.DEFINE_config_file(
         "config", _DEFAULT_CONFIG, "Training configuration file."
     )
-except (AttributeError, KeyError, TypeError, ValueError) as _error:
+except Exception as _error:  # a config file may raise anything
     if __name__ != "__main__":
         raise
     _bad_override(sys.argv, _error)
@@ -142,7 +200,12 @@ def main(argv: list[str]) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with bad config overrides reported in one line."""
+    """absl flag parsing, with bad config overrides reported in one line.
+
+    `-h`, `--help` and `--helpshort` print this file's flags and every config field.
+    """
+    if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+        _print_help(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -152,6 +215,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _exit_usage(str(e))
     except (AttributeError, KeyError, TypeError, ValueError, SyntaxError, OSError) as e:
         _bad_override(argv, e)
+    except Exception as e:  # a config file whose get_config() raises
+        _exit_usage(_config_file_error(argv, e))
     raise AssertionError("unreachable")
 
 

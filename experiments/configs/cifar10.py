@@ -67,8 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.auto = ml_collections.ConfigDict()
     config.auto.groups = ""  # groups the policy may freeze; "": all but the head and `freeze`
     config.auto.interval = 50  # 'auto': steps between decisions (the first after two)
-    config.auto.percentile = 50.0  # 'auto': freeze when the gradient-norm change rate is
-    # below this percentile (0, 100) of every trainable group's rate (AutoFreeze)
+    # 'auto': freeze when the gradient-norm change rate is below this percentile (0, 100)
+    # of every trainable group's rate (AutoFreeze)
+    config.auto.percentile = 50.0
     config.freezeout = ml_collections.ConfigDict()
     config.freezeout.t0 = 0.5  # the first group stops at this fraction of the run, (0, 1]
     config.freezeout.scaling = "cubic"  # linear | squared | cubic: later groups' stop times
@@ -86,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_steps = -1  # > 0 overrides num_epochs
 
     # Init, checkpoints and logging.
+
     # Workdir of another run, a torchvision .pth/.safetensors file (ResNets) or a
     # big_vision .npz checkpoint (ViTs).
     config.init_from = ""

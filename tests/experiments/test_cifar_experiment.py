@@ -208,6 +208,7 @@ def _run_cli(*args, cwd):
         (["--config=missing.py"], "--config='missing.py' does not exist"),
         (["--config=syntax.py"], "has a syntax error at line 1"),
         (["--config=noget.py"], "defines no get_config()"),
+        (["--config=raises.py"], "--config='raises.py' cannot be loaded: RuntimeError: boom."),
         (["--freeze="], "Empty freeze spec. Write 'none'"),
         (["--config.freeze_method=half"], "Unknown freeze_method 'half'; valid: zero, lr0"),
         (
@@ -224,12 +225,29 @@ def _run_cli(*args, cwd):
 def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     (tmp_path / "syntax.py").write_text("def get_config(:\n")
     (tmp_path / "noget.py").write_text("X = 1\n")
+    (tmp_path / "raises.py").write_text("def get_config():\n    raise RuntimeError('boom')\n")
     proc = _run_cli(f"--workdir={tmp_path / 'run'}", *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # a failed run leaves no empty workdir behind
+
+
+@pytest.mark.parametrize("flag", ["-h"])  # --help and --helpshort take the same path
+def test_help_lists_every_config_field_with_its_default_and_meaning(tmp_path, flag):
+    proc = _run_cli(flag, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = proc.stdout.split("Config fields, set with --config.<field>=<value>", 1)[1]
+    fields = default_config.get_config()
+    for name in [*fields.keys(), "auto.interval", "freezeout.t0"]:
+        if name not in ("auto", "freezeout"):
+            value = fields[name.split(".")[0]]
+            value = value[name.split(".")[1]] if "." in name else value
+            assert f"\n  {name} = {value!r}" in listed, name
+    assert "  dataset = 'cifar10'  # cifar10 | cifar100 | synthetic" in listed
+    assert "  init_from = ''  # Workdir of another run, a torchvision" in listed
+    assert "--workdir:" in proc.stdout and "--freeze:" in proc.stdout
 
 
 def test_resume_with_another_spec_names_both_and_changes_nothing(tmp_path):
