@@ -617,8 +617,7 @@ class Checkpointer:
             return PermissionError(
                 code,
                 f"Cannot read checkpoint step {step} in {self._directory}: {strerror}{at}. "
-                "It is not damaged and was left in place; give this process read access "
-                "and run again",
+                "It is not damaged and was left in place; give this process read access.",
             )
         reason = f"{what}: {_one_line(error)}" if error is not None else what
         return CheckpointDamagedError(
