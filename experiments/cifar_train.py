@@ -202,6 +202,11 @@ def _validate_auto(config: ml_collections.ConfigDict) -> None:
             f"config.lr_multipliers={config.lr_multipliers!r} cannot be combined with "
             f"config.schedule={name!r}; leave config.lr_multipliers empty."
         )
+    if config.layer_decay:  # the policy's phases carry no learning-rate multipliers
+        raise UsageError(
+            f"config.layer_decay={config.layer_decay} cannot be combined with "
+            f"config.schedule={name!r}; pass --config.layer_decay=0."
+        )
     if name == "auto":
         interval = config.auto.interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -464,13 +469,10 @@ def _speed_policy(
 
     `config.freeze` is the fixed freeze, whole groups only; the policy may
     freeze `config.auto.groups` (default: every other group but the head).
+    The groups are `model_groups`: a scanned ViT's blocks are
+    `Transformer/encoderblock[i]`, and a frozen prefix of them is one range
+    (`Transformer/encoderblock[:k]`) whose backward work the step leaves out.
     """
-    if is_vit(config):
-        raise UsageError(
-            f"config.schedule={config.schedule!r} (automatic freezing) runs the ResNets in this "
-            "experiment; for a ViT use a freeze spec or a schedule such as 'gradual' (the "
-            "library's lf.auto.AutoFreeze takes any model's groups)."
-        )
     fixed = _fixed_groups(config, params, groups)
     text = config.auto.groups.strip()
     candidates = [g.strip() for g in text.split(",") if g.strip()] if text else None
@@ -505,15 +507,14 @@ def _speed_policy(
 def _fixed_groups(
     config: ml_collections.ConfigDict, params: Any, groups: tuple[str, ...]
 ) -> list[str]:
-    """The groups `config.freeze` freezes for a speed policy's whole run: whole groups only."""
-    resolved = lf.as_spec(config.freeze).resolve(params)
-    fixed, partly = [], []
-    for group in groups:
-        states = [f for path, f in resolved.items() if path.split("/", 1)[0] == group]
-        if all(states):
-            fixed.append(group)
-        elif any(states):
-            partly.append(group)
+    """The groups `config.freeze` freezes for a speed policy's whole run: whole groups only.
+
+    Through `lf.summary`, which matches groups as path prefixes and block
+    selectors (a ViT's `Transformer/encoderblock_0`, or `[0]` when stacked).
+    """
+    rows = lf.summary(params, lf.as_spec(config.freeze), groups=groups).groups
+    fixed = [row.name for row in rows if row.status == "frozen"]
+    partly = [row.name for row in rows if row.status == "partial"]
     if partly:
         raise UsageError(
             f"config.schedule={config.schedule!r} takes a fixed freeze of whole groups, but "

@@ -311,3 +311,70 @@ def test_extend_refuses_a_schedule_that_rewrites_the_past():
     phases = _phases(policy, _loss(()))
     with pytest.raises(ValueError, match=r"keeps every phase of the current one"):
         phases.extend(lf.schedules.explicit({0: "stem"}, unit="step"))
+
+
+# Stacked (scanned) blocks: one group per block, `blocks[i]` ----------------------------
+
+STACKED = {
+    "stem": {"w": jnp.full((4,), 2.0)},
+    "blocks": {"w": jnp.full((4, 3), 2.0), "b": jnp.full((4, 2), 2.0)},
+    "head": {"w": jnp.full((4,), 2.0)},
+}
+BLOCK_GROUPS = ("stem", *(f"blocks[{i}]" for i in range(4)), "head")
+
+
+def _stacked_loss(params, batch, rng):
+    """Stem and blocks 0-1: fixed gradients; blocks 2-3 change fastest, then the head."""
+    del batch, rng
+    settled = jnp.sum(params["stem"]["w"])
+    moving = jnp.sum(params["head"]["w"] ** 2)
+    for leaf in params["blocks"].values():
+        settled += jnp.sum(leaf[:2])
+        moving += 3 * jnp.sum(leaf[2:] ** 2)
+    return settled + moving
+
+
+@pytest.mark.parametrize(
+    ("group", "message"),
+    [
+        ("blocks[4]", r"group_norms: Block selector 'blocks\[4\]' reaches outside .* depth 4"),
+        ("stack[0]", r"'stack\[0\]' selects blocks of 'stack', which is no parameter's path"),
+        ("blocks/*", r"'blocks/\*' is a glob; a group is a path prefix .* or a block selector"),
+    ],
+)
+def test_group_norms_bad_block_groups(group, message):
+    with pytest.raises(ValueError, match=message):
+        train.make_steps(
+            None, SGD, "none", STACKED, loss_fn=_stacked_loss, group_norms=["stem", group]
+        )
+
+
+def test_autofreeze_over_stacked_blocks_freezes_a_prefix_range_bit_identically():
+    policy = lf.auto.AutoFreeze(BLOCK_GROUPS, interval=2, percentile=50)
+
+    def build(phase, previous):
+        return train.make_steps(
+            None, optax.sgd(0.05), phase.spec, STACKED, loss_fn=_stacked_loss,
+            group_norms=BLOCK_GROUPS, previous=previous,
+        )  # fmt: skip
+
+    phases = train.Phases(policy.schedule, build, params=STACKED)
+    state = phases.init_state(STACKED, jax.random.key(0))
+    _, first = phases.steps().train_step(phases.init_state(STACKED, jax.random.key(0)), BATCH)
+    grads = jax.grad(_stacked_loss)(STACKED, None, None)["blocks"]
+    for i in range(4):  # each block's norm: its slice of the stacked gradient
+        want = jnp.sqrt(sum(jnp.sum(g[i] ** 2) for g in grads.values()))
+        assert float(first[f"grad_norm/blocks[{i}]"]) == pytest.approx(float(want), rel=1e-6)
+
+    state = _run(policy, phases, state, 0, 4)
+    before = jax.device_get(state.params)
+    state = _run(policy, phases, state, 4, 10)
+    # The stem and blocks 0-1 froze at step 4, as one phase: a block range from the input.
+    assert policy.decisions == ((4, ("stem", "blocks[0]", "blocks[1]")),)
+    assert [p.spec.describe() for p in policy.schedule.phases] == ["none", "stem,blocks[:2]"]
+    assert phases.compilations == 2
+    after = jax.device_get(state.params)
+    np.testing.assert_array_equal(after["stem"]["w"], before["stem"]["w"])
+    for name, leaf in after["blocks"].items():
+        np.testing.assert_array_equal(leaf[:2], before["blocks"][name][:2])
+        assert not np.any(leaf[2:] == before["blocks"][name][2:])

@@ -208,14 +208,22 @@ def test_gradients_and_clipping_norm_see_only_the_trainable_blocks():
 
 
 def test_frozen_prefix_of_a_scan_costs_what_the_unrolled_one_costs():
-    def flops(scan, spec):
+    def flops(scan, spec, **kw):
         model = _vit(scan, scan_unroll=True)  # XLA counts a loop body once otherwise
         params = _params(scan)
-        made = train.make_steps(model, _optimizer(), spec, params, grad_norm=True)
+        made = train.make_steps(model, _optimizer(), spec, params, grad_norm=True, **kw)
         state = made.init_state({"params": params}, jax.random.key(1))
         return made.train_step.lower(state, BATCH).compile().cost_analysis()["flops"]
 
-    scanned = flops(True, EMB + ",Transformer/encoderblock[:3]")
+    # The phase of an automatic policy (`lf.auto`) that froze the embeddings and blocks 0-2:
+    # one block range, with per-block gradient norms as AutoFreeze reads them.
+    groups = vit_groups(DEPTH, scan=True)
+    (spec,) = [
+        p.spec
+        for p in lf.auto.freezeout(groups, 100, scaling="linear").phases
+        if p.spec.describe() == EMB + ",Transformer/encoderblock[:3]"
+    ]
+    scanned = flops(True, spec, group_norms=groups)
     unrolled = flops(False, _unrolled_spec([0, 1, 2]))
     full = flops(True, "none")
     print(

@@ -20,6 +20,13 @@ the network is frozen its outputs can be cached (`features.FeatureCache`,
   FreezeOut also anneals each layer's learning rate to zero by its `t_i`;
   here the run's own learning-rate schedule applies to every group.
 
+Groups are path prefixes (`stem`, `Transformer/encoderblock_3`) or, for
+blocks stacked by `nn.scan`, block selectors (`Transformer/encoderblock[3]`,
+as `models.vit_groups(depth, scan=True)` names them). Consecutive frozen
+blocks of one stack make one rule, `Transformer/encoderblock[:k]`: a scanned
+model freezes block by block from the input, and the step leaves the frozen
+blocks' backward work out as it does for a fixed spec.
+
 Both produce a `FreezeSchedule` counted in steps that `layerfreeze.train.Phases`
 runs: one compile per distinct phase, the optimizer state of what still
 trains carried over. `AutoFreeze`'s schedule grows as it decides; hand it to
@@ -51,6 +58,14 @@ step 6: freeze stem,body
 step 0: freeze none
 step 50: freeze stem
 step 75: freeze stem,body
+step 100: end
+>>> stacked = ["emb", "blocks[0]", "blocks[1]", "blocks[2]", "head"]
+>>> print(freezeout(stacked, 100, t0=0.5, scaling="linear").describe())
+step 0: freeze none
+step 50: freeze emb
+step 62: freeze emb,blocks[0]
+step 75: freeze emb,blocks[:2]
+step 88: freeze emb,blocks[:3]
 step 100: end
 """
 
@@ -123,8 +138,38 @@ def _policy_groups(
 
 
 def _spec_of(groups: Sequence[str], frozen: Sequence[str], train_bn: bool) -> _spec.FreezeSpec:
-    names = tuple(g for g in groups if g in frozen)  # model order
-    return _spec.FreezeSpec(names, train_bn=train_bn)
+    names = [g for g in groups if g in frozen]  # model order
+    return _spec.FreezeSpec(tuple(_merge_blocks(names)), train_bn=train_bn)
+
+
+def _merge_blocks(names: Sequence[str]) -> list[str]:
+    """Consecutive block selectors of one stack as one range: `s[0]`, `s[1]` -> `s[:2]`.
+
+    A frozen prefix of stacked blocks is then one rule, whatever its length.
+    """
+    out: list[str] = []
+    last: tuple[str, int, int] | None = None  # out[-1]'s (stack, start, stop), if a range
+    for name in names:
+        here = _block_range(name)
+        if here is not None and last is not None and here[:2] == (last[0], last[2]):
+            last = (last[0], last[1], here[2])
+            out[-1] = f"{last[0]}[{last[1] or ''}:{last[2]}]"
+        else:
+            out.append(name)
+            last = here
+    return out
+
+
+def _block_range(name: str) -> tuple[str, int, int] | None:
+    """`(stack, start, stop)` of a block selector of whole blocks with both bounds >= 0."""
+    rule = _spec.Rule(name)
+    if rule.kind != "block":
+        return None
+    start, stop, rest = rule.selector
+    start = 0 if start is None else start
+    if rest or start < 0 or stop is None or stop < start:
+        return None
+    return rule.stack, start, stop
 
 
 class AutoFreeze:
@@ -138,8 +183,10 @@ class AutoFreeze:
     checkpoint and call `restore` on resume.
 
     Args:
-      groups: the model's groups in order from input to output (top-level
-        parameter names, e.g. `models.GROUPS`); the last one never freezes.
+      groups: the model's groups in order from input to output: path
+        prefixes (e.g. `models.GROUPS`) or block selectors of stacked blocks
+        (`Transformer/encoderblock[i]`, e.g. `models.vit_groups(depth,
+        scan=True)`); the last one never freezes.
       interval: steps between decisions, >= 1. The first decision comes after
         two intervals (a rate needs two of them).
       percentile: in (0, 100): a group may freeze when its rate is below
@@ -222,7 +269,12 @@ class AutoFreeze:
 
     @property
     def schedule(self) -> schedules.FreezeSchedule:
-        """The decisions so far as a schedule in steps: one phase per decision."""
+        """The decisions so far as a schedule in steps: one phase per decision.
+
+        A phase's spec lists the frozen groups in model order, consecutive
+        blocks of one stack as one range (`blocks[0]`, `blocks[1]` frozen:
+        `blocks[:2]`).
+        """
         phases = [schedules.Phase(0, _spec_of(self.groups, self.fixed, self.train_bn))]
         frozen = list(self.fixed)
         for step, names in self._decisions:
@@ -407,7 +459,7 @@ def freezeout(
     run's end never freezes.
 
     Args:
-      groups: the model's groups, input to output.
+      groups: the model's groups, input to output (as for `AutoFreeze`).
       total_steps: the run's length in steps, >= 1.
       t0: when the first group stops, as a fraction of the run, in (0, 1].
       scaling: `"linear"`, `"squared"` or `"cubic"` (the paper's default).

@@ -11,6 +11,7 @@ from flax import traverse_util
 from test_cifar_experiment import ROOT, _assert_trees_equal, _params, _rows, _run_cli, tiny_config
 
 from layerfreeze import models
+from layerfreeze.train import checkpoint
 
 # Two blocks of width 16 on 8x8 patches of 32x32 images: 16 tokens, seconds per run.
 TINY_VIT = dict(
@@ -107,6 +108,40 @@ def test_scanned_vit_starts_from_an_unrolled_run(unrolled_run, tmp_path, capsys)
     assert f"run {source_dir} (step 8)" in out
 
 
+def test_autofreeze_freezes_scanned_blocks_as_a_prefix_range(tmp_path):
+    source = _write_npz(tmp_path / "vit.npz", num_classes=10)
+    config = vit_config(
+        scan=True,
+        schedule="auto",
+        init_from=str(tmp_path / "vit.npz"),
+        freeze=",".join([*EMBEDDINGS, "Transformer/encoderblock[:1]"]),
+        augment=False,
+    )
+    config.auto.interval = 2
+    config.auto.percentile = 90.0
+    config.auto.groups = "Transformer/encoderblock[1]"
+    result = cifar.train_and_evaluate(config, str(tmp_path / "run"))
+    rows = _rows(tmp_path / "run")
+    (decision,) = [r for r in rows if r["split"] == "phase"]
+    blocks = ["Transformer/encoderblock[0]", "Transformer/encoderblock[1]"]
+    assert decision["frozen"] == [*EMBEDDINGS, *blocks]
+    assert decision["spec"] == ",".join([*EMBEDDINGS, "Transformer/encoderblock[:2]"])
+    assert rows[-2]["split"] == "train" and rows[-2]["frozen"] == decision["frozen"]
+    assert result["compilations"] == 2 and decision["step"] == 6
+    with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
+        at_decision = ckpt.restore_arrays(("params",), step=6)["params"]
+    params = _params(tmp_path / "run")["params"]
+    for group in EMBEDDINGS:
+        _assert_trees_equal(params[group], source[group])
+    stacked = params["Transformer"]["encoderblock"]
+    initial = models.stack_blocks(source)["Transformer"]["encoderblock"]
+    decided = at_decision["Transformer"]["encoderblock"]
+    for leaf, init, then in zip(*map(jax.tree.leaves, (stacked, initial, decided)), strict=True):
+        np.testing.assert_array_equal(leaf[0], init[0])  # frozen all run
+        np.testing.assert_array_equal(leaf[1], then[1])  # frozen by the policy at step 6
+        assert not np.array_equal(leaf[1], init[1])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -117,7 +152,11 @@ def test_scanned_vit_starts_from_an_unrolled_run(unrolled_run, tmp_path, capsys)
         ({"vit_depth": -1}, "config.vit_depth must be >= 0"),
         ({"vit_heads": 3}, "num_heads=3 does not divide width=16"),
         ({"scan": True, "freeze": "Transformer/encoderblock[:5]"}, "of depth 2 (blocks 0..1)"),
-        ({"schedule": "auto"}, "runs the ResNets in this experiment"),
+        ({"schedule": "auto", "layer_decay": 0.75}, "cannot be combined with config.schedule"),
+        (
+            {"schedule": "freezeout", "freeze": "Transformer/encoderblock_0/MlpBlock_3"},
+            "freezes part of Transformer/encoderblock_0; name whole groups",
+        ),
         ({"layer_decay": 0.75, "lr_multipliers": "ulmfit"}, "set one of them"),
         ({"layer_decay": 1.5}, "decay must be in (0, 1]"),
         ({"freeze": "Transformer/encoderblock_7"}, "encoderblock_7"),

@@ -49,6 +49,8 @@ __all__ = [
 
 Batch = Any
 Preprocess = Callable[[jax.Array, Any], Any]
+# Per group of `group_norms`: (leaf index, the leaf's block ranges in the group; None: all).
+GroupLeaves = Mapping[str, list[tuple[int, tuple[tuple[int, int], ...] | None]]]
 LossFn = Callable[[Any, Batch], Any]
 """`(outputs, batch) -> loss` or `(loss, {name: scalar metric})`; the loss a float scalar."""
 
@@ -179,12 +181,16 @@ class StepOptions:
         step (augmentation, normalisation). Default: none.
       preprocess_eval: `inputs -> inputs` for the eval step.
       grad_norm: report the global norm of the trainable gradients.
-      group_norms: groups (path prefixes such as `"stem"` or
-        `"Transformer/encoderblock_3"`) whose gradient norms to report, as
-        metrics `grad_norm/<group>`: the norm of the group's trainable
-        gradients (0 for a frozen group). Cheap: a sum of squares per group
-        of gradients the step computes anyway; `layerfreeze.auto.AutoFreeze`
-        reads them.
+      group_norms: groups whose gradient norms to report, as metrics
+        `grad_norm/<group>`: path prefixes such as `"stem"` or
+        `"Transformer/encoderblock_3"`, or block selectors of stacked
+        (scanned) blocks such as `"Transformer/encoderblock[3]"` (block 3
+        along the leading axis of every leaf under the stack), e.g.
+        `models.vit_groups(depth, scan=True)`. The metric is the norm of the
+        group's trainable gradients, frozen blocks left out (0 for a frozen
+        group). Cheap: a sum of squares per group of gradients the step
+        computes anyway (a block's is a slice of its stacked gradient);
+        `layerfreeze.auto.AutoFreeze` reads them.
       start_after: (the bundled ResNets) train on cached features: batches
         carry in `"image"` the output of this group (see
         `layerfreeze.train.features`), and the train step applies the model
@@ -385,7 +391,7 @@ class _Steps:
         self.inputs = inputs if callable(inputs) else (lambda batch: batch[inputs])
         self.preprocess = options.preprocess or (lambda rng, x: x)
         self.preprocess_eval = options.preprocess_eval or (lambda x: x)
-        self.group_leaves = _group_leaves(options.group_norms, plan.resolved)
+        self.group_leaves = _group_leaves(options.group_norms, plan)
 
     def objective(self, params, batch_stats, batch, rng):
         """`(loss, (new batch_stats, metrics))` of one batch."""
@@ -440,12 +446,17 @@ class _Steps:
         return {**{k: jnp.asarray(v, jnp.float32) * count for k, v in sums.items()}, "count": count}
 
 
-def _group_norms(grads: Any, group_leaves: Mapping[str, list[int]]) -> dict[str, jax.Array]:
-    """`grad_norm/<group>`: the norm of each group's trainable gradients."""
+def _group_norms(grads: Any, group_leaves: GroupLeaves) -> dict[str, jax.Array]:
+    """`grad_norm/<group>`: the norm of each group's trainable gradients.
+
+    A block group's part of a stacked gradient is a slice of the one the step
+    computes anyway: no gradient work is added, and frozen blocks are not read.
+    """
     leaves = jax.tree.leaves(grads)
     out = {}
-    for group, indices in group_leaves.items():
-        squares = [jnp.sum(jnp.square(leaves[i].astype(jnp.float32))) for i in indices]
+    for group, pieces in group_leaves.items():
+        parts = [leaves[i][a:b] for i, ranges in pieces for a, b in (ranges or [(None, None)])]
+        squares = [jnp.sum(jnp.square(part.astype(jnp.float32))) for part in parts]
         out[f"grad_norm/{group}"] = jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
     return out
 
@@ -604,25 +615,76 @@ def _check_start_after(
         )
 
 
-def _group_leaves(groups: Sequence[str], resolved: Mapping[str, bool]) -> dict[str, list[int]]:
-    """`{group: indices of its trainable leaves}`, in `jax.tree.leaves(params)` order."""
+def _group_leaves(groups: Sequence[str], plan: _plan.Plan) -> GroupLeaves:
+    """Each group's trainable gradient pieces: `(leaf index, block ranges or None)`.
+
+    Leaf indices are in `jax.tree.leaves(params)` order. A path-prefix group
+    takes whole leaves; a block-selector group (`Transformer/encoderblock[3]`)
+    takes its blocks of the stacked leaves under the stack. Frozen leaves and
+    frozen blocks are left out, so a wholly frozen group has no pieces.
+    """
     if isinstance(groups, str):
         raise TypeError(
             f"group_norms takes a sequence of groups such as ({groups!r},), got the string "
             f"{groups!r}."
         )
-    paths = list(resolved)
-    out: dict[str, list[int]] = {}
+    groups = _checks.groups(groups, "group_norms", empty=True)
+    paths = plan.paths
+    out: dict[str, list[tuple[int, tuple[tuple[int, int], ...] | None]]] = {}
     for group in groups:
-        inside = [i for i, p in enumerate(paths) if p == group or p.startswith(group + "/")]
+        try:
+            rule = _spec.Rule(group)
+        except ValueError as e:  # e.g. a malformed block selector
+            raise ValueError(f"group_norms: {e}") from e
+        if rule.kind not in ("group", "block"):
+            raise ValueError(
+                f"group_norms: {group!r} is a {rule.kind}; a group is a path prefix (e.g. "
+                "'stem', 'Transformer/encoderblock_3') or a block selector of stacked blocks "
+                "(e.g. 'Transformer/encoderblock[3]')."
+            )
+        inside = [i for i, p in enumerate(paths) if rule.matches(p)]
         if not inside:
             top = list(dict.fromkeys(p.split("/", 1)[0] for p in paths))
+            what = f"selects blocks of {rule.stack!r}, which " if rule.kind == "block" else ""
             raise ValueError(
-                f"group_norms: group {group!r} is no parameter's path prefix; the top-level "
-                f"groups are {', '.join(top)}."
+                f"group_norms: group {group!r} {what}is no parameter's path prefix; the "
+                f"top-level groups are {', '.join(top)}."
             )
-        out[group] = [i for i in inside if not resolved[paths[i]]]
+        members = _members(rule, plan)
+        pieces = []
+        for i in inside:
+            ranges = _trainable_ranges(members[i], plan.frozen[i], plan.shapes[i])
+            if ranges is None or ranges == ((0, plan.shapes[i][0]),):
+                pieces.append((i, None))
+            elif ranges:
+                pieces.append((i, ranges))
+        out[group] = pieces
     return out
+
+
+def _members(rule: _spec.Rule, plan: _plan.Plan) -> tuple[_spec.FrozenBlocks, ...]:
+    """Per leaf: in the group (True), not (False), or one bool per block of a stacked leaf."""
+    if rule.kind != "block":
+        return tuple(rule.matches(p) for p in plan.paths)
+    shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in plan.shapes]
+    try:  # the spec's own checks: the selector fits a stack of blocks
+        picked = _spec.FreezeSpec((rule,)).resolve_blocks(jax.tree.unflatten(plan.treedef, shapes))
+    except ValueError as e:
+        raise ValueError(f"group_norms: {e}") from e
+    return tuple(picked.values())
+
+
+def _trainable_ranges(
+    member: _spec.FrozenBlocks, frozen: _spec.FrozenBlocks, shape: tuple[int, ...]
+) -> tuple[tuple[int, int], ...] | None:
+    """The block ranges of a leaf in a group that train; None: the whole leaf (not stacked)."""
+    if isinstance(member, bool) and isinstance(frozen, bool):
+        return None if member and not frozen else ()
+    depth = shape[0]
+    member = member if isinstance(member, tuple) else (member,) * depth
+    frozen = frozen if isinstance(frozen, tuple) else (frozen,) * depth
+    trains = [m and not f for m, f in zip(member, frozen, strict=True)]
+    return tuple((a, b) for a, b, t in _blocks.runs(trains) if t)
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:
