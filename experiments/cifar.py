@@ -180,6 +180,15 @@ def main(argv: list[str]) -> None:
         config.keys()  # a file that failed to load raises on first use
     except Exception as e:  # config_flags loads the file lazily
         _exit_usage(_config_file_error(sys.argv, e))
+    if config.get("compilation_cache"):  # before the first compilation
+        try:
+            platform.enable_compilation_cache(config.compilation_cache)
+        except OSError as e:
+            print(
+                f"warning: no persistent compilation cache ({e}); set "
+                "--config.compilation_cache to a writable directory, or '' to say so.",
+                file=sys.stderr,
+            )
     if _FREEZE.value is not None:
         config.freeze = _FREEZE.value
     workdir = _WORKDIR.value or default_workdir(config)

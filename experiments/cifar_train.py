@@ -929,6 +929,7 @@ _CHANGEABLE_ON_RESUME = frozenset(
     {
         "num_epochs", "num_train_steps", "data_dir", "download", "checkpoint_every",
         "keep_checkpoints", "eval_every", "log_every", "progress", "plot", "allow_nonfinite",
+        "compilation_cache",
         "freeze", "schedule", "freeze_method", "train_bn",
     }
 )  # fmt: skip
@@ -1216,19 +1217,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns:
       A summary dict: final test `accuracy` and `loss`, `steps`, number of
-      train-step `compilations`, the final `phase` and `state`.
+      train-step `compilations`, the final `phase` and `state`, and `compile`:
+      the XLA programs this call `compiled`, those read from the persistent
+      compilation cache (`cache_hits`) and the `seconds` both took.
     """
     validate_config(config)
     workdir_path = pathlib.Path(workdir)
     created = not workdir_path.exists()
     _check_workdir(workdir_path)
     try:
-        with _one_run(workdir_path):
-            return _train(config, workdir_path)
+        with _one_run(workdir_path), platform.CompileCounter() as compiles:
+            result = _train(config, workdir_path)
     except BaseException:
         if created:
             _remove_if_unused(workdir_path)
         raise
+    result["compile"] = {
+        "compiled": compiles.compiled,
+        "cache_hits": compiles.cache_hits,
+        "seconds": compiles.seconds,
+    }
+    print(
+        f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "
+        f"from the persistent cache, {compiles.seconds:.1f} s"
+    )
+    return result
 
 
 def environment_message(error: OSError, workdir: str) -> str:

@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every = 500
     config.log_every = 0  # steps between train rows; 0: about 50 rows per run
     config.progress = True
+    # JAX's persistent compilation cache: a resumed run, or a rerun of the same
+    # config, reads its compiled programs back; "" = off.
+    config.compilation_cache = "~/.cache/layerfreeze/jax"
     config.plot = True
     config.seed = 0
     return config

@@ -9,8 +9,11 @@ from typing import Any
 import jax
 
 __all__ = [
+    "BACKEND_COMPILE_EVENT",
+    "CACHE_HIT_EVENT",
     "GLOBAL_COUNT_STATES",
     "PARTITION_STATES",
+    "compilation_cache_dir_in_use",
     "is_partition_states_key",
     "jax_backends_started",
 ]
@@ -47,3 +50,24 @@ def jax_backends_started() -> bool:
     from jax._src import xla_bridge
 
     return bool(xla_bridge.backends_are_initialized())
+
+
+# jax.monitoring events (jax 0.10): the duration of every request for an XLA
+# executable (compiled, or read from the persistent compilation cache), and a
+# read from that cache.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+def compilation_cache_dir_in_use() -> str | None:
+    """The persistent compilation cache's directory once JAX has opened it, else None.
+
+    JAX opens the cache at the first compilation and keeps that directory for
+    the life of the process, whatever `jax_compilation_cache_dir` says later.
+    """
+    from jax._src import compilation_cache
+
+    cache = compilation_cache._cache
+    if not compilation_cache._cache_initialized or cache is None:
+        return None
+    return str(getattr(cache, "_path", ""))

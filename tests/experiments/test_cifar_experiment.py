@@ -136,6 +136,16 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.fixture
+def cache_every_program():
+    """The test session's persistent compilation cache (conftest) stores every program."""
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
+
+@pytest.mark.usefixtures("cache_every_program")
 @pytest.mark.parametrize("kill_at", [5])
 def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
     config = tiny_config()
@@ -147,7 +157,10 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
             cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
     with checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints") as ckpt:
         assert ckpt.latest_step() == 3  # the kill lost steps 4 and 5
-    cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    resumed = cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
+    # With the persistent cache warm, the resumed run compiles nothing: every
+    # program it asks for (init, train and eval steps) is read back.
+    assert resumed["compile"]["compiled"] == 0 and resumed["compile"]["cache_hits"] >= 3
 
     _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
 
@@ -424,6 +437,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(tmp_path):
     run = tmp_path / "run"
     config = tiny_config(num_train_steps=3, checkpoint_every=3)
     flags = [f"--workdir={run}", *(f"--config.{k}={config[k]}" for k in _TINY_FIELDS)]
+    flags.append(f"--config.compilation_cache={tmp_path / 'jax_cache'}")
     proc = subprocess.run(
         [sys.executable, "-c", _FULL_DISK, str(ROOT / "experiments" / "cifar.py"), *flags],
         capture_output=True,
@@ -441,6 +455,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_loses_nothing(tmp_path):
     )
     assert not list((run / "checkpoints").iterdir())
     assert [r["step"] for r in _rows(run)] == [2, 3]  # the train rows logged before the save
+    assert any((tmp_path / "jax_cache").iterdir())  # the compiled programs, for the rerun
 
 
 def test_a_config_that_lacks_fields_is_one_clear_error(tmp_path):

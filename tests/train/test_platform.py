@@ -110,3 +110,48 @@ def test_retain_host_memory_stops_the_per_step_page_faults():
     # Once JAX's backends run, it is too late: refused, with a warning that says when to call.
     assert retained["again"] is False and released["again"] is False
     assert "before the first JAX computation" in retained["warning"]
+
+
+_COMPILATION_CACHE = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import jax, numpy as np
+    from layerfreeze import _upstream
+    from layerfreeze.train import platform
+    before = _upstream.compilation_cache_dir_in_use()
+    path = platform.enable_compilation_cache(sys.argv[1])
+    f = lambda x: x * 3 + 1
+    with platform.CompileCounter() as first:
+        jax.jit(f)(np.arange(3.0))
+    jax.clear_caches()  # as a new process would: only the persistent cache remains
+    with platform.CompileCounter() as second:
+        jax.jit(f)(np.arange(3.0))
+    with warnings.catch_warnings(record=True) as late:
+        warnings.simplefilter("always")
+        other = platform.enable_compilation_cache(sys.argv[1] + "_other")
+    print(json.dumps({
+        "before": before, "path": str(path), "in_use": _upstream.compilation_cache_dir_in_use(),
+        "first": [first.compiled, first.cache_hits], "second": [second.compiled, second.cache_hits],
+        "other": str(other), "warning": str(late[0].message) if late else "",
+    }))
+    """
+)
+
+
+def test_compilation_cache_reads_back_what_was_compiled_and_keeps_its_directory(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILATION_CACHE, str(tmp_path / "cache")],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] is None
+    assert out["path"] == out["in_use"] == str(tmp_path / "cache")
+    assert out["first"] == [1, 0]  # compiled by XLA, and stored
+    assert out["second"] == [0, 1]  # read back from the cache
+    # JAX keeps the directory it opened: another one is refused, with a warning.
+    assert out["other"] == out["path"] and "takes effect only in a new process" in out["warning"]
+    assert not (tmp_path / "cache_other").exists()

@@ -1,23 +1,37 @@
-"""Opt-in tuning for the machine a run is on: CPU convolutions and host memory.
+"""Opt-in tuning for the machine a run is on: CPU convolutions, host memory, compilation.
 
-Neither is on by default: both were chosen by measurement on one 2-core CPU
-(`benchmarks/RESULTS.md`), and a library default must not depend on one
-machine. `experiments/cifar.py` and the benchmarks switch them on where they
-helped (`--host_memory=retain`; convolutions through Eigen by default there).
+None is on by default: the first two were chosen by measurement on one 2-core
+CPU (`benchmarks/RESULTS.md`), and a library default must not depend on one
+machine; the persistent compilation cache writes to disk. `experiments/cifar.py`
+and the benchmarks switch them on where they helped (`--host_memory=retain`;
+convolutions through Eigen; `config.compilation_cache`). `CompileCounter`
+counts what a block of code compiled and what it read from the cache.
 """
 
 import ctypes
 import functools
+import os
+import pathlib
 import platform
+import threading
 import warnings
 from collections.abc import Mapping
+from types import TracebackType
+from typing import Self
 
 import jax
 import jax.numpy as jnp
 
 from layerfreeze import _upstream
 
-__all__ = ["CPU_EIGEN_CONV", "cpu_conv_options", "retain_host_memory"]
+__all__ = [
+    "CPU_EIGEN_CONV",
+    "CompileCounter",
+    "cpu_conv_options",
+    "default_compilation_cache_dir",
+    "enable_compilation_cache",
+    "retain_host_memory",
+]
 
 CPU_EIGEN_CONV: Mapping[str, str] = {
     "xla_cpu_experimental_ynn_fusion_type": (
@@ -109,3 +123,114 @@ def retain_host_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     limits = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
     return all(libc.mallopt(option, value) == 1 for option, value in limits)
+
+
+def default_compilation_cache_dir() -> pathlib.Path:
+    """`$XDG_CACHE_HOME/layerfreeze/jax`, by default `~/.cache/layerfreeze/jax`."""
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "layerfreeze" / "jax"
+
+
+def enable_compilation_cache(
+    directory: str | os.PathLike[str] | None = None, *, min_compile_time_secs: float = 0.0
+) -> pathlib.Path:
+    """Turns on JAX's persistent compilation cache: a program compiled once is read back.
+
+    A resumed run, or a second run of the same configuration, then compiles
+    nothing it compiled before: each program is looked up by a hash of its HLO,
+    compile options, devices and jax/jaxlib versions, so a changed program is
+    compiled afresh, never confused with another. Process-wide, for every
+    library in the process. As JAX warns, the cache is trusted: keep it in a
+    directory only you can write.
+
+    JAX opens the cache at the first compilation and keeps that directory for
+    the life of the process: call this first. Called later with another
+    directory, it warns and leaves the open one in use.
+
+    Args:
+      directory: where compiled programs go; default
+        `default_compilation_cache_dir()`. Created if missing; `~` expands.
+      min_compile_time_secs: programs that compile faster are not stored
+        (JAX's own default is 1 s; 0 stores every program).
+
+    Returns:
+      The directory in use.
+
+    >>> import tempfile
+    >>> cache = enable_compilation_cache(tempfile.mkdtemp())  # doctest: +SKIP
+    """
+    path = pathlib.Path(directory or default_compilation_cache_dir()).expanduser().absolute()
+    in_use = _upstream.compilation_cache_dir_in_use()
+    if in_use is not None and pathlib.Path(in_use).absolute() != path:
+        warnings.warn(
+            f"enable_compilation_cache: JAX already uses the cache in {in_use} for this "
+            f"process; {path} takes effect only in a new process (call this before the "
+            "first compilation).",
+            stacklevel=2,
+        )
+        return pathlib.Path(in_use)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+class CompileCounter:
+    """Counts the XLA programs a block of code compiles, and those read from the cache.
+
+    A context manager that listens to `jax.monitoring` while it is open. Every
+    request JAX makes for an executable counts once in `requests` (tracing
+    cache hits make none); `cache_hits` of them were read from the persistent
+    compilation cache (`enable_compilation_cache`), and `compiled` were built by
+    XLA. `seconds` is the wall time of all requests. Counts the whole process,
+    every thread included.
+
+    >>> import jax, numpy as np
+    >>> with CompileCounter() as counter:
+    ...     _ = jax.jit(lambda x: x * 3 + 1)(np.arange(3.0))
+    >>> counter.requests, counter.compiled + counter.cache_hits == counter.requests
+    (1, True)
+    """
+
+    def __init__(self):
+        self.requests = 0
+        self.cache_hits = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def compiled(self) -> int:
+        """Programs XLA compiled: requests not read from the persistent cache."""
+        return self.requests - self.cache_hits
+
+    def __enter__(self) -> Self:
+        jax.monitoring.register_event_listener(self._event)
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        jax.monitoring.unregister_event_listener(self._event)
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+
+    def _event(self, event: str, **kwargs: object) -> None:
+        if event == _upstream.CACHE_HIT_EVENT:
+            with self._lock:
+                self.cache_hits += 1
+
+    def _duration(self, event: str, duration_secs: float, **kwargs: object) -> None:
+        if event == _upstream.BACKEND_COMPILE_EVENT:
+            with self._lock:
+                self.requests += 1
+                self.seconds += duration_secs
+
+    def __repr__(self) -> str:
+        return (
+            f"CompileCounter(requests={self.requests}, compiled={self.compiled}, "
+            f"cache_hits={self.cache_hits}, seconds={self.seconds:.2f})"
+        )
