@@ -52,6 +52,20 @@ CHECKS = {
             np.testing.assert_array_equal(a, b)
         assert np.isfinite(float(metrics["loss"]))
     """,
+    '(".*", sharding.fsdp(min_size=2**14)),': """
+        import numpy as np
+        from jax.sharding import PartitionSpec as P
+        specs = jax.tree.map(lambda x: x.sharding.spec, state.params)
+        assert specs["body"]["kernel"] == P(None, "fsdp")
+        assert specs["head"]["kernel"] == P("fsdp", None)
+        assert specs["stem"]["bias"] == P()
+        adam = state.opt_state.inner_states["trainable"].inner_state[0].inner_state[0]
+        assert adam.mu["body"]["kernel"].sharding.spec == P(None, "fsdp")
+        assert not jax.tree.leaves(adam.mu["stem"])  # frozen: no optimizer state
+        np.testing.assert_array_equal(state.params["stem"]["kernel"],
+                                      variables["params"]["stem"]["kernel"])
+        assert np.isfinite(float(metrics["loss"]))
+    """,
     'features = Trunk(name="trunk")(x)': """
         import numpy as np
         initial = jax.jit(model.init)(jax.random.key(1), x[:1])["params"]

@@ -6,6 +6,8 @@ checkpoints). The core (`import layerfreeze`) never imports it.
 This package gives the train and eval steps and the phase runner; the rest are
 submodules, imported by name:
 
+* `sharding`: meshes with named axes, rules from parameter paths to
+  shardings (FSDP, model parallel), the batch split over the data axes;
 * `checkpoint`: resumable Orbax checkpoints that refuse damaged steps;
 * `pretrained`: start from an earlier run's weights;
 * `metrics`: a resumable metrics log and its averaging window;
@@ -31,12 +33,10 @@ from layerfreeze.train._steps import (
     TrainState,
     TrainSteps,
     classification_loss,
-    make_mesh,
     make_steps,
-    replicate,
-    shard_batch,
 )
 from layerfreeze.train.phases import PhaseChange, Phases
+from layerfreeze.train.sharding import make_mesh, replicate, shard_batch
 
 __all__ = [
     "LossFn",

@@ -16,7 +16,9 @@ parameters are frozen run on their running statistics (`layerfreeze.frozen_batch
 and the batch; softmax cross-entropy over integer labels is the default.
 
 The train step is pure, `(state, batch) -> (state, metrics)`, jitted, donates
-its state, and runs data parallel over a `jax.sharding.Mesh` when given one.
+its state, and runs data parallel over a `jax.sharding.Mesh` when given one;
+with sharding rules (`layerfreeze.train.sharding`) its parameters, gradients
+and optimizer state are split over the mesh instead of replicated.
 """
 
 import dataclasses
@@ -27,13 +29,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from layerfreeze import _batchnorm, _blocks, _checks, _freeze, _grad, _nnx, _plan, _spec
+from layerfreeze.train import sharding as _sharding
 
 __all__ = [
     "LossFn",
@@ -41,10 +43,7 @@ __all__ = [
     "TrainState",
     "TrainSteps",
     "classification_loss",
-    "make_mesh",
     "make_steps",
-    "replicate",
-    "shard_batch",
 ]
 
 Batch = Any
@@ -105,6 +104,10 @@ class TrainSteps:
         (padded examples weigh 0); a custom loss reports its mean loss and
         metrics times the batch size.
       init_state: `(variables, rng) -> TrainState`; see `TrainSteps.init_state`.
+      shardings: with `sharding_rules`, the `NamedSharding`s of the state, a
+        `TrainState` of them (`batch_stats`, `step` and `rng` replicated, as
+        one sharding each); the steps take and give the state in them.
+        None without rules.
     """
 
     plan: _plan.Plan
@@ -115,6 +118,7 @@ class TrainSteps:
     train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]]
     _split_variables: Callable[[Any], tuple[Any, Any]] = dataclasses.field(repr=False)
+    shardings: TrainState | None = None
 
     def init_state(self, variables: Any, rng: jax.Array) -> TrainState:
         """A fresh `TrainState`.
@@ -125,9 +129,13 @@ class TrainSteps:
           rng: a PRNG key.
 
         The arrays are copied: the train step donates its state, and the
-        caller's variables must survive that.
+        caller's variables must survive that. With sharding rules each
+        array goes straight to its sharding (each device receives its own
+        shard) and the optimizer state is created in its sharding.
         """
         params, batch_stats = self._split_variables(variables)
+        if self.shardings is not None:
+            return self._init_sharded(params, batch_stats, rng)
         params = jax.tree.map(jnp.array, params)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -136,6 +144,34 @@ class TrainSteps:
             opt_state=self.tx.init(params),
             rng=jnp.array(_raw_key(rng)),
         )
+
+    def _init_sharded(self, params: Any, batch_stats: Any, rng: jax.Array) -> TrainState:
+        to = self.shardings
+        params = _placed_copy(params, to.params)
+        return TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), to.step),
+            params=params,
+            batch_stats=_placed_copy(batch_stats, to.batch_stats),
+            opt_state=jax.jit(self.tx.init, out_shardings=to.opt_state)(params),
+            rng=_placed_copy(_raw_key(rng), to.rng),
+        )
+
+
+def _placed_copy(tree: Any, shardings: Any) -> Any:
+    """A copy of `tree` in `shardings` (one sharding for all, or one per leaf), each
+    device receiving its shards only; it shares no buffer with `tree`, which the
+    donating train step would otherwise delete."""
+
+    def one(x: Any, sharding: Any) -> Any:
+        if isinstance(x, jax.Array) and sharding.is_fully_replicated:
+            # device_put(may_alias=False) still reuses the source device's buffer
+            # for its replica there (jax 0.10.2).
+            x = jnp.copy(x)
+        return jax.device_put(x, sharding, may_alias=False)
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
 
 
 def classification_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
@@ -197,8 +233,18 @@ class StepOptions:
         with `start_after=start_after`. Every group up to and including it
         must be frozen with its BatchNorm frozen (`features.frozen_prefix`).
         Only with method `"zero"`.
-      mesh: a mesh with a `data` axis: batches are split over it and the state
-        is replicated. None: whatever device the inputs live on.
+      mesh: a `jax.sharding.Mesh` (`layerfreeze.train.make_mesh`): batches
+        are split over its batch axes and the state is replicated, or split
+        by `sharding_rules`. None: whatever device the inputs live on.
+      sharding_rules: ordered `(regex, PartitionSpec or rule)` pairs over
+        parameter paths (`layerfreeze.train.sharding`; e.g.
+        `[(".*", sharding.fsdp())]`); needs `mesh`. Parameters, gradients
+        and optimizer state follow them (frozen leaves hold no optimizer
+        state); every parameter must be covered (end with `(".*", P())` to
+        replicate the rest). `batch_stats` (an NNX model's other state) are
+        replicated. `TrainSteps.shardings` holds the result.
+      batch_axes: the mesh axes that split the batch (default: those named
+        `data` or `fsdp`); `shard_batch` must be given the same.
       donate: donate the state to the train step (its buffers are reused).
       compiler_options: XLA options for compiling both steps
         (`jax.jit(..., compiler_options=...)`). None (the default): XLA's
@@ -219,6 +265,8 @@ class StepOptions:
     group_norms: Sequence[str] = ()
     start_after: str | None = None
     mesh: Mesh | None = None
+    sharding_rules: _sharding.Rules | None = None
+    batch_axes: Sequence[str] | None = None
     donate: bool = True
     compiler_options: Mapping[str, Any] | None = None
 
@@ -246,6 +294,22 @@ class StepOptions:
                 )
         for name in ("grad_norm", "donate"):
             _checks.flag(f"make_steps option {name}", getattr(self, name))
+        if self.mesh is not None and not isinstance(self.mesh, Mesh):
+            raise TypeError(
+                "make_steps option mesh must be a jax.sharding.Mesh (train.make_mesh(...)) "
+                f"or None, got {_checks.given(self.mesh)}."
+            )
+        if self.sharding_rules is not None:
+            if self.mesh is None:
+                raise ValueError(
+                    "make_steps option sharding_rules needs a mesh to shard over: pass "
+                    "mesh=train.make_mesh({...}) with the axes the rules name."
+                )
+            _sharding.check_rules(self.sharding_rules, self.mesh)
+        if self.batch_axes is not None or self.mesh is not None:
+            if self.mesh is None:
+                raise ValueError("make_steps option batch_axes needs a mesh.")
+            _sharding.batch_sharding(self.mesh, self.batch_axes)
 
     @classmethod
     def of(cls, options: "StepOptions | None", fields: Mapping[str, Any]) -> "StepOptions":
@@ -313,8 +377,10 @@ def make_steps(
     if model is None and options.loss_fn is None:
         raise ValueError("With no model, pass loss_fn(params, batch, rng) -> loss.")
     forward = _forward(model, params, plan, options)
-    steps = _Steps(plan, _freeze.freeze(optimizer, plan), forward, options, model is None)
-    train_jit, eval_jit = _jit_options(options)
+    tx = _freeze.freeze(optimizer, plan)
+    shardings = _state_shardings(options, params, tx)
+    steps = _Steps(plan, tx, forward, options, model is None, shardings)
+    train_jit, eval_jit = _jit_options(options, shardings)
     return TrainSteps(
         plan=plan,
         spec=plan.spec,
@@ -324,6 +390,7 @@ def make_steps(
         train_step=jax.jit(steps.train_step, **train_jit),
         eval_step=jax.jit(steps.eval_step, **eval_jit),
         _split_variables=forward.split_variables,
+        shardings=shardings,
     )
 
 
@@ -364,7 +431,27 @@ def _forward(model: Any, params: Any, plan: _plan.Plan, options: StepOptions) ->
     )
 
 
-def _jit_options(options: StepOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+def _state_shardings(
+    options: StepOptions, params: Any, tx: optax.GradientTransformation
+) -> TrainState | None:
+    """The state's shardings under `options.sharding_rules` (None without rules)."""
+    if options.sharding_rules is None:
+        return None
+    mesh = options.mesh
+    replicated = NamedSharding(mesh, P())
+    param_shardings = _sharding.param_shardings(mesh, params, options.sharding_rules)
+    return TrainState(
+        step=replicated,
+        params=param_shardings,
+        batch_stats=replicated,
+        opt_state=_sharding.opt_state_shardings(tx, params, param_shardings),
+        rng=replicated,
+    )
+
+
+def _jit_options(
+    options: StepOptions, shardings: TrainState | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """`jax.jit` keywords of the train step and of the eval step."""
     train: dict[str, Any] = {"donate_argnums": (0,) if options.donate else ()}
     evaluate: dict[str, Any] = {}
@@ -373,18 +460,20 @@ def _jit_options(options: StepOptions) -> tuple[dict[str, Any], dict[str, Any]]:
         evaluate["compiler_options"] = dict(options.compiler_options)
     if options.mesh is not None:
         replicated = NamedSharding(options.mesh, P())
-        data = NamedSharding(options.mesh, P("data"))
-        train |= {"in_shardings": (replicated, data), "out_shardings": (replicated, replicated)}
-        evaluate |= {"in_shardings": (replicated, data), "out_shardings": replicated}
+        state = replicated if shardings is None else shardings
+        data = _sharding.batch_sharding(options.mesh, options.batch_axes)
+        train |= {"in_shardings": (state, data), "out_shardings": (state, replicated)}
+        evaluate |= {"in_shardings": (state, data), "out_shardings": replicated}
     return train, evaluate
 
 
 class _Steps:
     """The pure train and eval step functions of one phase (jitted by `make_steps`)."""
 
-    def __init__(self, plan, tx, forward, options, no_model):
+    def __init__(self, plan, tx, forward, options, no_model, shardings):
         self.plan, self.tx, self.forward, self.options = plan, tx, forward, options
         self.no_model = no_model
+        self.shardings = shardings
         self.default_loss = options.loss_fn is None
         self.loss_fn = options.loss_fn or classification_loss
         inputs = options.inputs
@@ -420,6 +509,8 @@ class _Steps:
     def train_step(self, state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, (batch_stats, metrics)), grads, trainable_grads = self.gradients(state, batch, rng)
+        if self.shardings is not None:  # reduce-scattered, never whole on every device
+            grads = jax.lax.with_sharding_constraint(grads, self.shardings.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **metrics}
@@ -556,40 +647,6 @@ def _classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array
         "correct": jnp.sum(correct * weight),
         "count": jnp.sum(weight),
     }
-
-
-def make_mesh(devices: Any = None) -> Mesh:
-    """A one-axis mesh named `data` over `devices` (default: all devices).
-
-    On several hosts call `jax.distributed.initialize()` first; `jax.devices()`
-    then lists every host's devices.
-    """
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    return Mesh(devices.reshape(-1), ("data",))
-
-
-def shard_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Places this host's part of a batch on the mesh, split over `data`.
-
-    The leading dimension of each array must divide by the number of local
-    devices; on one host the batch is the global batch.
-    """
-    sharding = NamedSharding(mesh, P("data"))
-    n = len(mesh.local_devices)
-    out = {}
-    for key, value in batch.items():
-        if value.shape[0] % n:
-            raise ValueError(
-                f"Batch array {key!r} has leading size {value.shape[0]}, which does not "
-                f"divide over {n} local devices; use a batch size that is a multiple of {n}."
-            )
-        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
-    return out
-
-
-def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Places `tree` on every device of `mesh`."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def _check_start_after(

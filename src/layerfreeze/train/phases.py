@@ -8,7 +8,9 @@ what a training loop needs at every step:
 * at a phase change, the optimizer state carried over
   (`layerfreeze.transfer_opt_state`: what stays trainable keeps its moments
   and step count; under method `zero` what is newly unfrozen starts like a
-  fresh optimizer) and placed back on the mesh;
+  fresh optimizer) and placed back on the mesh: in the new phase's shardings
+  under sharding rules (`layerfreeze.train.sharding`), the fresh state of a
+  newly unfrozen cohort created directly in its sharding;
 * the metadata a checkpoint needs to resume in the right phase, and the check
   that a resumed run has the same schedule;
 * whether the frozen prefix changed (for a feature cache).
@@ -46,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from layerfreeze import _batchnorm, _checks, _freeze, _nnx, _plan, _spec, _transfer, schedules
+from layerfreeze.train import sharding as _sharding
 
 __all__ = ["PhaseChange", "Phases"]
 
@@ -111,8 +114,13 @@ class Phases:
       method: the freeze method `build` uses (`"zero"` or `"lr0"`): under
         `zero`, two phases with the same spec but different unfreezing
         histories are built separately.
-      mesh: place the optimizer state carried over at a change on this mesh,
-        replicated (as `train.make_steps(..., mesh=mesh)` expects).
+      mesh: place the optimizer state carried over at a change on this mesh:
+        in the shardings of the new phase's steps when they have them
+        (`train.make_steps(..., mesh=mesh, sharding_rules=rules)`; then
+        `mesh` may be left out), else by `sharding_rules`, else replicated
+        (as `train.make_steps(..., mesh=mesh)` expects).
+      sharding_rules: for a `build` that returns a bare optimizer: the rules
+        (`layerfreeze.train.sharding`) its state follows on `mesh`.
       prefix_groups: groups in order from the input, after which a model can
         start from cached features (a ResNet: `models.GROUPS[:-1]`); enables
         `PhaseChange.prefix_changed` and `frozen_prefix`.
@@ -135,6 +143,7 @@ class Phases:
         steps_per_epoch: int | None = None,
         method: _freeze.Method = "zero",
         mesh: Mesh | None = None,
+        sharding_rules: _sharding.Rules | None = None,
         prefix_groups: Sequence[str] | None = None,
     ):
         if not isinstance(schedule, schedules.FreezeSchedule):
@@ -155,6 +164,10 @@ class Phases:
                 raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}.")
         if prefix_groups is not None:
             prefix_groups = _checks.groups(prefix_groups, "prefix_groups", empty=True)
+        if sharding_rules is not None:
+            if mesh is None:
+                raise ValueError("Phases: sharding_rules need the mesh they shard over.")
+            _sharding.check_rules(sharding_rules, mesh)
         self.schedule = schedule
         self.build = build
         # An NNX model's BatchNorm layers are named by type in its specs, as
@@ -166,6 +179,7 @@ class Phases:
         self.steps_per_epoch = steps_per_epoch
         self.method = method
         self.mesh = mesh
+        self.sharding_rules = sharding_rules
         self.prefix_groups = prefix_groups
         for index in range(len(schedule.phases)):  # every spec must fit, before any work
             self.plan(index)
@@ -309,7 +323,13 @@ class Phases:
         before_steps, before_index = self.steps(), self.current
         prefix_before = self.frozen_prefix(before_index)
         new_tx = self.tx(wanted)
-        opt_state = self.transfer(state.opt_state, new_tx, state.params)
+        shardings = getattr(self.steps(wanted), "shardings", None)
+        opt_state = self.transfer(
+            state.opt_state,
+            new_tx,
+            state.params,
+            shardings=None if shardings is None else shardings.opt_state,
+        )
         fields = {"opt_state": opt_state}
         if hasattr(state, "tx"):
             fields["tx"] = new_tx
@@ -328,12 +348,35 @@ class Phases:
         )
         return self.steps(), state, change
 
-    def transfer(self, opt_state: Any, new_tx: optax.GradientTransformation, params: Any) -> Any:
-        """The old optimizer state carried into `new_tx`'s, placed on the mesh if any."""
-        new_state = _transfer.transfer_opt_state(opt_state, new_tx.init(params))
-        if self.mesh is not None:
-            new_state = jax.device_put(new_state, NamedSharding(self.mesh, P()))
-        return new_state
+    def transfer(
+        self,
+        opt_state: Any,
+        new_tx: optax.GradientTransformation,
+        params: Any,
+        *,
+        shardings: Any = None,
+    ) -> Any:
+        """The old optimizer state carried into `new_tx`'s, placed on the mesh if any.
+
+        Args:
+          opt_state: the state before the change.
+          new_tx: the new phase's optimizer.
+          params: the parameters.
+          shardings: the new state's shardings (default: by `sharding_rules`
+            on `mesh` if given, else replicated on `mesh`, else as it comes).
+        """
+        if shardings is None and self.sharding_rules is not None:
+            param_shardings = _sharding.param_shardings(self.mesh, params, self.sharding_rules)
+            shardings = _sharding.opt_state_shardings(new_tx, params, param_shardings)
+        if shardings is None:
+            new_state = _transfer.transfer_opt_state(opt_state, new_tx.init(params))
+            if self.mesh is not None:
+                new_state = jax.device_put(new_state, NamedSharding(self.mesh, P()))
+            return new_state
+        # Fresh state (a newly unfrozen cohort's) is made in its sharding; what
+        # carries over moves only where the new phase splits it otherwise.
+        fresh = jax.jit(new_tx.init, out_shardings=shardings)(params)
+        return jax.device_put(_transfer.transfer_opt_state(opt_state, fresh), shardings)
 
     # Checkpoints ---------------------------------------------------------------
 
