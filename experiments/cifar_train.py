@@ -1227,7 +1227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_workdir(workdir_path)
     try:
         with _one_run(workdir_path), platform.CompileCounter() as compiles:
-            result = _train(config, workdir_path)
+            result = _train(config, workdir_path, compiles)
     except BaseException:
         if created:
             _remove_if_unused(workdir_path)
@@ -1237,10 +1237,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "cache_hits": compiles.cache_hits,
         "seconds": compiles.seconds,
     }
-    print(
-        f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "
-        f"from the persistent cache, {compiles.seconds:.1f} s"
-    )
     return result
 
 
@@ -1277,8 +1273,12 @@ def _remove_if_unused(path: pathlib.Path) -> None:
         pass  # leaving an empty directory behind is harmless
 
 
-def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path) -> dict[str, Any]:
-    """`train_and_evaluate` in a checked workdir that this run holds."""
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir_path: pathlib.Path,
+    compiles: platform.CompileCounter,
+) -> dict[str, Any]:
+    """`train_and_evaluate` in a checked workdir that this run holds, counting compilations."""
     model = build_model(config, _num_classes(config))
     groups = model_groups(model)
     schedule = build_schedule(config, groups).replace_specs(train_bn=config.train_bn)
@@ -1369,6 +1369,10 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path) -> dic
     result = run.evaluate(final_step, state, steps)
     if config.plot:
         plot.plot_curves(run.writer.rows(), workdir_path / "curves.png")
+    print(
+        f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "
+        f"from the persistent cache, {compiles.seconds:.1f} s"
+    )
     print(
         f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
         f"{result['examples']} examples, step {final_step})"
