@@ -1,12 +1,15 @@
 """End-to-end runs of `experiments/cifar.py` on tiny models and data."""
 
+import contextlib
 import errno
+import io
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import cifar_train as cifar
 import jax
@@ -67,9 +70,25 @@ def _params(workdir):
         return ckpt.restore_arrays(("params", "batch_stats", "opt_state"))
 
 
-def test_synthetic_run_writes_checkpoints_metrics_and_plot(tmp_path, capsys):
-    result = cifar.train_and_evaluate(tiny_config(plot=True), str(tmp_path))
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run of `tiny_config(plot=True)`, shared: tests read it or copy it, never change it."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result = cifar.train_and_evaluate(tiny_config(plot=True), str(workdir))
+    return types.SimpleNamespace(
+        workdir=workdir, result=result, out=out.getvalue(), err=err.getvalue()
+    )
+
+
+def _copy(run, tmp_path):
+    """A copy of a shared run's workdir, for a test that goes on from it."""
+    return pathlib.Path(shutil.copytree(run.workdir, tmp_path / "run"))
+
+
+def test_synthetic_run_writes_checkpoints_metrics_and_plot(tiny_run):
+    result, out, tmp_path = tiny_run.result, tiny_run.out, tiny_run.workdir
     assert "freeze spec: stem,stage1" in out
     assert out.strip().splitlines()[-1].startswith("final test accuracy: ")
     assert result["steps"] == 8 and result["compilations"] == 1
@@ -147,9 +166,8 @@ def cache_every_program():
 
 @pytest.mark.usefixtures("cache_every_program")
 @pytest.mark.parametrize("kill_at", [5])
-def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
-    config = tiny_config()
-    cifar.train_and_evaluate(config, str(tmp_path / "straight"))
+def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at, tiny_run):
+    config = tiny_config(plot=True)
 
     with monkeypatch.context() as m:
         _kill_after(m, kill_at)
@@ -162,13 +180,13 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
     # program it asks for (init, train and eval steps) is read back.
     assert resumed["compile"]["compiled"] == 0 and resumed["compile"]["cache_hits"] >= 3
 
-    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+    _assert_trees_equal(_params(tiny_run.workdir), _params(tmp_path / "resumed"))
 
     def rows(workdir):
         return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in _rows(workdir)]
 
     # Rows of the lost steps were dropped, none doubled, and every value matches.
-    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
+    assert rows(tmp_path / "resumed") == rows(tiny_run.workdir)
 
 
 def test_init_from_source_run_with_other_class_count(tmp_path, capsys):
@@ -263,23 +281,25 @@ def test_help_lists_every_config_field_with_its_default_and_meaning(tmp_path, fl
     assert "--workdir:" in proc.stdout and "--freeze:" in proc.stdout
 
 
-def test_resume_with_another_spec_names_both_and_changes_nothing(tmp_path):
-    cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+def test_resume_with_another_spec_names_both_and_changes_nothing(tmp_path, tiny_run):
+    tmp_path = _copy(tiny_run, tmp_path)
     record = (tmp_path / "config.json").read_bytes()
     metrics = (tmp_path / "metrics.jsonl").read_bytes()
     with pytest.raises(cifar.UsageError, match=r"spec: checkpoint 'stem,stage1', this run 'stem'"):
-        cifar.train_and_evaluate(tiny_config(num_train_steps=6, freeze="stem"), str(tmp_path))
+        cifar.train_and_evaluate(tiny_config(num_train_steps=12, freeze="stem"), str(tmp_path))
     assert (tmp_path / "config.json").read_bytes() == record
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
     with pytest.raises(cifar.UsageError, match=r"method: checkpoint 'zero', this run 'lr0'"):
-        cifar.train_and_evaluate(tiny_config(num_train_steps=6, freeze_method="lr0"), str(tmp_path))
+        cifar.train_and_evaluate(
+            tiny_config(num_train_steps=12, freeze_method="lr0"), str(tmp_path)
+        )
 
 
-def test_resume_under_other_training_settings_is_refused_naming_each(tmp_path):
-    cifar.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path))
+def test_resume_under_other_training_settings_is_refused_naming_each(tmp_path, tiny_run):
+    tmp_path = _copy(tiny_run, tmp_path)
     record = (tmp_path / "config.json").read_bytes()
     metrics = (tmp_path / "metrics.jsonl").read_bytes()
-    other = tiny_config(num_train_steps=6, batch_size=8, learning_rate=3e-3)
+    other = tiny_config(num_train_steps=12, batch_size=8, learning_rate=3e-3)
     with pytest.raises(cifar.UsageError) as info:
         cifar.train_and_evaluate(other, str(tmp_path))
     message = str(info.value)
@@ -288,26 +308,24 @@ def test_resume_under_other_training_settings_is_refused_naming_each(tmp_path):
     assert "\n" not in message and "another --workdir" in message
     # Another model is refused the same way, before its restore is tried.
     with pytest.raises(cifar.UsageError, match=r"width: 4 in the checkpoint's run, 8 now"):
-        cifar.train_and_evaluate(tiny_config(num_train_steps=6, width=8), str(tmp_path))
+        cifar.train_and_evaluate(tiny_config(num_train_steps=12, width=8), str(tmp_path))
     assert (tmp_path / "config.json").read_bytes() == record
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
     # Running longer, or logging differently, resumes.
-    result = cifar.train_and_evaluate(tiny_config(num_train_steps=6, log_every=3), str(tmp_path))
-    assert result["steps"] == 6
+    result = cifar.train_and_evaluate(tiny_config(num_train_steps=10, log_every=5), str(tmp_path))
+    assert result["steps"] == 10
 
 
-def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
-    uninterrupted = tmp_path / "uninterrupted"
-    cifar.train_and_evaluate(tiny_config(), str(uninterrupted))
-    run = tmp_path / "run"
-    cifar.train_and_evaluate(tiny_config(), str(run))  # steps 3, 6 and 8
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys, tiny_run):
+    uninterrupted = tiny_run.workdir
+    run = _copy(tiny_run, tmp_path)  # steps 3, 6 and 8
     metadata_files = [
         p for p in (run / "checkpoints" / "8").rglob("*") if p.is_file() and "metadata" in p.parts
     ]
     assert metadata_files
     metadata_files[0].write_text("{ cut")
     capsys.readouterr()
-    cifar.train_and_evaluate(tiny_config(), str(run))
+    cifar.train_and_evaluate(tiny_config(plot=True), str(run))
     err = capsys.readouterr().err
     assert "checkpoint step 8 is damaged" in err and "resuming from step 6" in err
     assert (run / "checkpoints_damaged" / "8").is_dir()
@@ -362,19 +380,19 @@ def test_divergence_stops_at_the_step_and_saves_nothing_non_finite(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
 
 
-def test_finished_run_rerun_changes_nothing(tmp_path, capsys):
-    config = tiny_config(num_train_steps=3, plot=True)
-    first = cifar.train_and_evaluate(config, str(tmp_path))
+def test_finished_run_rerun_changes_nothing(tmp_path, capsys, tiny_run):
+    config = tiny_config(plot=True)
+    first = tiny_run.result
+    tmp_path = _copy(tiny_run, tmp_path)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    capsys.readouterr()
     again = cifar.train_and_evaluate(config, str(tmp_path))
-    assert "already finished at step 3" in capsys.readouterr().out
+    assert "already finished at step 8" in capsys.readouterr().out
     assert again["accuracy"] == first["accuracy"]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
     # A final test row that holds no numbers (edited by hand, say) is evaluated again.
     rows = _rows(tmp_path)
     rows[-1] = {**rows[-1], "accuracy": "n/a"}
-    assert rows[-1]["split"] == "test" and rows[-1]["step"] == 3
+    assert rows[-1]["split"] == "test" and rows[-1]["step"] == 8
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     repaired = cifar.train_and_evaluate(config, str(tmp_path))
     out, err = capsys.readouterr()
@@ -383,30 +401,29 @@ def test_finished_run_rerun_changes_nothing(tmp_path, capsys):
     assert _rows(tmp_path)[-1] == _rows(tmp_path)[-1] | {"accuracy": first["accuracy"]}
 
 
-def test_frozen_random_layers_are_announced_and_recorded(tmp_path, capsys):
-    cifar.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
-    err = capsys.readouterr().err
+def test_frozen_random_layers_are_announced_and_recorded(tiny_run):
+    err = tiny_run.err
     assert "warning: no config.init_from, so the frozen layers (stem, stage1)" in err
-    assert json.loads((tmp_path / "config.json").read_text())["frozen_random_init"] == [
+    record = json.loads((tiny_run.workdir / "config.json").read_text())
+    assert record["frozen_random_init"] == [
         "stem",
         "stage1",
     ]
 
 
-def test_metrics_rows_after_a_resume_equal_the_uninterrupted_run(tmp_path):
-    config = tiny_config(log_every=4, checkpoint_every=3, eval_every=4)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    cifar.train_and_evaluate(config, str(straight))
-    cifar.train_and_evaluate(config, str(killed))
-    # As if killed right after the step-3 checkpoint: later checkpoints never happened.
+def test_metrics_rows_after_a_resume_equal_the_uninterrupted_run(tmp_path, tiny_run):
+    straight, killed = tiny_run.workdir, _copy(tiny_run, tmp_path)
+    # As if killed right after the step-3 checkpoint: later checkpoints never happened,
+    # while the rows of steps 4-8 were written. The train row at step 4 averages
+    # steps 3 and 4 (log_every=2): its window crosses the resume.
     for step in ("6", "8"):
         shutil.rmtree(killed / "checkpoints" / step)
-    cifar.train_and_evaluate(config, str(killed))
+    cifar.train_and_evaluate(tiny_config(plot=True), str(killed))
 
     def rows(workdir):
         return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in _rows(workdir)]
 
-    assert [r["step"] for r in rows(straight) if r["split"] == "train"] == [4, 8]
+    assert [r["step"] for r in rows(straight) if r["split"] == "train"] == [2, 4, 6, 8]
     assert rows(killed) == rows(straight)
 
 
