@@ -58,6 +58,34 @@ def test_a_repeated_phase_that_unfreezes_gets_its_own_step(tmp_path):
     assert cifar.train_and_evaluate(config, str(tmp_path / "lr0"))["compilations"] == 2
 
 
+def _resume_config(method, checkpoint_every):
+    return tiny_config(
+        schedule=SCHEDULE,
+        num_train_steps=10,
+        freeze_method=method,
+        checkpoint_every=checkpoint_every,
+        eval_every=100,
+        lr_multipliers="ulmfit",
+    )
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """An uninterrupted run per method, shared (checkpoints change no result)."""
+    runs = {}
+
+    def run(method):
+        if method not in runs:
+            workdir = tmp_path_factory.mktemp(f"straight_{method}")
+            runs[method] = (
+                cifar.train_and_evaluate(_resume_config(method, 5), str(workdir)),
+                workdir,
+            )
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.parametrize(
     ("method", "checkpoint_every", "kill_at", "resumes_in_phase"),
     [
@@ -67,17 +95,10 @@ def test_a_repeated_phase_that_unfreezes_gets_its_own_step(tmp_path):
     ],
 )
 def test_resume_across_a_phase_boundary_is_bitwise_identical(
-    tmp_path, monkeypatch, method, checkpoint_every, kill_at, resumes_in_phase
+    tmp_path, monkeypatch, straight_runs, method, checkpoint_every, kill_at, resumes_in_phase
 ):
-    config = tiny_config(
-        schedule=SCHEDULE,
-        num_train_steps=10,
-        freeze_method=method,
-        checkpoint_every=checkpoint_every,
-        eval_every=100,
-        lr_multipliers="ulmfit",
-    )
-    straight = cifar.train_and_evaluate(config, str(tmp_path / "straight"))
+    config = _resume_config(method, checkpoint_every)
+    straight, straight_dir = straight_runs(method)
     with monkeypatch.context() as m:
         _kill_after(m, kill_at)
         with pytest.raises(_Killed):
@@ -88,10 +109,10 @@ def test_resume_across_a_phase_boundary_is_bitwise_identical(
     resumed = cifar.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert resumed["phase"] == straight["phase"] == 2
     # params, batch_stats and the optimizer state (Adam moments, counts).
-    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+    _assert_trees_equal(_params(straight_dir), _params(tmp_path / "resumed"))
     events = [
-        [(r["split"], r["step"], r["phase"]) for r in _rows(tmp_path / d)]
-        for d in ("straight", "resumed")
+        [(r["split"], r["step"], r["phase"]) for r in _rows(d)]
+        for d in (straight_dir, tmp_path / "resumed")
     ]
     assert events[0] == events[1]
 
