@@ -56,6 +56,7 @@ OPTIMIZERS = ("adamw", "sgd")
 # The values of a test row that a finished run reports again.
 _RESULT_FIELDS = ("accuracy", "loss")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FROZEN_DTYPES = ("", "bfloat16", "float16")  # '': off, frozen parameters stay float32
 
 
 class UsageError(ValueError):
@@ -96,6 +97,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("dtype", config.dtype, list(DTYPES))
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("freeze_method", config.freeze_method, lf.METHODS)
+    _check_frozen_dtype(config)
     for field in (
         "batch_size",
         "checkpoint_every",
@@ -149,6 +151,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.init_from={config.init_from!r} does not exist; give the workdir of an "
             "earlier run, a torchvision .pth/.safetensors file (ResNets) or a big_vision .npz "
             "file (ViTs)."
+        )
+
+
+def _check_frozen_dtype(config: ml_collections.ConfigDict) -> None:
+    value = config.frozen_dtype
+    if value not in FROZEN_DTYPES:
+        raise UsageError(
+            f"config.frozen_dtype={value!r} is not a float dtype to store frozen parameters "
+            f"in; valid: {', '.join(map(repr, FROZEN_DTYPES))} ('' = off, float32)."
+        )
+    if value and config.freeze_method != "zero":
+        raise UsageError(
+            f"config.frozen_dtype={value!r} needs --config.freeze_method=zero; under "
+            f"{config.freeze_method!r} frozen parameters run the optimizer and would be rounded."
         )
 
 
@@ -883,6 +899,7 @@ class _PhaseBuilder:
             # CPU convolutions through Eigen: the frozen ResNet-18 step 1.30x ->
             # 1.10x PyTorch's on a 2-core CPU (benchmarks/RESULTS.md); {} elsewhere.
             compiler_options=platform.cpu_conv_options(),
+            frozen_dtype=self.config.frozen_dtype or None,
         )
 
     def phases(self, schedule: schedules.FreezeSchedule) -> train.Phases:

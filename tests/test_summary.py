@@ -196,3 +196,17 @@ def test_rows_by_a_models_layer_groups():
 def test_summary_names_wrong_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         lf.summary(*args, **kwargs)
+
+
+def test_bytes_by_dtype_line_when_params_mix_dtypes():
+    params = _params()
+    params["stem"]["kernel"] = params["stem"]["kernel"].astype(jnp.bfloat16)  # as frozen_dtype
+    s = lf.summary(params, "stem")
+    assert s.as_dict()["bytes_by_dtype"] == {"float32": (576 + 8 + 90) * 4, "bfloat16": 216 * 2}
+    assert s.as_dict()["groups"]["stem"]["bytes"] == 432
+    assert str(s).splitlines()[-1] == "bytes by dtype: float32 2.6 KiB, bfloat16 432 B"
+    # One dtype, one device: the table as before, no extra line.
+    plain = lf.summary(_params(), "stem")
+    assert plain.as_dict()["bytes_by_dtype"] == {"float32": 890 * 4}
+    assert plain.as_dict()["bytes_per_device"] is None
+    assert str(plain).splitlines()[-1].startswith("trainable: ")

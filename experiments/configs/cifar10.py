@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.schedule = ""  # an unfreezing schedule, e.g. 'gradual'; overrides `freeze`
     config.freeze_method = "zero"  # zero | lr0
     config.train_bn = False  # keep BatchNorm training inside frozen stages (fastai)
+    # Store frozen parameters in '' (off: float32) | 'bfloat16' | 'float16': half the bytes;
+    # an unfrozen layer trains on from the rounded values. Method zero only.
+    config.frozen_dtype = ""
     # '' | 'ulmfit' | 'ulmfit:2.6' | 'geometric:1e-2' (stem/head ratio) | 'stem=0.1,stage1=0.3'
     config.lr_multipliers = ""
     # Layer-wise decay (BEiT/MAE, timm's layer_decay) in (0, 1], 0 = off: the last layer

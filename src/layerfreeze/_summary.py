@@ -1,6 +1,7 @@
 """What is frozen, what is trainable, and what it costs: a Keras-style summary."""
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
 
@@ -41,11 +42,26 @@ class FreezeSummary:
     """Per-group counts of a parameter tree under a freeze spec.
 
     Prints as a table; `as_dict()` gives the numbers.
+
+    Attributes:
+      spec: the freeze spec, described.
+      groups: one `GroupSummary` per row.
+      shared_opt_state_bytes: bytes of optimizer state that belong to no
+        parameter (step counts); None without an optimizer state.
+      bytes_by_dtype: the parameters' bytes per dtype name, largest first
+        (`{"float32": ..., "bfloat16": ...}` with frozen parameters stored in
+        bfloat16). Printed as a line when the parameters mix dtypes.
+      bytes_per_device: when the arrays lie on several devices (sharded or
+        replicated over a mesh), per device (`"cpu:0"`) the bytes of its
+        shards: `{"params": ..., "opt_state": ...}` (`opt_state` None without
+        an optimizer state); None otherwise. Printed as a line.
     """
 
     spec: str
     groups: tuple[GroupSummary, ...]
     shared_opt_state_bytes: int | None
+    bytes_by_dtype: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    bytes_per_device: Mapping[str, Mapping[str, int | None]] | None = None
 
     @property
     def total_params(self) -> int:
@@ -93,6 +109,10 @@ class FreezeSummary:
             "total_bytes": self.total_bytes,
             "trainable_fraction": self.trainable_fraction,
             "opt_state_bytes": self.opt_state_bytes,
+            "bytes_by_dtype": dict(self.bytes_by_dtype),
+            "bytes_per_device": None
+            if self.bytes_per_device is None
+            else {d: dict(b) for d, b in self.bytes_per_device.items()},
         }
 
     def __str__(self) -> str:
@@ -126,7 +146,30 @@ class FreezeSummary:
             f"trainable: {self.trainable_params:,} of {self.total_params:,} "
             f"({100 * self.trainable_fraction:.2f}%), frozen: {self.frozen_params:,}"
         )
+        if len(self.bytes_by_dtype) > 1:
+            by_dtype = ", ".join(f"{d} {_human(n)}" for d, n in self.bytes_by_dtype.items())
+            lines.append(f"bytes by dtype: {by_dtype}")
+        if self.bytes_per_device:
+            lines.append(_per_device_line(self.bytes_per_device))
         return "\n".join(lines)
+
+
+def _per_device_line(per_device: Mapping[str, Mapping[str, int | None]]) -> str:
+    """`bytes per device (4 devices): params 1.0 KiB, opt state 2.0 KiB`; when devices
+    hold different amounts, the numbers of the one holding the most, named."""
+
+    def total(bytes_: Mapping[str, int | None]) -> int:
+        return sum(n or 0 for n in bytes_.values())
+
+    fullest = max(per_device, key=lambda d: total(per_device[d]))
+    where = f"{len(per_device)} devices"
+    if len({tuple(b.items()) for b in per_device.values()}) > 1:
+        where += f", most on {fullest}"
+    held = per_device[fullest]
+    parts = [f"params {_human(held['params'] or 0)}"]
+    if held.get("opt_state") is not None:
+        parts.append(f"opt state {_human(held['opt_state'])}")
+    return f"bytes per device ({where}): {', '.join(parts)}"
 
 
 def summary(
@@ -157,7 +200,11 @@ def summary(
         leaf must be covered, and every group must cover a leaf.
 
     Returns:
-      A `FreezeSummary`; `print` it, or read `as_dict()`.
+      A `FreezeSummary`; `print` it, or read `as_dict()`. Below the table,
+      a line gives the parameters' bytes per dtype when they mix dtypes
+      (frozen leaves stored in bfloat16 by `train.make_steps(...,
+      frozen_dtype=...)`), and one the bytes on each device when the arrays
+      lie on several (the most any device holds, and which, when they differ).
 
     Raises:
       TypeError: `params` is no parameter pytree (None, a string, a model,
@@ -203,7 +250,52 @@ def summary(
         spec=spec.describe(),
         groups=_group_summaries(per_group, with_opt_state=opt_state is not None),
         shared_opt_state_bytes=shared,
+        bytes_by_dtype=_bytes_by_dtype(leaves),
+        bytes_per_device=_bytes_per_device(params, opt_state),
     )
+
+
+def _bytes_by_dtype(leaves: Sequence[Any]) -> dict[str, int]:
+    """Bytes per dtype name, largest first."""
+    out: dict[str, int] = {}
+    for leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        name = np.dtype(np.asarray(leaf).dtype if dtype is None else dtype).name
+        out[name] = out.get(name, 0) + _size(leaf)[1]
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _bytes_per_device(params: Any, opt_state: Any) -> dict[str, dict[str, int | None]] | None:
+    """Per device, the bytes of its shards of `params` and `opt_state`; None unless
+    the arrays lie on more than one device."""
+    trees = {"params": params, "opt_state": opt_state}
+    per_tree = {name: _device_bytes(tree) for name, tree in trees.items() if tree is not None}
+    devices = sorted({d for held in per_tree.values() for d in held}, key=lambda d: d.id)
+    if len(devices) < 2:
+        return None
+    return {
+        f"{d.platform}:{d.id}": {
+            name: per_tree[name].get(d, 0) if name in per_tree else None for name in trees
+        }
+        for d in devices
+    }
+
+
+def _device_bytes(tree: Any) -> dict[Any, int]:
+    """Per device, the bytes of the shards of the arrays of `tree` that it holds."""
+    out: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding) or jax.dtypes.issubdtype(
+            leaf.dtype, jax.dtypes.prng_key
+        ):
+            continue
+        shape = tuple(leaf.shape)
+        itemsize = np.dtype(leaf.dtype).itemsize
+        for device, index in sharding.devices_indices_map(shape).items():
+            size = math.prod(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
+            out[device] = out.get(device, 0) + size * itemsize
+    return out
 
 
 # A row of counts per group: params, bytes, trainable params, optimizer-state bytes.

@@ -166,8 +166,12 @@ def cache_every_program():
 
 @pytest.mark.usefixtures("cache_every_program")
 @pytest.mark.parametrize("kill_at", [5])
-def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at, tiny_run):
-    config = tiny_config(plot=True)
+def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at):
+    # Frozen parameters stored in bfloat16 and a phase change at step 4 (epoch 1)
+    # that the resumed run crosses: stage2 is unfrozen (cast up), stage1 frozen
+    # (cast down). The float32 path resumes bitwise in the tests below.
+    config = tiny_config(frozen_dtype="bfloat16", schedule="explicit:0=stem,stage2;1=stem,stage1")
+    cifar.train_and_evaluate(config, str(tmp_path / "straight"))
 
     with monkeypatch.context() as m:
         _kill_after(m, kill_at)
@@ -180,13 +184,19 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, monkeypatch, kill_at, 
     # program it asks for (init, train and eval steps) is read back.
     assert resumed["compile"]["compiled"] == 0 and resumed["compile"]["cache_hits"] >= 3
 
-    _assert_trees_equal(_params(tiny_run.workdir), _params(tmp_path / "resumed"))
+    _assert_trees_equal(_params(tmp_path / "straight"), _params(tmp_path / "resumed"))
+    stored = _params(tmp_path / "resumed")["params"]
+    for group, dtype in [("stem", "bfloat16"), ("stage1", "bfloat16"), ("stage2", "float32")]:
+        assert {x.dtype.name for x in jax.tree.leaves(stored[group])} == {dtype}, group
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["frozen_dtype"] == (
+        "bfloat16"
+    )
 
     def rows(workdir):
         return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in _rows(workdir)]
 
     # Rows of the lost steps were dropped, none doubled, and every value matches.
-    assert rows(tmp_path / "resumed") == rows(tiny_run.workdir)
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
 
 
 def test_init_from_source_run_with_other_class_count(tmp_path, capsys):
@@ -299,12 +309,15 @@ def test_resume_under_other_training_settings_is_refused_naming_each(tmp_path, t
     tmp_path = _copy(tiny_run, tmp_path)
     record = (tmp_path / "config.json").read_bytes()
     metrics = (tmp_path / "metrics.jsonl").read_bytes()
-    other = tiny_config(num_train_steps=12, batch_size=8, learning_rate=3e-3)
+    other = tiny_config(
+        num_train_steps=12, batch_size=8, learning_rate=3e-3, frozen_dtype="bfloat16"
+    )
     with pytest.raises(cifar.UsageError) as info:
         cifar.train_and_evaluate(other, str(tmp_path))
     message = str(info.value)
     assert "batch_size: 16 in the checkpoint's run, 8 now" in message
     assert "learning_rate: 0.001 in the checkpoint's run, 0.003 now" in message
+    assert "frozen_dtype: '' in the checkpoint's run, 'bfloat16' now" in message
     assert "\n" not in message and "another --workdir" in message
     # Another model is refused the same way, before its restore is tried.
     with pytest.raises(cifar.UsageError, match=r"width: 4 in the checkpoint's run, 8 now"):
@@ -349,6 +362,15 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys,
         ({"num_epochs": float("inf")}, "config.num_epochs must be a finite number, got inf"),
         ({"head_dropout": 1.5}, "config.head_dropout must be in [0, 1), got 1.5"),
         ({"seed": -1}, "config.seed must be in [0, 2**32), got -1"),
+        (
+            {"frozen_dtype": "int8"},
+            "config.frozen_dtype='int8' is not a float dtype to store frozen parameters in; "
+            "valid: '', 'bfloat16', 'float16'",
+        ),
+        (
+            {"frozen_dtype": "float16", "freeze_method": "lr0"},
+            "config.frozen_dtype='float16' needs --config.freeze_method=zero",
+        ),
     ],
 )
 def test_bad_values_are_one_clear_error(tmp_path, overrides, message):

@@ -448,6 +448,37 @@ _SHARDED = MODEL + textwrap.dedent(
         out[check + "_param_error"] = max(
             float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1e-6 + 1e-5 * np.abs(b))))
             for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(one), strict=True))
+
+    # (g) frozen_dtype with the rules: each cast leaf keeps its sharding, at init and
+    # at a phase change (stem unfrozen, head frozen); the summary counts each device's
+    # shards.
+    schedule = schedules.explicit({0: SPEC, 1: "head"}, unit="step")
+    phases = train.Phases(schedule, lambda phase, previous: train.make_steps(
+        model, optax.adam(1e-2), phase.spec, params, inputs="x", previous=previous,
+        mesh=mesh, sharding_rules=RULES, frozen_dtype="bfloat16"), params=params)
+    state = phases.init_state(variables, jax.random.key(1))
+    dtypes = lambda tree: {k: str(x.dtype) for k, x in
+                           zip(specs(tree), jax.tree.leaves(tree), strict=True)}
+    out["bf16_init_specs"], out["bf16_init_dtypes"] = specs(state.params), dtypes(state.params)
+    steps, state, change = phases.update(1, state)
+    out["bf16_phase_specs"], out["bf16_phase_dtypes"] = specs(state.params), dtypes(state.params)
+    head = np.array(state.params["head"]["kernel"])
+    state, metrics = steps.train_step(state, place(batches[0], mesh))
+    out["bf16_head_equal"] = bool(np.array_equal(
+        np.asarray(state.params["head"]["kernel"]).view(np.uint16), head.view(np.uint16)))
+    out["bf16_loss"] = float(metrics["loss"])
+    summary = lf.summary(state.params, steps.plan, state.opt_state)
+    out["per_device"] = summary.as_dict()["bytes_per_device"]
+    held = {}
+    for name in ("params", "opt_state"):
+        for x in jax.tree.leaves(getattr(state, name)):
+            for shard in x.addressable_shards:
+                key = f"cpu:{shard.device.id}"
+                held.setdefault(key, {"params": 0, "opt_state": 0})
+                held[key][name] += shard.data.nbytes
+    out["per_device_shards"] = held
+    out["summary_lines"] = str(summary).splitlines()[-2:]
+    lap("frozen_dtype")
     print(json.dumps(out))
     """
 )
@@ -511,3 +542,18 @@ def test_sharded_state_on_four_cpu_devices():
     assert out["own_param_error"] <= 1
     assert out["own_grad_specs"] == {k: str(v) for k, v in EXPECTED.items()}
     assert out["own_opt_specs"] == out["opt_specs"]
+
+    # frozen_dtype: the frozen stem in bfloat16 (the stack, frozen in part, stays
+    # float32), each leaf in its rules' sharding; at the phase change the stem comes
+    # back up and the head goes down, both keeping their shardings.
+    expected = {k: str(v) for k, v in EXPECTED.items()}
+    assert out["bf16_init_specs"] == expected and out["bf16_phase_specs"] == expected
+    bf16 = {k for k, v in out["bf16_init_dtypes"].items() if v == "bfloat16"}
+    assert bf16 == {"stem/kernel", "stem/bias"}, out["bf16_init_dtypes"]
+    bf16 = {k for k, v in out["bf16_phase_dtypes"].items() if v == "bfloat16"}
+    assert bf16 == {"head/kernel", "head/bias"}, out["bf16_phase_dtypes"]
+    assert out["bf16_head_equal"] and np.isfinite(out["bf16_loss"])
+    # The summary's bytes per device are each device's shards.
+    assert out["per_device"] == out["per_device_shards"]
+    assert out["summary_lines"][0].startswith("bytes by dtype: float32 ")
+    assert out["summary_lines"][1].startswith("bytes per device (4 devices")

@@ -18,7 +18,10 @@ and the batch; softmax cross-entropy over integer labels is the default.
 The train step is pure, `(state, batch) -> (state, metrics)`, jitted, donates
 its state, and runs data parallel over a `jax.sharding.Mesh` when given one;
 with sharding rules (`layerfreeze.train.sharding`) its parameters, gradients
-and optimizer state are split over the mesh instead of replicated.
+and optimizer state are split over the mesh instead of replicated. With
+`frozen_dtype` the frozen parameters are stored, and used, in a smaller float
+dtype (bfloat16: half the bytes of float32), as Levanter keeps them in the
+compute dtype.
 """
 
 import dataclasses
@@ -29,6 +32,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -52,6 +56,8 @@ Preprocess = Callable[[jax.Array, Any], Any]
 GroupLeaves = Mapping[str, list[tuple[int, tuple[tuple[int, int], ...] | None]]]
 LossFn = Callable[[Any, Batch], Any]
 """`(outputs, batch) -> loss` or `(loss, {name: scalar metric})`; the loss a float scalar."""
+# The dtypes `StepOptions.frozen_dtype` may store frozen parameters in.
+_FROZEN_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @flax.struct.dataclass
@@ -108,6 +114,8 @@ class TrainSteps:
         `TrainState` of them (`batch_stats`, `step` and `rng` replicated, as
         one sharding each); the steps take and give the state in them.
         None without rules.
+      frozen_dtype: the dtype the wholly frozen parameters are stored in
+        (`StepOptions.frozen_dtype`), or None.
     """
 
     plan: _plan.Plan
@@ -119,6 +127,31 @@ class TrainSteps:
     eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]]
     _split_variables: Callable[[Any], tuple[Any, Any]] = dataclasses.field(repr=False)
     shardings: TrainState | None = None
+    frozen_dtype: np.dtype | None = None
+    # Per leaf, the dtype it is stored in under this phase (None: as given);
+    # None without frozen_dtype.
+    _dtypes: tuple[np.dtype | None, ...] | None = dataclasses.field(default=None, repr=False)
+
+    def cast_params(self, params: Any) -> Any:
+        """`params` in the dtypes this phase stores them in.
+
+        With `frozen_dtype`, the wholly frozen float leaves are cast to it and
+        every other leaf to its dtype in the params `make_steps` was given
+        (float32 for a model initialised in float32): what `init_state` does
+        to fresh params and what `train.Phases` does at a phase change (newly
+        frozen leaves are rounded down, newly unfrozen ones come back up with
+        the rounded values; see `StepOptions.frozen_dtype`). A leaf already in
+        its dtype is returned as is (no copy), and a cast leaf keeps its
+        sharding. Without `frozen_dtype`, `params` is returned unchanged.
+        """
+        if self._dtypes is None:
+            return params
+        leaves, treedef = jax.tree.flatten(params)
+        if len(leaves) != len(self._dtypes):
+            self.plan.check(params)  # names the difference
+        return jax.tree.unflatten(
+            treedef, [_cast(x, d) for x, d in zip(leaves, self._dtypes, strict=True)]
+        )
 
     def init_state(self, variables: Any, rng: jax.Array) -> TrainState:
         """A fresh `TrainState`.
@@ -131,12 +164,17 @@ class TrainSteps:
         The arrays are copied: the train step donates its state, and the
         caller's variables must survive that. With sharding rules each
         array goes straight to its sharding (each device receives its own
-        shard) and the optimizer state is created in its sharding.
+        shard) and the optimizer state is created in its sharding. With a
+        `frozen_dtype` the wholly frozen parameters are cast to it
+        (`cast_params`); an NNX model updated from the state later
+        (`nnx.update(model, state.params, ...)`) receives them in it.
         """
         params, batch_stats = self._split_variables(variables)
         if self.shardings is not None:
             return self._init_sharded(params, batch_stats, rng)
-        params = jax.tree.map(jnp.array, params)
+        # A copy of each leaf that the cast did not make anew.
+        cast = self.cast_params(params)
+        params = jax.tree.map(lambda new, old: jnp.array(new) if new is old else new, cast, params)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -147,7 +185,7 @@ class TrainSteps:
 
     def _init_sharded(self, params: Any, batch_stats: Any, rng: jax.Array) -> TrainState:
         to = self.shardings
-        params = _placed_copy(params, to.params)
+        params = self.cast_params(_placed_copy(params, to.params))
         return TrainState(
             step=jax.device_put(jnp.zeros((), jnp.int32), to.step),
             params=params,
@@ -172,6 +210,18 @@ def _placed_copy(tree: Any, shardings: Any) -> Any:
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: one(x, shardings), tree)
     return jax.tree.map(one, tree, shardings)
+
+
+def _cast(x: Any, dtype: np.dtype | None) -> Any:
+    """`x` in `dtype` (None: as it is), in the same sharding; `x` itself if already there."""
+    if dtype is None or getattr(x, "dtype", None) == dtype:
+        return x
+    if not isinstance(x, jax.Array):
+        return jnp.asarray(x, dtype)
+    cast = x.astype(dtype)
+    if cast.sharding != x.sharding:
+        cast = jax.device_put(cast, x.sharding)
+    return cast
 
 
 def classification_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
@@ -250,6 +300,28 @@ class StepOptions:
         (`jax.jit(..., compiler_options=...)`). None (the default): XLA's
         own. `layerfreeze.train.platform.cpu_conv_options()` is an opt-in
         that made CPU convolutions faster on one machine.
+      frozen_dtype: store the frozen parameters in this float dtype,
+        `"bfloat16"`, `"float16"` or `"float32"` (a name or a dtype such as
+        `jnp.bfloat16`); None (the default): as given. `init_state` casts
+        every wholly frozen float leaf once, the steps use them as stored
+        (the model computes with them as given: flax's layers promote a
+        bfloat16 kernel to their compute dtype, so a float32 model keeps
+        float32 activations), and they stay bit-identical in that dtype.
+        Trainable leaves keep the dtype of `params` (float32), and so do
+        their gradients and optimizer state. A stacked leaf whose blocks are
+        only partly frozen cannot hold two dtypes: it stays in its own.
+        BatchNorm statistics (`batch_stats`) are not cast. At a phase change
+        `train.Phases` casts newly frozen leaves down and newly unfrozen ones
+        back up (`TrainSteps.cast_params`). No float32 master copy is kept:
+        an unfrozen leaf resumes training from its rounded values (bfloat16
+        keeps 8 significant bits, a relative error of at most 2**-8 per
+        weight; float16 keeps 11, 2**-11, between 6.1e-5 and 65504 in
+        magnitude: smaller weights lose bits, below 3e-8 they become 0, and
+        larger ones overflow). Kept on the device, a float32 copy would cost
+        more than the cast saves (6 bytes per frozen parameter instead of
+        4); kept on the host, it would need host memory and a checkpoint of
+        its own for exact resumes. Only with method `"zero"` (under `"lr0"`
+        frozen leaves run the optimizer, whose state would be rounded too).
     """
 
     loss_fn: Callable[..., Any] | None = None
@@ -269,8 +341,11 @@ class StepOptions:
     batch_axes: Sequence[str] | None = None
     donate: bool = True
     compiler_options: Mapping[str, Any] | None = None
+    frozen_dtype: Any = None
 
     def __post_init__(self):
+        # Stored as a numpy dtype (e.g. dtype(bfloat16)), whatever form it was given in.
+        object.__setattr__(self, "frozen_dtype", _frozen_dtype(self.frozen_dtype))
         # The functions and keywords are first used while tracing the step, where a
         # wrong type fails far from here.
         for name in ("loss_fn", "preprocess", "preprocess_eval"):
@@ -324,6 +399,26 @@ class StepOptions:
         return dataclasses.replace(options or cls(), **fields)
 
 
+def _frozen_dtype(value: Any) -> np.dtype | None:
+    """`value` as a numpy dtype, if it names one of `_FROZEN_DTYPES`; None stays None."""
+    if value is None:
+        return None
+    try:
+        dtype = None if isinstance(value, bool) else jnp.dtype(value)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is not None and dtype.name in _FROZEN_DTYPES:
+        return dtype
+    got = repr(value) if isinstance(value, str) else _checks.given(value)
+    if dtype is not None and not isinstance(value, str):
+        got = f"{dtype.name} ({got})"
+    raise ValueError(
+        "make_steps option frozen_dtype is the float dtype to store frozen parameters in: "
+        f"one of {', '.join(map(repr, _FROZEN_DTYPES))} (a name or a dtype such as "
+        f"jnp.bfloat16), or None to keep them as given; got {got}."
+    )
+
+
 def make_steps(
     model: nn.Module | nnx.Module | None,
     optimizer: optax.GradientTransformation,
@@ -363,8 +458,9 @@ def make_steps(
 
     Raises:
       ValueError: `start_after` names a group that is not frozen with its
-        BatchNorm, or is given with method `"lr0"`; an NNX model without
-        parameters; `params` missing for a linen model.
+        BatchNorm, or is given with method `"lr0"`; `frozen_dtype` is no
+        float dtype of the valid ones, or is given with method `"lr0"`; an
+        NNX model without parameters; `params` missing for a linen model.
       TypeError: `model` is not a linen or NNX module or None; an unknown option.
     """
     options = StepOptions.of(options, fields)
@@ -374,6 +470,12 @@ def make_steps(
     plan = _plan.plan(params, spec, previous=options.previous, method=options.method)
     if options.start_after is not None:
         _check_start_after(options.start_after, plan, options.running_stats)
+    if options.frozen_dtype is not None and plan.method != "zero":
+        raise ValueError(
+            f"make_steps option frozen_dtype={options.frozen_dtype.name!r} needs method "
+            f"'zero'; got {plan.method!r}, under which frozen parameters run the optimizer "
+            "(their state kept warm for an unfreeze) and would be rounded with it."
+        )
     if model is None and options.loss_fn is None:
         raise ValueError("With no model, pass loss_fn(params, batch, rng) -> loss.")
     forward = _forward(model, params, plan, options)
@@ -391,7 +493,31 @@ def make_steps(
         eval_step=jax.jit(steps.eval_step, **eval_jit),
         _split_variables=forward.split_variables,
         shardings=shardings,
+        frozen_dtype=options.frozen_dtype,
+        _dtypes=_stored_dtypes(params, plan, options.frozen_dtype),
     )
+
+
+def _stored_dtypes(
+    params: Any, plan: _plan.Plan, frozen_dtype: np.dtype | None
+) -> tuple[np.dtype | None, ...] | None:
+    """Per leaf, its dtype under `frozen_dtype`: wholly frozen float leaves in it, the
+    others in their own (None: a leaf without a dtype, left as it is)."""
+    if frozen_dtype is None:
+        return None
+    out = []
+    for leaf, frozen in zip(jax.tree.leaves(params), plan.frozen, strict=True):
+        dtype = getattr(leaf, "dtype", None)
+        dtype = None if dtype is None else np.dtype(dtype)
+        if dtype is not None and _wholly_frozen(frozen) and jnp.issubdtype(dtype, jnp.floating):
+            dtype = frozen_dtype
+        out.append(dtype)
+    return tuple(out)
+
+
+def _wholly_frozen(frozen: _spec.FrozenBlocks) -> bool:
+    """Whether a leaf is frozen whole (every block of a stacked leaf included)."""
+    return frozen is True or (isinstance(frozen, tuple) and all(frozen))
 
 
 def _model_params(model: Any, spec: Any, params: Any) -> tuple[Any, Any]:
@@ -513,6 +639,8 @@ class _Steps:
             grads = jax.lax.with_sharding_constraint(grads, self.shardings.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if self.options.frozen_dtype is not None:
+            params = self.keep_frozen(state.params, params)
         metrics = {"loss": loss, **metrics}
         if self.options.grad_norm:
             metrics["grad_norm"] = optax.tree.norm(trainable_grads)
@@ -521,6 +649,16 @@ class _Steps:
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
         return new_state, metrics
+
+    def keep_frozen(self, old: Any, new: Any) -> Any:
+        """`new` with the wholly frozen leaves of `old`: bit-identical by construction
+        (adding a zero update would turn a -0.0 into 0.0)."""
+        flat, treedef = jax.tree.flatten(new)
+        kept = [
+            o if _wholly_frozen(f) else n
+            for o, n, f in zip(jax.tree.leaves(old), flat, self.plan.frozen, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, kept)
 
     def eval_step(self, state: TrainState, batch: Batch):
         if self.no_model:

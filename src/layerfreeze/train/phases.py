@@ -10,7 +10,9 @@ what a training loop needs at every step:
   and step count; under method `zero` what is newly unfrozen starts like a
   fresh optimizer) and placed back on the mesh: in the new phase's shardings
   under sharding rules (`layerfreeze.train.sharding`), the fresh state of a
-  newly unfrozen cohort created directly in its sharding;
+  newly unfrozen cohort created directly in its sharding; with steps that
+  store frozen parameters in a `frozen_dtype`, the newly frozen ones cast
+  down and the newly unfrozen ones back up, once (`TrainSteps.cast_params`);
 * the metadata a checkpoint needs to resume in the right phase, and the check
   that a resumed run has the same schedule;
 * whether the frozen prefix changed (for a feature cache).
@@ -308,7 +310,8 @@ class Phases:
 
         Returns:
           `(steps, state, change)`: the current phase's steps, the state (with
-          the carried-over optimizer state after a change), and a
+          the carried-over optimizer state after a change, and the params in
+          the new phase's dtypes when its steps have a `frozen_dtype`), and a
           `PhaseChange` or None.
 
         Raises:
@@ -323,14 +326,21 @@ class Phases:
         before_steps, before_index = self.steps(), self.current
         prefix_before = self.frozen_prefix(before_index)
         new_tx = self.tx(wanted)
-        shardings = getattr(self.steps(wanted), "shardings", None)
+        new_steps = self.steps(wanted)
+        shardings = getattr(new_steps, "shardings", None)
+        # Steps with a frozen_dtype store newly frozen leaves down in it and newly
+        # unfrozen ones back up, before any optimizer state is made for them.
+        cast = getattr(new_steps, "cast_params", None)
+        params = state.params if cast is None else cast(state.params)
         opt_state = self.transfer(
             state.opt_state,
             new_tx,
-            state.params,
+            params,
             shardings=None if shardings is None else shardings.opt_state,
         )
         fields = {"opt_state": opt_state}
+        if params is not state.params:
+            fields["params"] = params
         if hasattr(state, "tx"):
             fields["tx"] = new_tx
         state = state.replace(**fields)
