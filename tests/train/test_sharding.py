@@ -5,10 +5,6 @@ The rules and their errors are checked in process on one device (an
 devices runs in one subprocess on four CPU devices (`data`=2 x `fsdp`=2).
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from devices import run_on_cpu_devices
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import AbstractMesh
@@ -486,17 +483,7 @@ _SHARDED = MODEL + textwrap.dedent(
 
 def test_sharded_state_on_four_cpu_devices():
     """One subprocess (data=2 x fsdp=2) checks everything that needs several devices."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 4
+    out = run_on_cpu_devices(_SHARDED)
 
     # Parameters and optimizer state follow the rules, as init_state made them.
     assert out["param_specs"] == {k: str(v) for k, v in EXPECTED.items()}

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -9,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from devices import run_on_cpu_devices
 from flax import nnx
 
 import layerfreeze as lf
@@ -251,17 +249,7 @@ _PARALLEL = textwrap.dedent(
 
 
 def test_data_parallel_on_four_cpu_devices_matches_one_device():
-    env = dict(
-        os.environ,
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _PARALLEL], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 4
+    out = run_on_cpu_devices(_PARALLEL)
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-5)
     assert out["one_stem_equal"] and out["mesh_stem_equal"]
 
