@@ -84,40 +84,29 @@ EMBEDDINGS = "embedding,pos_embedding,cls"
 
 @pytest.fixture(scope="module")
 def vit_rows():
-    # Compiling dominates (seconds per step function): two specs per layout.
-    common = dict(batch_size=4, image_size=16, methods=("zero",), steps=1, warmup=0)
-    unrolled = freeze_cost.measure_model(
-        "vit_ti4",
-        freezes=("none", f"{EMBEDDINGS},Transformer/encoderblock_0"),
-        log=lambda msg: None,
-        **common,
-        **TINY_VIT,
-    )
-    scanned = freeze_cost.measure_model(
+    # Compiling dominates (seconds per step function): two specs of the scanned layout.
+    # That it costs what the unrolled layout costs is tests/test_stacked.py's check.
+    return freeze_cost.measure_model(
         "vit_ti4_scan",
         freezes=("none", f"{EMBEDDINGS},Transformer/encoderblock[:1]"),
         log=lambda msg: None,
-        **common,
+        batch_size=4,
+        image_size=16,
+        methods=("zero",),
+        steps=1,
+        warmup=0,
         **TINY_VIT,
     )
-    return unrolled, scanned
 
 
 def test_vit_rows_shrink_and_match_the_ideal_step(vit_rows):
-    unrolled, scanned = vit_rows
-    assert [r["freeze"] for r in scanned] == ["none", f"{EMBEDDINGS},Transformer/encoderblock[:1]"]
-    # The same model and the same blocks frozen in both layouts: the same optimizer
-    # state (a frozen block of the stack holds none) and the same FLOPs.
-    for a, b in zip(unrolled, scanned, strict=True):
-        assert a["opt_state_bytes"] == b["opt_state_bytes"]
-        assert b["flops"] == pytest.approx(a["flops"], rel=0.01)
-    assert unrolled[1]["opt_state_bytes"] < unrolled[0]["opt_state_bytes"]
-    for rows in (unrolled, scanned):
-        assert rows[1]["flops"] < rows[0]["flops"], rows
-        assert rows[1]["flops_ratio_ideal"] <= freeze_cost.IDEAL_TOLERANCE, rows[1]
-    assert freeze_cost.ideal_warnings(unrolled + scanned) == []
-    table = freeze_cost.format_table(unrolled + scanned)
-    assert "Transformer/encoderblock[:1]" in table and "Transformer/encoderblock_0" in table
+    assert [r["freeze"] for r in vit_rows] == ["none", f"{EMBEDDINGS},Transformer/encoderblock[:1]"]
+    # A frozen block of the stack holds no optimizer state and costs no backward work.
+    assert vit_rows[1]["opt_state_bytes"] < vit_rows[0]["opt_state_bytes"]
+    assert vit_rows[1]["flops"] < vit_rows[0]["flops"], vit_rows
+    assert vit_rows[1]["flops_ratio_ideal"] <= freeze_cost.IDEAL_TOLERANCE, vit_rows[1]
+    assert freeze_cost.ideal_warnings(vit_rows) == []
+    assert "Transformer/encoderblock[:1]" in freeze_cost.format_table(vit_rows)
 
 
 @pytest.mark.parametrize("model", list(freeze_cost.MODELS))
