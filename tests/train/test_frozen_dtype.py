@@ -205,3 +205,18 @@ def test_frozen_dtype_forms_and_method_lr0():
             method="lr0",
             frozen_dtype="float16",
         )
+
+
+def test_the_abstract_state_has_the_frozen_dtype():
+    # jax.eval_shape(init_state) is how a program is compiled before any array exists.
+    params = {"stem": {"w": jnp.ones((4, 4))}, "head": {"w": jnp.ones((4, 2))}}
+
+    def loss_fn(p, batch, rng):
+        return jnp.sum(p["stem"]["w"] @ p["head"]["w"])
+
+    steps = train.make_steps(
+        None, optax.adam(1e-3), "stem", params, loss_fn=loss_fn, frozen_dtype="bfloat16"
+    )
+    state = jax.eval_shape(lambda p: steps.init_state(p, jax.random.key(0)), params)
+    assert state.params["stem"]["w"].dtype == jnp.bfloat16
+    assert state.params["head"]["w"].dtype == jnp.float32

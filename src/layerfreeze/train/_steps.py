@@ -219,6 +219,8 @@ def _cast(x: Any, dtype: np.dtype | None) -> Any:
     if not isinstance(x, jax.Array):
         return jnp.asarray(x, dtype)
     cast = x.astype(dtype)
+    if isinstance(cast, jax.core.Tracer):  # traced (jax.eval_shape, jit): no sharding to keep
+        return cast
     if cast.sharding != x.sharding:
         cast = jax.device_put(cast, x.sharding)
     return cast
