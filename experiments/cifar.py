@@ -4,6 +4,11 @@ r"""Transfer learning on CIFAR with layer freezing: the command line.
   python experiments/cifar.py --config=experiments/configs/cifar10_linear_probe.py \
       --config.init_from=runs/cifar100_source
   python experiments/cifar.py --config.dataset=synthetic   # offline smoke run
+  python experiments/cifar.py --config.mesh=data=2,fsdp=2 --config.sharding=fsdp
+
+On several hosts every host runs the same command with `--distributed` (and
+`--num_processes`, `--process_id`, `--coordinator_address` where no cluster
+manager tells JAX); see the README's "Scale out".
 
 This file reads the flags; the work is `cifar_train.train_and_evaluate(config,
 workdir)`. A run writes to its workdir: Orbax checkpoints (restarting with the
@@ -145,7 +150,24 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and metrics go (default: runs/<dataset>_<model>_<freeze>)."
 )
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs)."
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first: one process per host, each running this "
+    "command; --config.mesh then spans every host's devices.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "With --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS, or "
+    "what Slurm, Open MPI or Cloud TPU tell JAX).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --distributed: how many processes (default: the cluster's)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    None,
+    "With --distributed: this process's index, 0 .. num_processes-1 (default: the cluster's).",
 )
 _FREEZE = flags.DEFINE_string(
     "freeze", None, "Freeze spec, e.g. 'stage1,stage2', 'none', 'all-but:head' (overrides config)."
@@ -169,6 +191,8 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if _DISTRIBUTED.value:  # before anything asks JAX for its devices
+        _initialize_distributed()
     if _HOST_MEMORY.value == "retain":
         platform.retain_host_memory()  # before the first JAX computation; warns off glibc
     if not flags.FLAGS["verbosity"].present:
@@ -192,8 +216,6 @@ def main(argv: list[str]) -> None:
     if _FREEZE.value is not None:
         config.freeze = _FREEZE.value
     workdir = _WORKDIR.value or default_workdir(config)
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     if jax.process_count() > 1:
         logging.info("Process %d of %d.", jax.process_index(), jax.process_count())
     try:
@@ -206,6 +228,21 @@ def main(argv: list[str]) -> None:
     except OSError as e:  # no space, no permission: the run stops, nothing saved is lost
         print(f"error: {cifar_train.environment_message(e, workdir)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize` from the flags, or one `error:` line."""
+    try:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    except (ValueError, TypeError) as e:
+        _exit_usage(
+            f"--distributed: {e} Pass --coordinator_address=<host of process 0>:<port>, "
+            "--num_processes and --process_id (or run under Slurm, Open MPI or Cloud TPU)."
+        )
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -12,6 +12,13 @@ Models: the ResNets (`resnet18`, ...) and the ViTs (`vit_ti4`, ...); a model's
 ordered layer groups (`model_groups`) drive its schedules, learning-rate
 multipliers and summary.
 
+Devices: the run builds the mesh of `config.mesh` over every process's
+devices (`train.make_mesh`) and the sharding rules of `config.sharding`
+(`layerfreeze.train.sharding`), which `train.make_steps` gets; the state is
+created, and restored, in those shardings, each process feeds its part of the
+global batch (`_local`), every process writes its shards of a checkpoint, and
+process 0 alone writes `metrics.jsonl`, `config.json` and `curves.png`.
+
 `train_and_evaluate` reads top to bottom: the setup helpers, then the loop.
 What lasts across the loop is explicit: `_PhaseBuilder` builds each phase's
 steps, `_ResumeTarget` finds the phases a checkpoint resumes in, and `_Run`
@@ -38,10 +45,11 @@ import optax
 import plot
 from absl import logging
 from configs import cifar10 as default_config
+from jax.sharding import PartitionSpec as P
 
 import layerfreeze as lf
 from layerfreeze import auto, lr, models, schedules, train
-from layerfreeze.train import checkpoint, data, features, metrics, platform, pretrained
+from layerfreeze.train import checkpoint, data, features, metrics, platform, pretrained, sharding
 from layerfreeze.train.workdir import WorkdirBusyError, WorkdirLock
 
 __all__ = [
@@ -53,6 +61,10 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adamw", "sgd")
+# The axes `config.mesh` may name: both split the batch; `fsdp` also splits the
+# state under `config.sharding='fsdp'`.
+MESH_AXES = ("data", "fsdp")
+SHARDINGS = ("", "fsdp", "fsdp:<min size>")
 # The values of a test row that a finished run reports again.
 _RESULT_FIELDS = ("accuracy", "loss")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -145,6 +157,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} must divide over {n} devices; "
             f"use a multiple of {n}."
         )
+    sharding_rules(config, build_mesh(config))
+    if config.cache_frozen_features and jax.process_count() > 1:
+        raise UsageError(
+            "config.cache_frozen_features=True keeps the features of every training image on "
+            f"one host; this run has {jax.process_count()} processes. Run it on one process, "
+            "or turn caching off."
+        )
     _validate_auto(config)
     if config.init_from and not pathlib.Path(config.init_from).exists():
         raise UsageError(
@@ -177,6 +196,65 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         raise UsageError(f"config.head_dropout must be in [0, 1), got {config.head_dropout}.")
     if not 0 <= config.seed < 2**32:
         raise UsageError(f"config.seed must be in [0, 2**32), got {config.seed}.")
+
+
+def mesh_axes(config: ml_collections.ConfigDict) -> dict[str, int] | None:
+    """`config.mesh` as `{axis: size}`, from `'data=2,fsdp=2'`; None for `''` (all on `data`)."""
+    text = str(config.mesh).strip()
+    if not text:
+        return None
+    usage = (
+        f"config.mesh={config.mesh!r}: give axis sizes as name=size, e.g. 'data=2,fsdp=2' "
+        f"(-1: the devices the others leave); valid axes: {', '.join(MESH_AXES)}"
+    )
+    axes: dict[str, int] = {}
+    for part in text.split(","):
+        name, equals, size = (x.strip() for x in part.partition("="))
+        if not equals or name not in MESH_AXES:
+            raise UsageError(f"{usage}; {part.strip()!r} is not one.")
+        if name in axes:
+            raise UsageError(f"{usage}; {name!r} is given twice.")
+        try:
+            axes[name] = int(size)
+        except ValueError:
+            raise UsageError(f"{usage}; {part.strip()!r} has no integer size.") from None
+    return axes
+
+
+def build_mesh(config: ml_collections.ConfigDict) -> Any:
+    """The mesh of `config.mesh` over every process's devices."""
+    try:
+        return train.make_mesh(mesh_axes(config))
+    except ValueError as e:
+        count = jax.process_count()
+        raise UsageError(
+            f"config.mesh={config.mesh!r}: {e} This run has {jax.device_count()} devices "
+            f"({count} process{'es' if count > 1 else ''} x {jax.local_device_count()})."
+        ) from e
+
+
+def sharding_rules(config: ml_collections.ConfigDict, mesh: Any) -> list[tuple[str, Any]]:
+    """The sharding rules of `config.sharding` on `mesh` (`layerfreeze.train.sharding`).
+
+    `''`: the state replicated on every device. `'fsdp'`: each leaf of at
+    least 2**20 elements split along its largest dimension that the `fsdp`
+    axis divides (`sharding.fsdp()`); `'fsdp:<min size>'` sets that size.
+    """
+    name, _, size = str(config.sharding).partition(":")
+    if config.sharding == "":
+        return [(".*", P())]
+    if name != "fsdp" or (size and not size.isdigit()):
+        raise UsageError(
+            f"Unknown sharding {config.sharding!r}; valid: "
+            f"{', '.join(map(repr, SHARDINGS))} (e.g. 'fsdp:4096')."
+        )
+    if "fsdp" not in mesh.axis_names:
+        raise UsageError(
+            f"config.sharding={config.sharding!r} splits the state over the mesh axis fsdp, "
+            f"which config.mesh={config.mesh!r} lacks; give one, e.g. "
+            "--config.mesh=data=1,fsdp=-1."
+        )
+    return [(".*", sharding.fsdp(min_size=int(size) if size else 2**20))]
 
 
 def _check_vit_options(config: ml_collections.ConfigDict) -> None:
@@ -248,7 +326,7 @@ def _check_workdir(path: pathlib.Path) -> None:
         raise UsageError(f"--workdir={str(path)!r} is a file, not a directory; give a directory.")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{jax.process_index()}"  # processes may share the workdir
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -260,10 +338,10 @@ def _check_workdir(path: pathlib.Path) -> None:
 
 @contextlib.contextmanager
 def _one_run(path: pathlib.Path) -> Iterator[None]:
-    """Holds the workdir for this run: a second run there is refused, naming the holder."""
-    if jax.process_index() != 0:  # one lock per run; process 0 writes the workdir's files
-        yield
-        return
+    """Holds the workdir for this run: a second run there is refused, naming the holder.
+
+    On several processes process 0 holds it for all (`WorkdirLock`).
+    """
     try:
         lock = WorkdirLock(path)
         lock.acquire()
@@ -858,6 +936,8 @@ class _PhaseBuilder:
     Attributes:
       params: the initial parameters, which `train.make_steps` builds for.
       shapes: their shapes, which specs resolve against.
+      mesh: the devices (`config.mesh`), over every process.
+      sharding_rules: how the state is split over the mesh (`config.sharding`).
       feature_groups: where a phase may start from cached features; None: no
         caching.
       groups: the model's groups (`model_groups`).
@@ -870,6 +950,7 @@ class _PhaseBuilder:
     params: Any
     shapes: Any
     mesh: Any
+    sharding_rules: Any
     steps_per_epoch: int
     feature_groups: tuple[str, ...] | None
     groups: tuple[str, ...]
@@ -892,6 +973,7 @@ class _PhaseBuilder:
             preprocess=preprocess if prefix is None else _identity,
             preprocess_eval=data.normalize,
             mesh=self.mesh,
+            sharding_rules=self.sharding_rules,
             start_after=prefix,
             previous=previous,
             # The policy decides from each group's gradient norm.
@@ -939,14 +1021,15 @@ class _ResumeTarget:
 
 
 # Fields a resumed run may change: where data and records go, how often it logs,
-# evaluates and saves, and how long it runs (the learning-rate schedule then
-# spans the new length). The freeze spec, schedule and method are checked
+# evaluates and saves, how long it runs (the learning-rate schedule then spans
+# the new length), and the devices it runs on (the state is restored into the
+# new mesh's shardings). The freeze spec, schedule and method are checked
 # against the checkpoint itself (`train.Phases.restore`).
 _CHANGEABLE_ON_RESUME = frozenset(
     {
         "num_epochs", "num_train_steps", "data_dir", "download", "checkpoint_every",
         "keep_checkpoints", "eval_every", "log_every", "progress", "plot", "allow_nonfinite",
-        "compilation_cache",
+        "compilation_cache", "mesh", "sharding",
         "freeze", "schedule", "freeze_method", "train_bn",
     }
 )  # fmt: skip
@@ -1036,7 +1119,12 @@ class _Run:
         config = builder.config
         self.config, self.builder, self.policy = config, builder, builder.policy
         self.dataset, self.phases, self.ckpt = dataset, phases, ckpt
-        self.writer = metrics.MetricsWriter(workdir / "metrics.jsonl", resume_step=start_step)
+        # Process 0 writes the run's records; the others compute the same rows.
+        self.writer = (
+            metrics.MetricsWriter(workdir / "metrics.jsonl", resume_step=start_step)
+            if jax.process_index() == 0
+            else _Unwritten()
+        )
         self.feature_cache = None
         if builder.feature_groups is not None:
             self.feature_cache = features.FeatureCache(
@@ -1183,7 +1271,7 @@ class _Run:
             )
         self.ckpt.save(
             step,
-            jax.device_get(state.as_dict()),
+            jax.tree.map(_host_if_whole, state.as_dict()),
             metadata={
                 **self.phases.metadata(),
                 **({"auto": self.policy.metadata()} if self.policy is not None else {}),
@@ -1192,6 +1280,26 @@ class _Run:
                 "window": self.window.state(),
             },
         )
+
+
+def _host_if_whole(x: Any) -> Any:
+    """A leaf this process holds whole, as NumPy; a leaf split over processes as it is.
+
+    Orbax writes a replicated `jax.Array` by splitting it among its replicas,
+    compiling a slice program per shape; from the host it writes the same
+    bytes and compiles nothing. Each process writes its shards of the others.
+    """
+    return np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x
+
+
+class _Unwritten:
+    """The metrics writer of a process other than 0: rows go nowhere."""
+
+    def write(self, row: dict[str, Any]) -> bool:
+        return False
+
+    def rows(self) -> list[dict[str, Any]]:
+        return []
 
 
 class _Progress:
@@ -1246,7 +1354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with _one_run(workdir_path), platform.CompileCounter() as compiles:
             result = _train(config, workdir_path, compiles)
     except BaseException:
-        if created:
+        if created and jax.process_index() == 0:
             _remove_if_unused(workdir_path)
         raise
     result["compile"] = {
@@ -1321,7 +1429,7 @@ def _train(
     log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
     variables, init_note = _initial_variables(config, model, rng)
 
-    mesh = train.make_mesh()
+    mesh = build_mesh(config)
     builder = _PhaseBuilder(
         config,
         model,
@@ -1329,6 +1437,7 @@ def _train(
         params=variables["params"],
         shapes=shapes,
         mesh=mesh,
+        sharding_rules=sharding_rules(config, mesh),
         steps_per_epoch=steps_per_epoch,
         feature_groups=feature_groups,
         groups=groups,
@@ -1340,8 +1449,8 @@ def _train(
     )
     if ckpt.latest_step() is not None:
         _check_same_run(config, workdir_path)
+    # In the shardings of `config.sharding` on this run's mesh, whatever mesh saved it.
     phases, state, start_step, resumed = _resume(ckpt, target, workdir_path)
-    state = train.replicate(mesh, state)
     steps = phases.steps()
     if start_step >= total_steps:
         finished = _final_test_row(workdir_path / "metrics.jsonl", start_step)
@@ -1349,7 +1458,8 @@ def _train(
             ckpt.close()
             _print_finished(workdir_path, start_step, finished)
             return _summary(finished, start_step, 0, phases.current, state)
-    _record_config(config, workdir_path, schedule, shapes, groups)
+    if jax.process_index() == 0:
+        _record_config(config, workdir_path, schedule, shapes, groups)
     print(
         f"layerfreeze: {config.model} on {config.dataset}, {init_note}, "
         f"{total_steps} steps of {config.batch_size} ({steps_per_epoch} per epoch), "
@@ -1384,7 +1494,7 @@ def _train(
         run.save(final_step, state)
     ckpt.close()
     result = run.evaluate(final_step, state, steps)
-    if config.plot:
+    if config.plot and jax.process_index() == 0:
         plot.plot_curves(run.writer.rows(), workdir_path / "curves.png")
     print(
         f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "

@@ -89,6 +89,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 10.0  # unless the schedule fixes the length (fine_tune)
     config.num_train_steps = -1  # > 0 overrides num_epochs
 
+    # Devices. The mesh's axis sizes, data and fsdp, e.g. 'data=2,fsdp=2' (-1: the rest);
+    # '' = every device on data. On several processes (--distributed) it spans all of
+    # their devices; the batch is split over both axes.
+    config.mesh = ""
+    config.sharding = ""  # '' (state replicated) | 'fsdp' | 'fsdp:<min size>' (split on fsdp)
+
     # Init, checkpoints and logging.
 
     # Workdir of another run, a torchvision .pth/.safetensors file (ResNets) or a

@@ -762,3 +762,45 @@ def test_an_unreadable_step_is_not_damage_and_stays_in_place(ckpt_dir, monkeypat
         f"({unreadable}). It is not damaged and was left in place"
     )
     assert not (ckpt_dir.parent / "ckpt_damaged").exists()
+
+
+def test_checksums_do_not_depend_on_how_a_leaf_is_split(monkeypatch):
+    from layerfreeze.train import checkpoint as checkpoint_module
+
+    def checksum(blocks, shape):  # as the shards of a leaf on several processes sum up
+        return sum(checkpoint_module._block_sum(b, s, shape) for s, b in blocks) % 2**64
+
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    whole = checksum([([0, 0], x)], x.shape)
+    quarters = [([a, b], x[a : a + 2, b : b + 3]) for a in (0, 2) for b in (0, 3)]
+    assert checksum(quarters, x.shape) == whole
+    monkeypatch.setattr(checkpoint_module, "_CHUNK", 5)  # large leaves are hashed in chunks
+    assert checksum([([0, 0], x)], x.shape) == whole
+    flipped = x.copy()
+    flipped.view(np.uint32)[1, 2] ^= 1  # one bit
+    swapped = x.copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    for changed in (flipped, swapped, x.T.copy().reshape(4, 6)):
+        assert checksum([([0, 0], changed)], x.shape) != whole
+    for value in (np.float32(1.5), np.bool_(True), np.zeros((0, 3))):  # scalars, empty leaves
+        assert checksum([([0] * np.ndim(value), np.asarray(value))], np.shape(value)) >= 0
+
+
+def test_steps_with_crc32_checksums_are_still_checked(ckpt_dir):
+    from layerfreeze.train import checkpoint as checkpoint_module
+
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, _small(1), metadata={"step": 1})
+    # Rewrite the step's checksums as earlier versions recorded them: CRC-32s.
+    path = ckpt_dir / "1" / "metadata" / "metadata"
+    stored = json.loads(path.read_text())
+    leaves = jax.tree_util.tree_flatten_with_path(_small(1))[0]
+    crcs = {checkpoint_module._path_str(p): checkpoint_module._crc32(x) for p, x in leaves}
+    assert set(crcs) == set(stored["layerfreeze.checksums"])
+    path.write_text(json.dumps({**stored, "layerfreeze.checksums": crcs}))
+    with Checkpointer(ckpt_dir) as ckpt:
+        assert_bitwise_equal(ckpt.restore(_small(0))[0], _small(1))
+        name = sorted(crcs)[0]
+        path.write_text(json.dumps({**stored, "layerfreeze.checksums": {**crcs, name: "0" * 8}}))
+        with pytest.raises(CheckpointDamagedError, match="checksum mismatch"):
+            ckpt.restore(_small(0))

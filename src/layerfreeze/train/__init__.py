@@ -8,7 +8,8 @@ submodules, imported by name:
 
 * `sharding`: meshes with named axes, rules from parameter paths to
   shardings (FSDP, model parallel), the batch split over the data axes;
-* `checkpoint`: resumable Orbax checkpoints that refuse damaged steps;
+* `checkpoint`: resumable Orbax checkpoints that refuse damaged steps, written
+  by every process of a run and restored onto any mesh;
 * `pretrained`: start from an earlier run's weights;
 * `metrics`: a resumable metrics log and its averaging window;
 * `features`: cache the output of a frozen prefix and train on it;

@@ -187,7 +187,7 @@ class TrainSteps:
         to = self.shardings
         params = self.cast_params(_placed_copy(params, to.params))
         return TrainState(
-            step=jax.device_put(jnp.zeros((), jnp.int32), to.step),
+            step=_placed_copy(np.zeros((), np.int32), to.step),
             params=params,
             batch_stats=_placed_copy(batch_stats, to.batch_stats),
             opt_state=jax.jit(self.tx.init, out_shardings=to.opt_state)(params),
@@ -197,19 +197,10 @@ class TrainSteps:
 
 def _placed_copy(tree: Any, shardings: Any) -> Any:
     """A copy of `tree` in `shardings` (one sharding for all, or one per leaf), each
-    device receiving its shards only; it shares no buffer with `tree`, which the
-    donating train step would otherwise delete."""
-
-    def one(x: Any, sharding: Any) -> Any:
-        if isinstance(x, jax.Array) and sharding.is_fully_replicated:
-            # device_put(may_alias=False) still reuses the source device's buffer
-            # for its replica there (jax 0.10.2).
-            x = jnp.copy(x)
-        return jax.device_put(x, sharding, may_alias=False)
-
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: one(x, shardings), tree)
-    return jax.tree.map(one, tree, shardings)
+    device receiving its shards only (on several processes, each process its own
+    devices'); it shares no buffer with `tree`, which the donating train step
+    would otherwise delete."""
+    return _sharding.place(tree, shardings)
 
 
 def _cast(x: Any, dtype: np.dtype | None) -> Any:

@@ -23,7 +23,7 @@ Pruning old steps (``max_to_keep``) happens only after the new step is renamed i
 place, so the newest checkpoint is never touched; a process killed while pruning
 can leave an *older* step half deleted (Orbax deletes it file by file). A step
 that is a symbolic link (to an archived copy, say) is pruned by removing the link;
-what it points to is left alone. One process writes a directory at a time.
+what it points to is left alone. One run writes a directory at a time.
 
 The environment: a save that needs more space than the filesystem has free is
 refused before anything is written, and a write that fails all the same (the disk
@@ -35,16 +35,30 @@ raises ``PermissionError``: it is not damage, and is never moved aside.
 Damage: a step whose files were later truncated, emptied or deleted (a full disk,
 a copy cut short, a person tidying up) cannot be read, and one whose stored bytes
 changed (a flipped bit, a block overwritten) reads wrong values: Orbax's OCDBT
-format stores no checksums. Each step therefore records a CRC-32 of every leaf it
+format stores no checksums. Each step therefore records a checksum of every leaf it
 saves (in its metadata item, written in the same atomic step), and every restore
-recomputes them. Every read of a damaged step raises
-:class:`CheckpointDamagedError` naming the step and what failed, rather than an
-Orbax or TensorStore error (steps saved before checksums are read unchecked;
-leaves sharded over several processes are checked by Orbax's reads only); a
-structure mismatch with the caller's target is not damage and stays a
-``ValueError``. :meth:`Checkpointer.restore_latest_intact`
-moves damaged steps aside to ``<directory>_damaged/`` (never deletes them) and
-falls back to the newest intact step.
+recomputes them. The checksum is a sum over the leaf's elements of a 64-bit hash of
+each element's bits and position: it does not depend on how the leaf is split, so
+each process adds up the shards it holds, the sums are gathered, and a step saved on
+one mesh is checked when restored onto another (steps saved with the earlier CRC-32
+checksums are checked where a process holds the whole leaf). Every read of a damaged
+step raises :class:`CheckpointDamagedError` naming the step and what failed, rather
+than an Orbax or TensorStore error (steps saved before checksums are read
+unchecked); a structure mismatch with the caller's target is not damage and stays a
+``ValueError``. :meth:`Checkpointer.restore_latest_intact` moves damaged steps aside
+to ``<directory>_damaged/`` (never deletes them) and falls back to the newest intact
+step.
+
+Several processes (``jax.distributed.initialize``): every process constructs the
+:class:`Checkpointer` on the same directory (a filesystem all of them see) and makes
+the same calls in the same order. Each process writes the shards it holds (Orbax);
+the metadata item is written once, by process 0. A target whose leaves carry
+shardings (concrete arrays, or ``jax.ShapeDtypeStruct`` with ``sharding``) is
+restored into them, each process reading its own shards, so a step saved on one
+mesh shape or process count restores onto another. What changes the directory
+(removing unfinished steps, moving a damaged step aside, unlinking a linked step) is
+done by process 0 between barriers, and a read that fails on one process fails on
+all of them with that process's error, so that every process takes the same branch.
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -65,8 +80,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 
 from layerfreeze import _checks, _paths
+from layerfreeze.train import _multihost
 
 __all__ = ["CheckpointDamagedError", "CheckpointWriteError", "Checkpointer"]
 
@@ -78,6 +95,11 @@ _STATE = "state"
 _METADATA = "metadata"
 # The key of the metadata item under which a step records its leaves' checksums.
 _CHECKSUMS = "layerfreeze.checksums"
+# How a checksum that does not depend on the leaf's layout starts (see `_checksums`);
+# checksums without it are the CRC-32s of earlier steps.
+_SUM = "sum64:"
+# Elements hashed at a time, bounding the temporary memory of a checksum.
+_CHUNK = 1 << 20
 # Mismatches listed per kind in an error message before it says "and N more".
 _MAX_LISTED = 5
 # How much of a low-level error message a damage reason quotes.
@@ -170,7 +192,9 @@ class Checkpointer:
         self._directory = Path(directory).absolute()
         self._directory.mkdir(parents=True, exist_ok=True)
         self._max_to_keep = max_to_keep
-        _remove_unfinished_steps(self._directory)
+        if _multihost.is_primary():
+            _remove_unfinished_steps(self._directory)
+        _multihost.barrier(f"layerfreeze.Checkpointer.open:{self._directory}")
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         registry.add(_STATE, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
         registry.add(_STATE, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
@@ -186,6 +210,9 @@ class Checkpointer:
             ),
             handler_registry=registry,
         )
+        # The state is read by its handler, without the manager's closing barrier:
+        # a process that fails to read must still meet the others (`_agreed`).
+        self._state_handler = ocp.StandardCheckpointHandler()
         self._closed = False
 
     @property
@@ -292,6 +319,12 @@ class Checkpointer:
                 or corrupt (see :meth:`restore_latest_intact`).
         """
         step = self._resolve_step(step)
+        state, stored = self._agreed(step, lambda: self._read_into(step, target))
+        self._verify(step, state, stored.pop(_CHECKSUMS, None))
+        return state, stored
+
+    def _read_into(self, step: int, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
+        """This process's part of `restore`: the state read into `target`, and its metadata."""
         saved = self._saved_tree(step)
         mismatch = _describe_mismatch(saved, target)
         if mismatch:
@@ -301,7 +334,6 @@ class Checkpointer:
         mismatch = _describe_restored_mismatch(state, target)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
-        self._verify(step, state, stored.pop(_CHECKSUMS, None))
         return state, stored
 
     def restore_latest_intact(
@@ -375,6 +407,12 @@ class Checkpointer:
                 or corrupt.
         """
         step = self._resolve_step(step)
+        restored, saved = self._agreed(step, lambda: self._read_arrays(step, keys))
+        self._verify(step, restored, saved)
+        return {k: restored[k] for k in keys}
+
+    def _read_arrays(self, step: int, keys: tuple[str, ...]) -> tuple[PyTree, Any]:
+        """This process's part of `restore_arrays`: the whole saved state, and its checksums."""
         tree = self._saved_tree(step)
         if not isinstance(tree, Mapping) or any(k not in tree for k in keys):
             have = sorted(tree) if isinstance(tree, Mapping) else []
@@ -395,8 +433,7 @@ class Checkpointer:
         except CheckpointDamagedError as e:  # the arrays can still be read, unchecked
             _log.warning("%s Its arrays are read without their checksums.", e)
             saved = None
-        self._verify(step, restored, saved)
-        return {k: restored[k] for k in keys}
+        return restored, saved
 
     def restore_arrays_latest_intact(
         self, keys: tuple[str, ...]
@@ -454,6 +491,7 @@ class Checkpointer:
         """Waits for pending work and releases Orbax resources. Idempotent."""
         if not self._closed:
             self._manager.close()
+            self._state_handler.close()
             self._closed = True
 
     def __enter__(self) -> Self:
@@ -586,7 +624,15 @@ class Checkpointer:
         if saved is None:
             return
         now = _checksums(state)
-        changed = [path for path, crc in saved.items() if crc and now.get(path, crc) != crc]
+        leaves = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+        changed = []
+        for path, checksum in saved.items():
+            if checksum.startswith(_SUM):
+                if now.get(path, checksum) != checksum:
+                    changed.append(path)
+            elif checksum and path in leaves and _whole_here(leaves[path]):  # an earlier CRC-32
+                if _crc32(leaves[path]) != checksum:
+                    changed.append(path)
         if changed:
             raise self._damaged(
                 step,
@@ -596,15 +642,40 @@ class Checkpointer:
 
     def _read_state(self, step: int, target: PyTree) -> PyTree:
         try:
-            return self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
-            )[_STATE]
+            item = epath.Path(self._step_path(step) / _STATE)
+            return self._state_handler.restore(item, args=ocp.args.StandardRestore(target))
         except ValueError as e:
             if _ORBAX_STRUCTURE_MISMATCH in str(e):
                 raise self._mismatch_error(step, str(e)) from e
             raise self._damaged(step, f"cannot read its {_STATE!r} item", e) from e
         except Exception as e:
             raise self._damaged(step, f"cannot read its {_STATE!r} item", e) from e
+
+    def _agreed(self, step: int, read: Callable[[], Any]) -> Any:
+        """`read()`, run on every process: when it fails on one, it fails on all.
+
+        Each process reads its own shards, so one may meet damage the others do
+        not see; they all raise the error of the first process that failed (a
+        damaged step, a permission or a mismatch), and go on alike.
+        """
+        if not _multihost.several():
+            return read()
+        try:
+            result, failure = read(), None
+        except (CheckpointDamagedError, PermissionError, ValueError) as e:
+            result, failure = None, e
+        texts = _multihost.gather_text(_failure_text(failure))
+        first = next((i for i, text in enumerate(texts) if text), None)
+        if first is None:
+            return result
+        if first == jax.process_index():
+            raise failure
+        kind, text = texts[first].split(":", 1)
+        if kind == "permission":
+            raise PermissionError(errno.EACCES, text)
+        if kind == "mismatch":
+            raise ValueError(text)
+        raise self._damaged(step, f"{text} (read by process {first})")
 
     def _damaged(
         self, step: int, what: str, error: BaseException | None = None
@@ -628,6 +699,10 @@ class Checkpointer:
     def _check_space(self, step: int, state: PyTree) -> None:
         needed = _stored_bytes(state)
         free = shutil.disk_usage(self._directory).free
+        if _multihost.several():  # each process writes its shards; decide alike
+            gathered = _multihost.gather_ints([needed, free])
+            needed = sum(row[0] for row in gathered)
+            free = min(row[1] for row in gathered)
         if needed > free:
             raise CheckpointWriteError(
                 errno.ENOSPC,
@@ -642,7 +717,8 @@ class Checkpointer:
         if found is None or found[0] not in _ENVIRONMENT_ERRNOS:
             return error
         code, strerror, where = found
-        _remove_unfinished_steps(self._directory)
+        if _multihost.is_primary():
+            _remove_unfinished_steps(self._directory)
         self._manager.reload()
         at = f" ({where})" if where else ""
         return CheckpointWriteError(
@@ -666,12 +742,14 @@ class Checkpointer:
     def _delete(self, step: int) -> None:
         path = self._step_path(step)
         if not path.is_symlink():
-            self._manager.delete(step)
+            self._manager.delete(step)  # by process 0, then a barrier (Orbax)
             return
-        if jax.process_index() == 0:
+        _multihost.barrier(f"layerfreeze.Checkpointer.unlink:{step}:before")
+        if _multihost.is_primary():
             target = os.readlink(path)
             path.unlink()
             _log.info("Removed checkpoint step %d, a link to %s (left in place).", step, target)
+        _multihost.barrier(f"layerfreeze.Checkpointer.unlink:{step}:after")
         self._manager.reload()
 
     def _step_path(self, step: int) -> Path:
@@ -683,14 +761,20 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> Path:
         source = self._step_path(step)
-        self.damaged_directory.mkdir(parents=True, exist_ok=True)
-        dest = self.damaged_directory / source.name
-        suffix = 1
-        while dest.exists():
-            dest = self.damaged_directory / f"{source.name}.{suffix}"
-            suffix += 1
-        # A sibling of the directory, so normally the same filesystem: a rename.
-        shutil.move(source, dest)
+        # Every process has finished reading the step before process 0 moves it.
+        _multihost.barrier(f"layerfreeze.Checkpointer.move_aside:{step}")
+        dest = Path()
+        if _multihost.is_primary():
+            self.damaged_directory.mkdir(parents=True, exist_ok=True)
+            dest = self.damaged_directory / source.name
+            suffix = 1
+            while dest.exists():
+                dest = self.damaged_directory / f"{source.name}.{suffix}"
+                suffix += 1
+            # A sibling of the directory, so normally the same filesystem: a rename.
+            shutil.move(source, dest)
+        # Where it went, from process 0 (once it is there).
+        dest = Path(_multihost.gather_text(str(dest))[0])
         # Orbax caches the list of steps; make it forget the one just moved.
         self._manager.reload()
         return dest
@@ -795,22 +879,143 @@ def _os_error(error: BaseException) -> tuple[int, str, str] | None:
 
 
 def _checksums(tree: PyTree) -> dict[str, str]:
-    """`{leaf path: CRC-32 of its dtype, shape and bytes}`; '' for leaves sharded over processes."""
+    """`{leaf path: checksum}`, the same whatever the mesh and however many processes.
+
+    A leaf's checksum is a hash of its dtype and shape plus the sum, modulo
+    2**64, of a hash of each element's bits and position (`_block_sum`): a sum
+    does not depend on the order it is taken in, so each process adds up the
+    shards it holds (one replica of each) and the sums of leaves split over
+    processes are gathered. One changed element always changes the sum (its
+    hash is a bijection of its bits); several do with probability 1 - 2**-64.
+    On several processes every one must call this with the same tree.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    headers, sums, split = [], [], []
+    for i, (_, leaf) in enumerate(flat):
+        dtype, shape, blocks, whole = _local_blocks(leaf)
+        headers.append(zlib.crc32(f"{np.dtype(dtype).name}{tuple(shape)}".encode()))
+        sums.append(sum(_block_sum(data, starts, shape) for starts, data in blocks))
+        if not whole:
+            split.append(i)
+    if split and _multihost.several():
+        gathered = _multihost.gather_ints([sums[i] % 2**64 for i in split])
+        for j, i in enumerate(split):
+            sums[i] = sum(row[j] for row in gathered)
     return {
-        _path_str(keypath): _checksum(leaf)
-        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        _path_str(path): f"{_SUM}{(header + total) % 2**64:016x}"
+        for (path, _), header, total in zip(flat, headers, sums, strict=True)
     }
 
 
-def _checksum(leaf: Any) -> str:
+Blocks = list[tuple[list[int], np.ndarray]]
+
+
+def _local_blocks(leaf: Any) -> tuple[Any, tuple[int, ...], Blocks, bool]:
+    """`(dtype, shape, [(start of block, block)], whole)`: what this process hashes of `leaf`.
+
+    A leaf split over processes gives one replica of each shard this process
+    holds (`whole` False); any other leaf is one block, all of it.
+    """
     if isinstance(leaf, jax.Array):
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
         if not leaf.is_fully_addressable:
-            return ""  # this process sees its shards only; Orbax checks their reads
+            blocks = [
+                (_starts(shard.index, leaf.ndim), np.asarray(shard.data))
+                for shard in leaf.addressable_shards
+                if shard.replica_id == 0
+            ]
+            return leaf.dtype, tuple(leaf.shape), blocks, False
+    array = np.asarray(leaf)
+    return array.dtype, array.shape, [([0] * array.ndim, array)], True
+
+
+def _starts(index: tuple[Any, ...], ndim: int) -> list[int]:
+    """Where a shard starts in each dimension (its index may leave trailing ones out)."""
+    starts = [(entry.start or 0) if isinstance(entry, slice) else int(entry) for entry in index]
+    return starts + [0] * (ndim - len(starts))
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# SplitMix64's finaliser, a bijection of 64-bit words that spreads every bit:
+# (multiplier, shift before it); a last shift by 31 follows.
+_MIX = (
+    (np.uint64(0xBF58476D1CE4E5B9), np.uint64(30)),
+    (np.uint64(0x94D049BB133111EB), np.uint64(27)),
+)
+
+
+def _block_sum(data: np.ndarray, starts: Sequence[int], shape: tuple[int, ...]) -> int:
+    """The sum (mod 2**64) of the element hashes of `data`, the block at `starts` of a leaf."""
+    data = np.asarray(data, order="C")  # (np.ascontiguousarray makes a scalar 1-D)
+    if data.ndim and data.shape[0] > 1 and data.size > _CHUNK:
+        rows = max(1, _CHUNK // (data.size // data.shape[0]))
+        chunks = (
+            _block_sum(data[r : r + rows], [starts[0] + r, *starts[1:]], shape)
+            for r in range(0, data.shape[0], rows)
+        )
+        return sum(chunks) % 2**64
+    words = _words(data.reshape(-1))  # [elements, words per element]
+    k = words.shape[1]
+    z = _positions(starts, data.shape, shape)
+    if k > 1:
+        z = (z[:, None] * np.uint64(k) + np.arange(k, dtype=np.uint64)).reshape(-1)
+    # hash(word, position) = mix(word ^ position * golden): a bijection of the word.
+    z *= _GOLDEN
+    z ^= words.reshape(-1)
+    for multiplier, shift in _MIX:
+        z ^= z >> shift
+        z *= multiplier
+    z ^= z >> np.uint64(31)
+    return int(np.sum(z, dtype=np.uint64))
+
+
+def _positions(starts: Sequence[int], block: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """The position in C order in the whole leaf of each element of a block: uint64, flat."""
+    if tuple(block) == tuple(shape):  # all of it
+        return np.arange(math.prod(shape), dtype=np.uint64)
+    position, stride = np.zeros((), np.uint64), 1
+    for dim in reversed(range(len(block))):
+        axis = np.arange(starts[dim], starts[dim] + block[dim], dtype=np.uint64)
+        axis *= np.uint64(stride)
+        position = position + axis.reshape((-1,) + (1,) * (len(block) - 1 - dim))
+        stride *= shape[dim]
+    return np.broadcast_to(position, block).reshape(-1).copy()
+
+
+def _words(flat: np.ndarray) -> np.ndarray:
+    """The bits of each element of a 1-D array as 64-bit words: `[elements, words]`."""
+    size = flat.dtype.itemsize
+    if size in (1, 2, 4, 8):
+        return flat.view(f"u{size}").astype(np.uint64)[:, None]
+    if size % 8 == 0:
+        return flat.view(np.uint64).reshape(flat.shape[0], size // 8)
+    return flat.view(np.uint8).reshape(flat.shape[0], size).astype(np.uint64)
+
+
+def _whole_here(leaf: Any) -> bool:
+    """Whether this process holds all of `leaf`."""
+    return not isinstance(leaf, jax.Array) or leaf.is_fully_addressable
+
+
+def _crc32(leaf: Any) -> str:
+    """The CRC-32 of a leaf's dtype, shape and bytes, as steps recorded it before `_SUM`."""
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
     array = np.ascontiguousarray(np.asarray(leaf))
     crc = zlib.crc32(f"{array.dtype.str}{array.shape}".encode())
     return f"{zlib.crc32(array.reshape(-1).view(np.uint8), crc):08x}"
+
+
+def _failure_text(failure: BaseException | None) -> str:
+    """`kind:text` of a failed read, for the other processes ('' if it did not fail)."""
+    if failure is None:
+        return ""
+    if isinstance(failure, CheckpointDamagedError):
+        return f"damaged:{failure.reason}"
+    if isinstance(failure, PermissionError):
+        return f"permission:{failure.strerror or failure}"
+    return f"mismatch:{failure}"
 
 
 def _remove_unfinished_steps(directory: Path) -> None:

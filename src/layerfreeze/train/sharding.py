@@ -19,7 +19,10 @@ the rest), and a rule that no leaf reaches is an error, as in freeze specs.
   empty; step counts and other state that is no parameter's are replicated.
 * `shard_batch(mesh, batch)`: the batch split over the data axes, the axes
   named `data` or `fsdp` (`batch_axes=` chooses others; `make_steps` takes
-  the same option).
+  the same option). On several processes each passes its own part of the
+  global batch.
+* `place(tree, shardings)`: host values (the same on every process) copied
+  into shardings, each process putting only its own devices' shards.
 
 `train.make_steps(..., mesh=mesh, sharding_rules=rules)` builds steps whose
 state lives in these shardings; a loop of one's own uses them with `jax.jit`:
@@ -48,6 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
@@ -65,6 +69,7 @@ __all__ = [
     "make_mesh",
     "opt_state_shardings",
     "param_shardings",
+    "place",
     "replicate",
     "shard_batch",
 ]
@@ -229,8 +234,41 @@ def shard_batch(
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Places `tree` on every device of `mesh`."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """A copy of `tree` on every device of `mesh` (see `place`)."""
+    return place(tree, NamedSharding(mesh, P()))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """A copy of `tree` in `shardings`: one sharding for every leaf, or a pytree like `tree`.
+
+    Each device receives its shards only, copied from the host. On several
+    processes every process passes the same values (from the same seed, say)
+    and puts the shards of its own devices: nothing crosses processes and
+    nothing is compared, where `jax.device_put` would check each leaf across
+    processes. An array already split over processes is moved by XLA. The
+    copy shares no buffer with `tree`, which a donating train step would
+    otherwise delete, and compiles nothing.
+
+    >>> mesh = make_mesh()
+    >>> placed = place({"w": np.ones((2, 3))}, NamedSharding(mesh, P()))
+    >>> placed["w"].sharding.spec, placed["w"].shape
+    (P(), (2, 3))
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: _place(x, shardings), tree)
+    return jax.tree.map(_place, tree, shardings)
+
+
+def _place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(_place(jax.random.key_data(x), sharding), impl=impl)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(jnp.copy(x), sharding)
+    # From the host, shard by shard: nothing compiles (a jnp.copy would, per shape),
+    # and each device gets a fresh array, which it may adopt and later donate.
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: np.array(host[i]))
 
 
 # Rules ----------------------------------------------------------------------

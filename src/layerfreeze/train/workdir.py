@@ -7,6 +7,12 @@ process ends, however it ends (`kill -9` included), so a crashed run never
 blocks the next one; a second run meanwhile is refused with the holder's pid,
 host and start time, which the lock file records.
 
+A run of several processes (`jax.distributed.initialize`) is one run: every
+process calls `acquire`, process 0 alone takes the lock, and when it is
+refused every process raises the same `WorkdirBusyError`. The lock asks JAX
+how many processes there are, so take it after `jax.distributed.initialize`;
+a program that has not imported JAX is one process.
+
 >>> import tempfile
 >>> workdir = tempfile.mkdtemp()
 >>> with WorkdirLock(workdir):
@@ -23,6 +29,7 @@ import datetime
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -58,9 +65,31 @@ class WorkdirLock:
     def acquire(self) -> None:
         """Takes the lock, or raises `WorkdirBusyError` naming the holder.
 
+        On several processes every one calls it; process 0 takes the lock and
+        tells the others whether it got it.
+
         Raises:
           WorkdirBusyError: another live process holds it.
         """
+        if "jax" not in sys.modules:  # not a JAX program: one process (and no JAX to import)
+            self._acquire_here()
+            return
+        from layerfreeze.train import _multihost
+
+        if not _multihost.several():
+            self._acquire_here()
+            return
+        refused = ""
+        if _multihost.is_primary():
+            try:
+                self._acquire_here()
+            except WorkdirBusyError as e:
+                refused = str(e)
+        refused = _multihost.gather_text(refused)[0]
+        if refused:
+            raise WorkdirBusyError(refused)
+
+    def _acquire_here(self) -> None:
         if self._file is not None or fcntl is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

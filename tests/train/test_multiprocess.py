@@ -1,0 +1,131 @@
+"""Several processes for real: `jax.distributed.initialize` on one machine, CPU devices.
+
+`multiprocess_driver.py` trains a small model with `train.make_steps` under
+`train.Phases` (part of a stacked leaf frozen, then unfrozen at step 3) with
+FSDP rules, and checkpoints with `checkpoint.Checkpointer`. Run as 2
+processes x 2 CPU devices (JAX's CPU collectives, gloo) it gives bitwise the
+parameters, optimizer state and losses of 1 process x 4 devices, also when
+one process is killed mid-run and both are started again; and what the 2
+processes saved restores onto a mesh of another shape in 1 process. The
+single process runs under `jax.distributed.initialize` too, so that both
+reduce with gloo: XLA's in-process collectives sum in another order (float
+rounding apart, not bitwise).
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from layerfreeze.train import checkpoint
+
+DRIVER = pathlib.Path(__file__).with_name("multiprocess_driver.py")
+# Wall-clock limit of one launch (all of its processes), seconds.
+TIMEOUT = 120
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices):
+    flags = os.environ.get("XLA_FLAGS", "")
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        # As conftest: faster to compile; and the test session's compilation cache,
+        # so that a resumed run reads back what the killed one compiled.
+        JAX_THREEFRY_PARTITIONABLE="0",
+        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir or ""),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+
+
+def _launch(out, *args, processes=1, devices=4):
+    """Runs the driver as `processes` processes; returns their exit codes and output.
+
+    When one process fails, the others (waiting on it in a collective) are
+    killed; so is every process at the time limit. Nothing is left running.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    launch = len(list(out.glob("launch_*_0.txt")))
+    procs, logs = [], []
+    for i in range(processes):
+        log = open(out / f"launch_{launch}_{i}.txt", "w+")
+        command = [sys.executable, str(DRIVER), str(out), *args]
+        command += [f"--processes={processes}", f"--process_id={i}", f"--port={port}"]
+        procs.append(
+            subprocess.Popen(command, env=_env(devices), stdout=log, stderr=subprocess.STDOUT)
+        )
+        logs.append(log)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.poll() for p in procs):
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    output = []
+    for log in logs:
+        log.seek(0)
+        output.append(log.read())
+        log.close()
+    return [p.returncode for p in procs], output
+
+
+def _ok(codes, output):
+    assert codes == [0] * len(codes), "\n".join(o[-3000:] for o in output)
+
+
+def _final(directory):
+    """The last checkpoint's state (gathered, NumPy) and the losses recorded with it."""
+    with checkpoint.Checkpointer(directory) as ckpt:
+        state = ckpt.restore_arrays(("step", "params", "batch_stats", "opt_state", "rng"))
+        return state, ckpt.restore_metadata()["losses"]
+
+
+def _assert_bitwise(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_two_processes_match_one_resume_after_a_kill_and_restore_onto_another_mesh(tmp_path):
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    # 2 processes x 2 devices; the second process dies after step 3, its partner
+    # then waits in a collective and is stopped.
+    codes, output = _launch(multi, "--mesh=data=2,fsdp=2", "--die_after=3", processes=2, devices=2)
+    assert codes[1] == 3, output[1][-3000:]
+    with checkpoint.Checkpointer(multi / "ckpt") as ckpt:
+        assert ckpt.latest_step() == 2  # step 3 and the phase change there were lost
+    # Both started again: they resume from step 2 and cross the phase change.
+    _ok(*_launch(multi, "--mesh=data=2,fsdp=2", processes=2, devices=2))
+
+    # 1 process x 4 devices, the same mesh, uninterrupted; then the 2 processes'
+    # last checkpoint restored onto a mesh of another shape, fsdp=4.
+    args = [f"--restore_from={multi / 'ckpt'}", "--restore_mesh=fsdp=4"]
+    _ok(*_launch(single, "--mesh=data=2,fsdp=2", *args))
+    (multi_state, multi_losses), (state, losses) = _final(multi / "ckpt"), _final(single / "ckpt")
+    assert int(state["step"]) == 6 and len(losses) == 6
+    assert multi_losses == losses  # floats compared exactly
+    _assert_bitwise(multi_state, state)
+
+    restored = json.loads((single / "restored.json").read_text())
+    assert restored["equal"]
+    assert restored["specs"]["['stack']['kernel']"] == "P(None, None, 'fsdp')"
+    assert restored["shard"] == [2, 64, 16]  # split 4 ways along its last axis
