@@ -236,7 +236,6 @@ def _run_cli(*args, cwd):
             "does not exist; give the workdir of an earlier run",
         ),
         (["--config.nope=1"], "Unknown config field 'nope' in '--config.nope=1'"),
-        (["--config.width=4", "--config.nope=1"], "Unknown config field 'nope'"),
         (["--config.width=four"], "--config.width=four: invalid literal for int()"),
         (["--config=missing.py"], "--config='missing.py' does not exist"),
         (["--config=syntax.py"], "has a syntax error at line 1"),
