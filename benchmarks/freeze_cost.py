@@ -43,7 +43,14 @@ import optax
 from flax import traverse_util
 
 # Run as a script, this file's folder is on sys.path.
-from report import check_choices, machine_description, markdown_table, text_table, write_json
+from report import (
+    check_choices,
+    machine_description,
+    markdown_table,
+    parse_list,
+    text_table,
+    write_json,
+)
 
 import layerfreeze
 from layerfreeze.models import create_model, create_vit, unstack_blocks, vit_groups
@@ -592,10 +599,6 @@ def write_plot(path: str, rows: Sequence[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def _parse_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Compiled FLOPs, memory and step time of frozen train steps.",
@@ -619,7 +622,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", default=None, help="append a markdown table here")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
     args = parser.parse_args(argv)
-    models = _parse_list(args.models)
+    models = parse_list(args.models)
     if args.quick:
         models = ["resnet18"]
         if args.batch_size_r18 is None:
@@ -631,7 +634,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise ValueError(f"--models is empty; valid choices: {', '.join(MODELS)}.")
         check_choices("model", models, list(MODELS))
         check_choices("dtype", [args.dtype], list(DTYPES))
-        args.methods = _parse_list(args.methods)
+        args.methods = parse_list(args.methods)
         if not args.methods:
             raise ValueError("--methods is empty; valid choices: zero, lr0.")
         check_choices("method", args.methods, ["zero", "lr0"])

@@ -65,7 +65,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 # Run as a script, this file's folder is on sys.path.
-from report import check_choices, machine_description, markdown_table, text_table, write_json
+from report import (
+    check_choices,
+    machine_description,
+    markdown_table,
+    parse_list,
+    text_table,
+    write_json,
+)
 
 from layerfreeze.models import VIT_SIZES, ViT
 from layerfreeze.train import TrainState, TrainSteps, make_mesh, make_steps, sharding
@@ -547,10 +554,6 @@ def _targets_met(rows: Sequence[dict[str, Any]]) -> str:
     return "- Targets met: " + "; ".join(parts) + "." if parts else "- No target applies."
 
 
-def _parse_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Per-device memory of sharded, frozen train steps at 1 to 8 devices.",
@@ -589,8 +592,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # A child run by the driver: measure at one N in this process, rows as JSON last.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    models = _parse_list(args.models)
-    devices = _parse_list(args.devices)
+    models = parse_list(args.models)
+    devices = parse_list(args.devices)
     if args.quick:
         models, devices = ["vit_b16"], ["1", "2"]
         if args.batch_size is None:

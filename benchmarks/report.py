@@ -112,6 +112,11 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def parse_list(text: str) -> list[str]:
+    """`"a, b,,c"` -> `["a", "b", "c"]`: a comma-separated flag's items."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def check_choices(what: str, values: Sequence[str], valid: Sequence[str]) -> None:
     """Raises if a value is not among the valid ones.
 
