@@ -7,12 +7,13 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# The suite is dominated by compiling hundreds of tiny programs: LLVM's -O0
-# compiles them about 10% faster, and the tests check exactness and compiled
-# costs (HLO-level), not the speed of the generated code.
-os.environ["XLA_FLAGS"] = " ".join(
-    filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"])
-)
+# The suite is dominated by compiling hundreds of tiny programs, and the tests
+# check exactness and compiled costs (HLO-level), not the speed of the generated
+# code: LLVM's -O0 compiles them about 10% faster, and XLA:CPU's elemental
+# emitters instead of its MLIR fusion emitters about 3x faster (a ResNet-10
+# train step: 3.0 s -> 0.8 s of CPU; the suite: about 20% less CPU).
+_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *_FAST_COMPILE]))
 
 import jax  # noqa: E402
 

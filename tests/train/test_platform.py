@@ -87,6 +87,11 @@ _HOST_MEMORY = textwrap.dedent(
 )
 
 
+def _default_emitters():
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in flags if not f.startswith("--xla_cpu_use_fusion_emitters"))
+
+
 @pytest.mark.skipif(
     sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only"
 )
@@ -94,7 +99,9 @@ def test_retain_host_memory_stops_the_per_step_page_faults():
     def run(mode):
         proc = subprocess.run(
             [sys.executable, "-c", _HOST_MEMORY, mode],
-            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+            # XLA's default emitters, as users run: the suite's faster-compiling
+            # elemental emitters (conftest) map a new output buffer every call.
+            env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_default_emitters()),
             capture_output=True,
             text=True,
             timeout=300,
