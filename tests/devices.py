@@ -2,8 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
+
+import fresh
 
 
 def run_on_cpu_devices(script: str, devices: int = 4, *, timeout: float = 300) -> dict:
@@ -11,16 +11,8 @@ def run_on_cpu_devices(script: str, devices: int = 4, *, timeout: float = 300) -
 
     The script prints one JSON object last; a failure shows the end of its stderr.
     """
-    env = dict(
-        os.environ,
-        XLA_FLAGS=(
-            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
-        ),
-        JAX_PLATFORMS="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    proc = fresh.run_code(script, cwd=os.getcwd(), timeout=timeout, env={"XLA_FLAGS": flags})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == devices, out

@@ -1,12 +1,10 @@
 """The README's commands and every one of its Python blocks, each run alone as written."""
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import textwrap
 
+import fresh
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -118,15 +116,12 @@ def test_every_check_finds_its_block():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_python_block_runs_alone_in_a_fresh_interpreter(index, tmp_path):
     block = BLOCKS[index]
-    proc = subprocess.run(
-        [sys.executable, "-c", block + "\n" + _check_for(block)],
+    proc = fresh.run_code(
+        block + "\n" + _check_for(block),
         cwd=tmp_path,  # files a block writes stay there
         # As in conftest: non-partitionable threefry compiles the initialisers 2-3x
         # faster on CPU; only random values change, and no block shows one.
-        env=dict(os.environ, JAX_THREEFRY_PARTITIONABLE="0"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        jax_config={"jax_threefry_partitionable": False},
     )
     assert proc.returncode == 0, f"README block {index}:\n{block}\n---\n{proc.stderr[-3000:]}"
     after = README.split(f"```python\n{block}\n```", 1)[1]

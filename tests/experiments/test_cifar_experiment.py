@@ -12,6 +12,7 @@ import sys
 import types
 
 import cifar_train as cifar
+import fresh
 import jax
 import numpy as np
 import pytest
@@ -215,13 +216,7 @@ def test_init_from_source_run_with_other_class_count(tmp_path, capsys):
 
 
 def _run_cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "cifar.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd,
-    )
+    return fresh.run_script(ROOT / "experiments" / "cifar.py", *args, cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize(

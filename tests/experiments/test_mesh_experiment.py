@@ -7,18 +7,14 @@ processes are tested on the library's path (`tests/train/test_multiprocess.py`).
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import cifar_train as cifar
+import fresh
 import jax
 import pytest
 from configs import cifar10 as default_config
 
-HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 # A tiny ViT: the quickest model of the experiment to compile.
 TINY = dict(
     dataset="synthetic",
@@ -102,24 +98,20 @@ _ON_FOUR_DEVICES = textwrap.dedent(
 
 
 def test_a_run_on_four_devices_resumes_onto_a_mesh_of_another_shape(tmp_path):
-    env = dict(
-        os.environ,
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-        # As conftest: quicker random initialisers, and the session's compilation cache.
-        JAX_THREEFRY_PARTITIONABLE="0",
-        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir or ""),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        PYTHONPATH=os.pathsep.join(
-            [str(ROOT / "experiments"), str(HERE), os.environ.get("PYTHONPATH", "")]
-        ),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _ON_FOUR_DEVICES, str(tmp_path / "run")],
-        env=env,
-        capture_output=True,
-        text=True,
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    proc = fresh.run_code(
+        _ON_FOUR_DEVICES,
+        tmp_path / "run",
+        cwd=tmp_path,
         timeout=300,
+        env={"XLA_FLAGS": flags},
+        # As conftest: quicker random initialisers, and the session's compilation cache.
+        jax_config={
+            "jax_platforms": "cpu",
+            "jax_threefry_partitionable": False,
+            "jax_compilation_cache_dir": str(jax.config.jax_compilation_cache_dir or ""),
+            "jax_persistent_cache_min_compile_time_secs": 0,
+        },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,10 +16,9 @@ import json
 import os
 import pathlib
 import socket
-import subprocess
-import sys
 import time
 
+import fresh
 import jax
 import numpy as np
 
@@ -36,20 +35,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _env(devices):
-    flags = os.environ.get("XLA_FLAGS", "")
-    return dict(
-        os.environ,
-        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        # As conftest: faster to compile; and the test session's compilation cache,
-        # so that a resumed run reads back what the killed one compiled.
-        JAX_THREEFRY_PARTITIONABLE="0",
-        JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir or ""),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
-
-
 def _launch(out, *args, processes=1, devices=4):
     """Runs the driver as `processes` processes; returns their exit codes and output.
 
@@ -59,32 +44,45 @@ def _launch(out, *args, processes=1, devices=4):
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     launch = len(list(out.glob("launch_*_0.txt")))
+    flags = os.environ.get("XLA_FLAGS", "")
+    # As conftest: faster to compile; and the test session's compilation cache,
+    # so that a resumed run reads back what the killed one compiled.
+    jax_config = {
+        "jax_platforms": "cpu",
+        "jax_threefry_partitionable": False,
+        "jax_compilation_cache_dir": str(jax.config.jax_compilation_cache_dir or ""),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+    }
     procs, logs = [], []
     for i in range(processes):
-        log = open(out / f"launch_{launch}_{i}.txt", "w+")
-        command = [sys.executable, str(DRIVER), str(out), *args]
-        command += [f"--processes={processes}", f"--process_id={i}", f"--port={port}"]
+        log = out / f"launch_{launch}_{i}.txt"
         procs.append(
-            subprocess.Popen(command, env=_env(devices), stdout=log, stderr=subprocess.STDOUT)
+            fresh.start_script(
+                DRIVER,
+                out,
+                *args,
+                f"--processes={processes}",
+                f"--process_id={i}",
+                f"--port={port}",
+                cwd=out,
+                output=log,
+                env={"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}"},
+                jax_config=jax_config,
+            )
         )
         logs.append(log)
     deadline = time.monotonic() + TIMEOUT
     try:
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.poll() for p in procs):
+        while any(p.exitcode is None for p in procs):
+            if time.monotonic() > deadline or any(p.exitcode for p in procs):
                 break
             time.sleep(0.05)
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.exitcode is None:
                 p.kill()
-            p.wait()
-    output = []
-    for log in logs:
-        log.seek(0)
-        output.append(log.read())
-        log.close()
-    return [p.returncode for p in procs], output
+            p.join()
+    return [p.exitcode for p in procs], [log.read_text() for log in logs]
 
 
 def _ok(codes, output):
