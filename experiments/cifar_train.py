@@ -2,7 +2,8 @@
 
 `experiments/cifar.py` reads the flags and calls it; tests call it directly.
 The pieces: `layerfreeze.Phases` (the freeze schedule, one compiled step per
-distinct phase, optimizer state carried over, resume in the right phase),
+distinct phase, compiled ahead while the phase before trains with
+`config.compile_ahead`, optimizer state carried over, resume in the right phase),
 `train.make_steps`, `checkpoint.Checkpointer` (resume from the newest intact
 step), `pretrained` (`init_from`), `features.FeatureCache`, `metrics`
 (`metrics.jsonl`, exact across resumes, and `curves.png`), `auto` (automatic
@@ -12,7 +13,8 @@ Models: the ResNets (`resnet18`, ...) and the ViTs (`vit_ti4`, ...); a model's
 ordered layer groups (`model_groups`) drive its schedules, learning-rate
 multipliers and summary.
 
-`train_and_evaluate` reads top to bottom: the setup helpers, then the loop.
+`train_and_evaluate` reads top to bottom: the setup helpers, then the loop
+(`_loop`).
 What lasts across the loop is explicit: `_PhaseBuilder` builds each phase's
 steps, `_ResumeTarget` finds the phases a checkpoint resumes in, and `_Run`
 holds the phases, metrics, checkpointer, feature cache and progress bar.
@@ -894,6 +896,7 @@ class _PhaseBuilder:
             method=self.config.freeze_method,
             mesh=self.mesh,
             prefix_groups=self.feature_groups,
+            compile_ahead=self.config.compile_ahead,
         )
 
 
@@ -929,7 +932,7 @@ _CHANGEABLE_ON_RESUME = frozenset(
     {
         "num_epochs", "num_train_steps", "data_dir", "download", "checkpoint_every",
         "keep_checkpoints", "eval_every", "log_every", "progress", "plot", "allow_nonfinite",
-        "compilation_cache",
+        "compilation_cache", "compile_ahead",
         "freeze", "schedule", "freeze_method", "train_bn",
     }
 )  # fmt: skip
@@ -1036,6 +1039,8 @@ class _Run:
         self.last_eval: dict[str, float] = {}
         self._frozen: dict[int, list[str]] = {}  # phase index -> frozen_now
         self.speed_policy = config.schedule in auto.POLICIES
+        if self.policy is not None:  # AutoFreeze's likeliest next phase, compiled ahead
+            phases.foresee(self.policy.candidate_schedule())
 
     def frozen_now(self, index: int) -> list[str]:
         """The groups phase `index` freezes entirely."""
@@ -1048,6 +1053,7 @@ class _Run:
         """The steps of the phase in force at `step`, and the state carried into it."""
         if self.policy is not None and self.policy.update(step):
             self.phases.extend(self.policy.schedule)
+            self.phases.foresee(self.policy.candidate_schedule())  # compiled ahead, if asked
         steps, state, change = self.phases.update(step, state)
         if change is not None:
             print(change.describe())
@@ -1341,6 +1347,42 @@ def _train(
     print(lf.summary(state.params, steps.spec, state.opt_state, groups=groups))
 
     run = _Run(builder, dataset, phases, ckpt, workdir_path, start_step, total_steps, resumed)
+    try:
+        state, steps = _loop(config, run, dataset, mesh, state, start_step, total_steps, log_every)
+    finally:
+        # A guess compiled ahead (AutoFreeze) may still be compiling: let it end here
+        # rather than compete with what runs next.
+        phases.close(wait=True)
+    final_step = int(jax.device_get(state.step))
+    if ckpt.latest_step() != final_step:
+        run.save(final_step, state)
+    ckpt.close()
+    result = run.evaluate(final_step, state, steps)
+    if config.plot:
+        plot.plot_curves(run.writer.rows(), workdir_path / "curves.png")
+    print(
+        f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "
+        f"from the persistent cache, {compiles.seconds:.1f} s"
+    )
+    print(
+        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
+        f"{result['examples']} examples, step {final_step})"
+    )
+    return _summary(result, final_step, phases.compilations, phases.current, state)
+
+
+def _loop(
+    config: ml_collections.ConfigDict,
+    run: "_Run",
+    dataset: data.Dataset,
+    mesh: Any,
+    state: train.TrainState,
+    start_step: int,
+    total_steps: int,
+    log_every: int,
+) -> tuple[train.TrainState, Any]:
+    """The training loop: the state after the last step, and the last phase's steps."""
+    steps = run.phases.steps()
     for batch in data.train_batches(
         dataset,
         batch_size=config.batch_size,
@@ -1361,20 +1403,4 @@ def _train(
         if done % config.checkpoint_every == 0 or done == total_steps:
             run.save(done, state)
     run.progress.close()
-
-    final_step = int(jax.device_get(state.step))
-    if ckpt.latest_step() != final_step:
-        run.save(final_step, state)
-    ckpt.close()
-    result = run.evaluate(final_step, state, steps)
-    if config.plot:
-        plot.plot_curves(run.writer.rows(), workdir_path / "curves.png")
-    print(
-        f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "
-        f"from the persistent cache, {compiles.seconds:.1f} s"
-    )
-    print(
-        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
-        f"{result['examples']} examples, step {final_step})"
-    )
-    return _summary(result, final_step, phases.compilations, phases.current, state)
+    return state, steps
