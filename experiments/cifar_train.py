@@ -2,7 +2,8 @@
 
 `experiments/cifar.py` reads the flags and calls it; tests call it directly.
 The pieces: `layerfreeze.Phases` (the freeze schedule, one compiled step per
-distinct phase, optimizer state carried over, resume in the right phase),
+distinct phase, compiled ahead while the phase before trains with
+`config.compile_ahead`, optimizer state carried over, resume in the right phase),
 `train.make_steps`, `checkpoint.Checkpointer` (resume from the newest intact
 step), `pretrained` (`init_from`), `features.FeatureCache`, `metrics`
 (`metrics.jsonl`, exact across resumes, and `curves.png`), `auto` (automatic
@@ -19,7 +20,8 @@ created, and restored, in those shardings, each process feeds its part of the
 global batch (`_local`), every process writes its shards of a checkpoint, and
 process 0 alone writes `metrics.jsonl`, `config.json` and `curves.png`.
 
-`train_and_evaluate` reads top to bottom: the setup helpers, then the loop.
+`train_and_evaluate` reads top to bottom: the setup helpers, then the loop
+(`_loop`).
 What lasts across the loop is explicit: `_PhaseBuilder` builds each phase's
 steps, `_ResumeTarget` finds the phases a checkpoint resumes in, and `_Run`
 holds the phases, metrics, checkpointer, feature cache and progress bar.
@@ -910,6 +912,25 @@ def _print_finished(workdir: pathlib.Path, step: int, test_row: dict[str, Any]) 
     )
 
 
+def _compile_ahead(config: ml_collections.ConfigDict) -> bool:
+    """`config.compile_ahead`, turned off (with a logged note) on several processes.
+
+    Each process compiles ahead on a worker of its own, and which programs it
+    compiles there, and whether a change waits for one or compiles the step
+    itself, depends on that process's timing. XLA may compile a program of
+    several processes together (on GPUs they share the autotuning), so a
+    process could wait for a compile that another never starts. With several
+    processes every phase compiles at its change, on every process alike.
+    """
+    if config.compile_ahead and jax.process_count() > 1:
+        logging.info(
+            "config.compile_ahead is off: %d processes compile each phase at its change.",
+            jax.process_count(),
+        )
+        return False
+    return bool(config.compile_ahead)
+
+
 def _summary(
     test_row: dict[str, Any], step: int, compilations: int, phase: int, state: train.TrainState
 ) -> dict[str, Any]:
@@ -942,6 +963,8 @@ class _PhaseBuilder:
         caching.
       groups: the model's groups (`model_groups`).
       policy: the automatic freezing policy whose decisions add phases, if any.
+      compile_ahead: compile the phases to come in the background
+        (`_compile_ahead`).
     """
 
     config: ml_collections.ConfigDict
@@ -955,6 +978,7 @@ class _PhaseBuilder:
     feature_groups: tuple[str, ...] | None
     groups: tuple[str, ...]
     policy: auto.AutoFreeze | None
+    compile_ahead: bool
 
     def __call__(
         self, phase: schedules.Phase, previous: tuple[lf.FreezeSpec, ...]
@@ -993,6 +1017,7 @@ class _PhaseBuilder:
             method=self.config.freeze_method,
             mesh=self.mesh,
             prefix_groups=self.feature_groups,
+            compile_ahead=self.compile_ahead,
         )
 
 
@@ -1029,7 +1054,7 @@ _CHANGEABLE_ON_RESUME = frozenset(
     {
         "num_epochs", "num_train_steps", "data_dir", "download", "checkpoint_every",
         "keep_checkpoints", "eval_every", "log_every", "progress", "plot", "allow_nonfinite",
-        "compilation_cache", "mesh", "sharding",
+        "compilation_cache", "compile_ahead", "mesh", "sharding",
         "freeze", "schedule", "freeze_method", "train_bn",
     }
 )  # fmt: skip
@@ -1141,6 +1166,8 @@ class _Run:
         self.last_eval: dict[str, float] = {}
         self._frozen: dict[int, list[str]] = {}  # phase index -> frozen_now
         self.speed_policy = config.schedule in auto.POLICIES
+        if self.policy is not None:  # AutoFreeze's likeliest next phase, compiled ahead
+            phases.foresee(self.policy.candidate_schedule())
 
     def frozen_now(self, index: int) -> list[str]:
         """The groups phase `index` freezes entirely."""
@@ -1153,6 +1180,7 @@ class _Run:
         """The steps of the phase in force at `step`, and the state carried into it."""
         if self.policy is not None and self.policy.update(step):
             self.phases.extend(self.policy.schedule)
+            self.phases.foresee(self.policy.candidate_schedule())  # compiled ahead, if asked
         steps, state, change = self.phases.update(step, state)
         if change is not None:
             print(change.describe())
@@ -1442,6 +1470,7 @@ def _train(
         feature_groups=feature_groups,
         groups=groups,
         policy=policy,
+        compile_ahead=_compile_ahead(config),
     )
     target = _ResumeTarget(builder, builder.phases(schedule), variables, rng)
     ckpt = checkpoint.Checkpointer(
@@ -1468,6 +1497,42 @@ def _train(
     print(lf.summary(state.params, steps.spec, state.opt_state, groups=groups))
 
     run = _Run(builder, dataset, phases, ckpt, workdir_path, start_step, total_steps, resumed)
+    try:
+        state, steps = _loop(config, run, dataset, mesh, state, start_step, total_steps, log_every)
+    finally:
+        # A guess compiled ahead (AutoFreeze) may still be compiling: let it end here
+        # rather than compete with what runs next.
+        phases.close(wait=True)
+    final_step = int(jax.device_get(state.step))
+    if ckpt.latest_step() != final_step:
+        run.save(final_step, state)
+    ckpt.close()
+    result = run.evaluate(final_step, state, steps)
+    if config.plot and jax.process_index() == 0:
+        plot.plot_curves(run.writer.rows(), workdir_path / "curves.png")
+    print(
+        f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "
+        f"from the persistent cache, {compiles.seconds:.1f} s"
+    )
+    print(
+        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
+        f"{result['examples']} examples, step {final_step})"
+    )
+    return _summary(result, final_step, phases.compilations, phases.current, state)
+
+
+def _loop(
+    config: ml_collections.ConfigDict,
+    run: "_Run",
+    dataset: data.Dataset,
+    mesh: Any,
+    state: train.TrainState,
+    start_step: int,
+    total_steps: int,
+    log_every: int,
+) -> tuple[train.TrainState, Any]:
+    """The training loop: the state after the last step, and the last phase's steps."""
+    steps = run.phases.steps()
     for batch in data.train_batches(
         dataset,
         batch_size=config.batch_size,
@@ -1488,20 +1553,4 @@ def _train(
         if done % config.checkpoint_every == 0 or done == total_steps:
             run.save(done, state)
     run.progress.close()
-
-    final_step = int(jax.device_get(state.step))
-    if ckpt.latest_step() != final_step:
-        run.save(final_step, state)
-    ckpt.close()
-    result = run.evaluate(final_step, state, steps)
-    if config.plot and jax.process_index() == 0:
-        plot.plot_curves(run.writer.rows(), workdir_path / "curves.png")
-    print(
-        f"compilation: {compiles.compiled} program(s) compiled, {compiles.cache_hits} read "
-        f"from the persistent cache, {compiles.seconds:.1f} s"
-    )
-    print(
-        f"final test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}, "
-        f"{result['examples']} examples, step {final_step})"
-    )
-    return _summary(result, final_step, phases.compilations, phases.current, state)
+    return state, steps

@@ -108,6 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: a resumed run, or a rerun of the same
     # config, reads its compiled programs back; "" = off.
     config.compilation_cache = "~/.cache/layerfreeze/jax"
+    # Compile the phases to come on a background thread while the current one
+    # trains (`train.Phases(compile_ahead=True)`): a phase change then costs
+    # about one step instead of a compilation. Off on several processes (each
+    # would compile on its own timing), with a logged note.
+    config.compile_ahead = True
     config.plot = True
     config.seed = 0
     return config

@@ -282,6 +282,29 @@ class AutoFreeze:
             phases.append(schedules.Phase(step, _spec_of(self.groups, frozen, self.train_bn)))
         return schedules.FreezeSchedule(tuple(phases), "step")
 
+    def candidate_schedule(self) -> schedules.FreezeSchedule | None:
+        """`schedule` plus the likeliest next phase: the next front group frozen alone.
+
+        A guess for `train.Phases.foresee`, which compiles that phase's steps
+        ahead while the current phase trains. The guessed phase starts at the
+        next decision step; the policy may decide otherwise there (freeze
+        nothing, or several groups at once), and then the guess is discarded.
+        None when no group can freeze any more (the next trainable group is
+        the head, or not among `candidates`).
+
+        >>> policy = AutoFreeze(["stem", "body", "head"], interval=2)
+        >>> print(policy.candidate_schedule().describe())
+        step 0: freeze none
+        step 2: freeze stem
+        """
+        following = self.trainable[0]
+        if following not in self.candidates:
+            return None
+        schedule = self.schedule
+        start = (self._last_update or 0) + self.interval
+        spec = _spec_of(self.groups, (*self.frozen, following), self.train_bn)
+        return schedules.FreezeSchedule((*schedule.phases, schedules.Phase(start, spec)), "step")
+
     # The loop ----------------------------------------------------------------
 
     def observe(self, metrics: Mapping[str, Any]) -> None:

@@ -39,6 +39,9 @@ def tiny_config(**overrides):
     config.checkpoint_every = 3
     config.progress = False
     config.plot = False
+    # Compiling ahead adds background compiles to every run; one test turns it on
+    # (test_unfreezing_experiment.py's straight runs).
+    config.compile_ahead = False
     for key, value in overrides.items():
         config[key] = value
     return config
@@ -59,6 +62,7 @@ _TINY_FIELDS = (
     "checkpoint_every",
     "progress",
     "plot",
+    "compile_ahead",
 )
 
 

@@ -34,6 +34,7 @@ TINY = dict(
     progress=False,
     plot=False,
     compilation_cache="",
+    compile_ahead=False,  # background compiles: test_unfreezing_experiment.py checks them
 )
 
 
@@ -69,6 +70,12 @@ def test_a_bad_mesh_or_sharding_is_one_clear_error(overrides, message):
         cifar.validate_config(tiny_config(**overrides))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_several_processes_compile_each_phase_at_its_change(monkeypatch):
+    assert cifar._compile_ahead(tiny_config(compile_ahead=True))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert not cifar._compile_ahead(tiny_config(compile_ahead=True))
 
 
 _ON_FOUR_DEVICES = textwrap.dedent(

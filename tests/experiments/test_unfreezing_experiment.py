@@ -11,6 +11,7 @@ from test_cifar_experiment import (
     tiny_config,
 )
 
+from layerfreeze import train
 from layerfreeze.train import checkpoint
 
 # 64 synthetic images in batches of 16: 4 steps per epoch.
@@ -71,16 +72,25 @@ def _resume_config(method, checkpoint_every):
 
 @pytest.fixture(scope="module")
 def straight_runs(tmp_path_factory):
-    """An uninterrupted run per method, shared (checkpoints change no result)."""
+    """An uninterrupted run per method, shared (checkpoints change no result): its
+    result, workdir and `train.Phases`.
+
+    The `zero` run compiles its phases ahead (`config.compile_ahead`; the other
+    experiment tests turn it off), the runs resumed against it at each change.
+    """
     runs = {}
+    real = train.Phases
 
     def run(method):
         if method not in runs:
             workdir = tmp_path_factory.mktemp(f"straight_{method}")
-            runs[method] = (
-                cifar.train_and_evaluate(_resume_config(method, 5), str(workdir)),
-                workdir,
-            )
+            config = _resume_config(method, 5)
+            config.compile_ahead = method == "zero"
+            made = []  # the run's Phases
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(train, "Phases", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+                result = cifar.train_and_evaluate(config, str(workdir))
+            runs[method] = result, workdir, made[-1]
         return runs[method]
 
     return run
@@ -98,7 +108,7 @@ def test_resume_across_a_phase_boundary_is_bitwise_identical(
     tmp_path, monkeypatch, straight_runs, method, checkpoint_every, kill_at, resumes_in_phase
 ):
     config = _resume_config(method, checkpoint_every)
-    straight, straight_dir = straight_runs(method)
+    straight, straight_dir, phases = straight_runs(method)
     with monkeypatch.context() as m:
         _kill_after(m, kill_at)
         with pytest.raises(_Killed):
@@ -115,6 +125,12 @@ def test_resume_across_a_phase_boundary_is_bitwise_identical(
         for d in (straight_dir, tmp_path / "resumed")
     ]
     assert events[0] == events[1]
+    if method == "zero":
+        # Compiled ahead: the steps of phases 1 and 2 ran the programs compiled for
+        # them in the background, never compiling at their changes.
+        for index in (1, 2):
+            train_step = phases.steps(index).train_step
+            assert train_step.programs and train_step.jitted._cache_size() == 0
 
 
 @pytest.mark.parametrize(

@@ -307,7 +307,7 @@ _SHARDED = MODEL + textwrap.dedent(
     from jax.sharding import PartitionSpec as P
     import layerfreeze as lf
     from layerfreeze import schedules, train
-    from layerfreeze.train import sharding
+    from layerfreeze.train import platform, sharding
 
     SPEC = "stem,stack[:1]"
     RULES = [("head/kernel", P("fsdp")), (".*/bias", P()), (".*", sharding.fsdp(min_size=256))]
@@ -448,22 +448,47 @@ _SHARDED = MODEL + textwrap.dedent(
 
     # (g) frozen_dtype with the rules: each cast leaf keeps its sharding, at init and
     # at a phase change (stem unfrozen, head frozen); the summary counts each device's
-    # shards.
-    schedule = schedules.explicit({0: SPEC, 1: "head"}, unit="step")
-    phases = train.Phases(schedule, lambda phase, previous: train.make_steps(
-        model, optax.adam(1e-2), phase.spec, params, inputs="x", previous=previous,
-        mesh=mesh, sharding_rules=RULES, frozen_dtype="bfloat16"), params=params)
-    state = phases.init_state(variables, jax.random.key(1))
+    # shards. Then the same compiled ahead: the casts, the fresh optimizer state and
+    # the step, for the state in the shardings update places it in.
+    schedule = schedules.explicit({0: SPEC, 1: "stack[:1],head"}, unit="step")
     dtypes = lambda tree: {k: str(x.dtype) for k, x in
                            zip(specs(tree), jax.tree.leaves(tree), strict=True)}
-    out["bf16_init_specs"], out["bf16_init_dtypes"] = specs(state.params), dtypes(state.params)
-    steps, state, change = phases.update(1, state)
-    out["bf16_phase_specs"], out["bf16_phase_dtypes"] = specs(state.params), dtypes(state.params)
-    head = np.array(state.params["head"]["kernel"])
-    state, metrics = steps.train_step(state, place(batches[0], mesh))
-    out["bf16_head_equal"] = bool(np.array_equal(
-        np.asarray(state.params["head"]["kernel"]).view(np.uint16), head.view(np.uint16)))
-    out["bf16_loss"] = float(metrics["loss"])
+    bits = lambda tree: [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+    first, second = place(batches[1], mesh), place(batches[0], mesh)
+    built = {}  # phase 0's steps, shared: compiled once for both runs
+
+    def build(phase, previous):
+        steps = built.get(phase.start) or train.make_steps(
+            model, optax.adam(1e-2), phase.spec, params, inputs="x", previous=previous,
+            mesh=mesh, sharding_rules=RULES, frozen_dtype="bfloat16")
+        if phase.start == 0:
+            built[0] = steps
+        return steps
+
+    for ahead in (False, True):
+        phases = train.Phases(schedule, build, params=params, compile_ahead=ahead)
+        state = phases.init_state(variables, jax.random.key(1))
+        init = specs(state.params), dtypes(state.params)
+        steps, state, _ = phases.update(0, state)
+        state, _ = steps.train_step(state, first)
+        phases.wait_ahead()
+        with platform.CompileCounter() as counter:
+            steps, state, change = phases.update(1, state)
+            phase = specs(state.params), dtypes(state.params), specs(state.opt_state)
+            head = np.array(state.params["head"]["kernel"])
+            state, metrics = steps.train_step(state, second)
+            jax.block_until_ready(metrics)
+        phases.close()
+        if ahead:
+            out["bf16_ahead_requests"] = counter.requests
+            out["bf16_ahead_same"] = (phase, bits(state)) == plain
+            continue
+        plain = phase, bits(state)
+        out["bf16_init_specs"], out["bf16_init_dtypes"] = init
+        out["bf16_phase_specs"], out["bf16_phase_dtypes"], _ = phase
+        out["bf16_head_equal"] = bool(np.array_equal(
+            np.asarray(state.params["head"]["kernel"]).view(np.uint16), head.view(np.uint16)))
+        out["bf16_loss"] = float(metrics["loss"])
     summary = lf.summary(state.params, steps.plan, state.opt_state)
     out["per_device"] = summary.as_dict()["bytes_per_device"]
     held = {}
@@ -540,6 +565,8 @@ def test_sharded_state_on_four_cpu_devices():
     bf16 = {k for k, v in out["bf16_phase_dtypes"].items() if v == "bfloat16"}
     assert bf16 == {"head/kernel", "head/bias"}, out["bf16_phase_dtypes"]
     assert out["bf16_head_equal"] and np.isfinite(out["bf16_loss"])
+    # Compiled ahead, the change compiles nothing and trains the same bits.
+    assert out["bf16_ahead_requests"] == 0 and out["bf16_ahead_same"]
     # The summary's bytes per device are each device's shards.
     assert out["per_device"] == out["per_device_shards"]
     assert out["summary_lines"][0].startswith("bytes by dtype: float32 ")

@@ -15,7 +15,9 @@ what a training loop needs at every step:
   down and the newly unfrozen ones back up, once (`TrainSteps.cast_params`);
 * the metadata a checkpoint needs to resume in the right phase, and the check
   that a resumed run has the same schedule;
-* whether the frozen prefix changed (for a feature cache).
+* whether the frozen prefix changed (for a feature cache);
+* optionally, the phases to come compiled ahead on a background thread
+  (`compile_ahead=True`), so that a change costs about one step.
 
 >>> import jax, jax.numpy as jnp, numpy as np, optax, layerfreeze as lf
 >>> from layerfreeze import train
@@ -37,11 +39,33 @@ what a training loop needs at every step:
 step 2: phase 1 (step 2: freeze none), trainable params 8 -> 20
 >>> phases.metadata()["phase"], phases.compilations
 (1, 2)
+
+Compiled ahead, the change compiles nothing (`platform.CompileCounter` counts
+what JAX compiles):
+
+>>> from layerfreeze.train import platform
+>>> ahead = Phases(schedule, phases.build, params=params, compile_ahead=True)
+>>> state = ahead.init_state(params, jax.random.key(0))
+>>> for step in range(2):
+...     steps, state, _ = ahead.update(step, state)
+...     state, metrics = steps.train_step(state, batch)
+>>> ahead.wait_ahead()  # phase 1's step, compiled on the background thread meanwhile
+True
+>>> with platform.CompileCounter() as counter:
+...     steps, state, change = ahead.update(2, state)
+...     state, metrics = steps.train_step(state, batch)
+>>> change.index, counter.requests
+(1, 0)
+>>> ahead.close()
 """
 
+import concurrent.futures
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import functools
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -50,6 +74,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from layerfreeze import _batchnorm, _checks, _freeze, _nnx, _plan, _spec, _transfer, schedules
+from layerfreeze.train import _ahead
 from layerfreeze.train import sharding as _sharding
 
 __all__ = ["PhaseChange", "Phases"]
@@ -126,6 +151,40 @@ class Phases:
       prefix_groups: groups in order from the input, after which a model can
         start from cached features (a ResNet: `models.GROUPS[:-1]`); enables
         `PhaseChange.prefix_changed` and `frozen_prefix`.
+      compile_ahead: compile the phases to come while the current one trains
+        (see "Compiling ahead" below). Off by default.
+
+    Compiling ahead: with `compile_ahead=True`, once a phase's train step (and
+    eval step) has run, the phases that can be foreseen are built (`build`, on
+    the calling thread) and their steps lowered and compiled on a background
+    thread against the abstract state each phase will get (the current state's
+    shapes and shardings, the params in the phase's dtypes when its steps have a
+    `frozen_dtype`, with the optimizer state that `tx.init` gives the phase,
+    placed as `update` places it) and the batch just seen: every later phase of
+    the schedule, and the phases of a schedule given to `foresee` (an
+    `AutoFreeze` guess). At the change the step runs the program compiled ahead
+    (the executable `jax.jit` would build there, so bitwise the same step), the
+    params' casts and the fresh part of the optimizer state come from programs
+    compiled ahead too, and the change costs about one ordinary step; a compile
+    still in flight is waited for, one not begun is dropped (the step compiles
+    as usual). A step called with another signature (a batch of other shapes)
+    compiles as usual, with a logged note; with `prefix_groups`, a phase whose
+    frozen prefix differs from the current one's is not compiled ahead, as its
+    batches will be other cached features. An error raised while building a
+    phase ahead is raised where building it would raise it (`update`, at the
+    change); one raised while lowering or compiling its step is raised by the
+    step's first call at the change when that call has the arguments compiled
+    for (the error compiling there would raise), with a note and the background
+    thread's traceback. One background thread serves the whole process: a
+    compile competes with the train step for the CPU (`benchmarks/RESULTS.md`).
+    Steps are compiled ahead when `build` returns `train.TrainSteps` (or another
+    dataclass of jitted `train_step`/`eval_step`); a bare optimizer is used as
+    it is. `close()` cancels the compiles not begun; `wait_ahead()` waits for
+    them. With several processes, each compiles ahead on its own timing: which
+    programs it compiles in the background, and whether a change waits for one
+    or compiles at the change, can differ between processes, and XLA may compile
+    a program of several processes together (on GPUs they share its autotuning).
+    The experiment turns it off there.
 
     Raises:
       ValueError: a phase's spec does not fit `params` (a rule matches no
@@ -147,6 +206,7 @@ class Phases:
         mesh: Mesh | None = None,
         sharding_rules: _sharding.Rules | None = None,
         prefix_groups: Sequence[str] | None = None,
+        compile_ahead: bool = False,
     ):
         if not isinstance(schedule, schedules.FreezeSchedule):
             raise TypeError(
@@ -188,6 +248,18 @@ class Phases:
         self._cache: dict[Any, Any] = {}
         self._keys: dict[int, Any] = {}  # phase index -> build key, computed once
         self.current = self.index_at(0)
+        self.compile_ahead = _checks.flag("Phases: compile_ahead", compile_ahead)
+        # Compiling ahead, per build key: steps built before their phase began,
+        # the error their build raised, the compiles queued or done, and what
+        # the change runs before the step (the params' cast, `tx.init`) compiled.
+        self._ahead_steps: dict[Any, Any] = {}
+        self._ahead_errors: dict[Any, BaseException] = {}
+        self._jobs: dict[Any, list[concurrent.futures.Future]] = {}
+        self._starts: dict[Any, _Start] = {}
+        self._submitted: set[tuple[Any, str, Any]] = set()  # (key, step name, base signature)
+        self._seen: dict[str, tuple[Any, ...]] = {}  # step name -> abstract args, latest phase
+        self._seen_prefix: str | None = None  # the frozen prefix of the phase they come from
+        self._foreseen: schedules.FreezeSchedule | None = None
 
     # Where we are ------------------------------------------------------------
 
@@ -211,11 +283,16 @@ class Phases:
 
     def frozen_prefix(self, index: int | None = None) -> str | None:
         """The last group of phase `index`'s frozen prefix (see `features.frozen_prefix`)."""
+        return self._prefix_in(self.schedule, self.current if index is None else index)
+
+    def _prefix_in(self, schedule: schedules.FreezeSchedule, index: int) -> str | None:
         if self.prefix_groups is None:
             return None
         from layerfreeze.train import features  # features imports models; keep this import light
 
-        return features.frozen_prefix(self.params, self.plan(index), self.prefix_groups)
+        return features.frozen_prefix(
+            self.params, self._plan_in(schedule, index), self.prefix_groups
+        )
 
     def extend(self, schedule: schedules.FreezeSchedule) -> None:
         """Adopts a schedule that keeps every phase of the current one and adds later ones.
@@ -229,14 +306,8 @@ class Phases:
             schedule, counts another unit, or a new phase's spec does not fit
             the params.
         """
-        if not isinstance(schedule, schedules.FreezeSchedule):
-            raise TypeError(f"extend takes a FreezeSchedule, got {type(schedule).__name__}.")
+        self._check_extension(schedule, "extend")
         old = self.schedule.phases
-        if schedule.unit != self.schedule.unit or schedule.phases[: len(old)] != old:
-            raise ValueError(
-                "extend takes a schedule that keeps every phase of the current one; current "
-                f"{self.schedule.describe()!r}, given {schedule.describe()!r}."
-            )
         self.schedule, before = schedule, self.schedule
         try:
             for index in range(len(old), len(schedule.phases)):
@@ -244,6 +315,46 @@ class Phases:
         except ValueError:
             self.schedule = before
             raise
+        if self._foreseen is not None and not _extends(self._foreseen, schedule):
+            self._foreseen = None  # a guess that did not come true
+        self._prune()
+        self._schedule_ahead()
+
+    def foresee(self, schedule: schedules.FreezeSchedule | None) -> None:
+        """Names phases that may come, to be compiled ahead speculatively.
+
+        `schedule` keeps every phase of the current schedule and adds the
+        phases that might follow, e.g. `AutoFreeze.candidate_schedule()`: the
+        next front group frozen. With `compile_ahead`, their steps are built
+        and compiled in the background. If `extend` later adopts a phase with
+        the same spec, history and learning-rate multipliers (its start may
+        differ), its steps are those compiled ahead; a guess that does not
+        come true is discarded at the next `extend` or `foresee`. None
+        withdraws the guess. Without `compile_ahead` this only checks.
+
+        Raises:
+          ValueError: `schedule` changes or drops a phase of the current
+            schedule, counts another unit, or a new phase's spec does not fit
+            the params.
+        """
+        if schedule == self._foreseen:
+            return
+        if schedule is not None:
+            self._check_extension(schedule, "foresee")
+            for index in range(len(self.schedule.phases), len(schedule.phases)):
+                self._plan_in(schedule, index)
+        self._foreseen = schedule
+        self._prune()
+        self._schedule_ahead()
+
+    def _check_extension(self, schedule: Any, what: str) -> None:
+        if not isinstance(schedule, schedules.FreezeSchedule):
+            raise TypeError(f"{what} takes a FreezeSchedule, got {type(schedule).__name__}.")
+        if not _extends(schedule, self.schedule):
+            raise ValueError(
+                f"{what} takes a schedule that keeps every phase of the current one; current "
+                f"{self.schedule.describe()!r}, given {schedule.describe()!r}."
+            )
 
     # Steps ---------------------------------------------------------------------
 
@@ -253,9 +364,11 @@ class Phases:
         The plan `build`'s `make_steps(..., phase.spec, params, previous=previous)`
         gets for the same phase: the spec is resolved once.
         """
-        index = self.current if index is None else index
-        spec = _batchnorm.with_bn_modules(self.schedule.phases[index].spec, self._bn_modules)
-        previous = self.schedule.previous_specs(index)
+        return self._plan_in(self.schedule, self.current if index is None else index)
+
+    def _plan_in(self, schedule: schedules.FreezeSchedule, index: int) -> _plan.Plan:
+        spec = _batchnorm.with_bn_modules(schedule.phases[index].spec, self._bn_modules)
+        previous = schedule.previous_specs(index)
         return _plan.plan(self.params, spec, previous=previous, method=self.method)
 
     def steps(self, index: int | None = None) -> Any:
@@ -263,9 +376,12 @@ class Phases:
         index = self.current if index is None else index
         key = self._key(index)
         if key not in self._cache:
-            self._cache[key] = self.build(
-                self.schedule.phases[index], self.schedule.previous_specs(index)
-            )
+            if key in self._ahead_errors:  # raised where building it would have raised it
+                raise _noted(self._ahead_errors.pop(key), index, "building")
+            steps = self._ahead_steps.pop(key, None)
+            if steps is None:
+                steps = self._build(self.schedule, index)
+            self._cache[key] = steps
         return self._cache[key]
 
     def tx(self, index: int | None = None) -> optax.GradientTransformation:
@@ -279,11 +395,26 @@ class Phases:
         return self._keys[index]
 
     def _compute_key(self, index: int) -> Any:
-        phase = self.schedule.phases[index]
+        return self._key_in(self.schedule, index)
+
+    def _key_in(self, schedule: schedules.FreezeSchedule, index: int) -> Any:
+        phase = schedule.phases[index]
         cohorts: Any = ()
         if self.method == "zero":
-            cohorts = tuple(self.plan(index).since().items())
+            cohorts = tuple(self._plan_in(schedule, index).since().items())
         return (phase.spec, phase.lr_multipliers, cohorts)
+
+    def _build(self, schedule: schedules.FreezeSchedule, index: int) -> Any:
+        steps = self.build(schedule.phases[index], schedule.previous_specs(index))
+        if not self.compile_ahead or not dataclasses.is_dataclass(steps):
+            return steps
+        ref = weakref.ref(self)
+        wrapped = {
+            name: _ahead.AheadFn(fn, functools.partial(_first_call, ref, name))
+            for name in _STEP_NAMES
+            if hasattr(fn := getattr(steps, name, None), "lower")
+        }
+        return dataclasses.replace(steps, **wrapped) if wrapped else steps
 
     def _trainable(self, steps: Any, index: int) -> int:
         count = getattr(steps, "trainable_params", None)  # a bare optimizer has none
@@ -326,17 +457,19 @@ class Phases:
         before_steps, before_index = self.steps(), self.current
         prefix_before = self.frozen_prefix(before_index)
         new_tx = self.tx(wanted)
+        key = self._key(wanted)
+        self._settle(key)
         new_steps = self.steps(wanted)
         shardings = getattr(new_steps, "shardings", None)
         # Steps with a frozen_dtype store newly frozen leaves down in it and newly
         # unfrozen ones back up, before any optimizer state is made for them.
-        cast = getattr(new_steps, "cast_params", None)
-        params = state.params if cast is None else cast(state.params)
-        opt_state = self.transfer(
+        params = self._cast(key, new_steps, state.params)
+        opt_state = self._transfer(
             state.opt_state,
             new_tx,
             params,
-            shardings=None if shardings is None else shardings.opt_state,
+            None if shardings is None else shardings.opt_state,
+            self._starts.get(key),
         )
         fields = {"opt_state": opt_state}
         if params is not state.params:
@@ -356,6 +489,7 @@ class Phases:
             prefix_before=prefix_before,
             prefix_after=self.frozen_prefix(wanted),
         )
+        self._prune()
         return self.steps(), state, change
 
     def transfer(
@@ -375,9 +509,24 @@ class Phases:
           shardings: the new state's shardings (default: by `sharding_rules`
             on `mesh` if given, else replicated on `mesh`, else as it comes).
         """
+        return self._transfer(opt_state, new_tx, params, shardings, None)
+
+    def _transfer(
+        self,
+        opt_state: Any,
+        new_tx: optax.GradientTransformation,
+        params: Any,
+        shardings: Any,
+        start: "_Start | None",
+    ) -> Any:
+        """`transfer`, with `new_tx.init` compiled ahead (`start.init`) when it fits `params`."""
         if shardings is None and self.sharding_rules is not None:
-            param_shardings = _sharding.param_shardings(self.mesh, params, self.sharding_rules)
-            shardings = _sharding.opt_state_shardings(new_tx, params, param_shardings)
+            shardings = self._rule_shardings(new_tx, params)
+        if start is not None and start.taken == _ahead.signature(params):
+            # The fresh state comes out of the program in its shardings already.
+            new_state = _transfer.transfer_opt_state(opt_state, start.init(params))
+            target = shardings if shardings is not None else self._replicated()
+            return new_state if target is None else jax.device_put(new_state, target)
         if shardings is None:
             new_state = _transfer.transfer_opt_state(opt_state, new_tx.init(params))
             if self.mesh is not None:
@@ -387,6 +536,182 @@ class Phases:
         # carries over moves only where the new phase splits it otherwise.
         fresh = jax.jit(new_tx.init, out_shardings=shardings)(params)
         return jax.device_put(_transfer.transfer_opt_state(opt_state, fresh), shardings)
+
+    def _cast(self, key: Any, steps: Any, params: Any) -> Any:
+        """`steps.cast_params(params)` (a `frozen_dtype`'s casts), by the program
+        compiled ahead for these params if there is one: a cast at the change
+        would compile (one program per leaf shape) there."""
+        cast = getattr(steps, "cast_params", None)
+        if cast is None:
+            return params
+        start = self._starts.get(key)
+        if start is None or start.given != _ahead.signature(params):
+            return cast(params)
+        if start.cast is None:  # no leaf changes its dtype
+            return params
+        which, program = start.cast
+        leaves, treedef = jax.tree.flatten(params)
+        for i, x in zip(which, program(tuple(leaves[i] for i in which)), strict=True):
+            leaves[i] = x
+        return jax.tree.unflatten(treedef, leaves)
+
+    def _rule_shardings(self, new_tx: optax.GradientTransformation, params: Any) -> Any:
+        param_shardings = _sharding.param_shardings(self.mesh, params, self.sharding_rules)
+        return _sharding.opt_state_shardings(new_tx, params, param_shardings)
+
+    def _replicated(self) -> NamedSharding | None:
+        return None if self.mesh is None else NamedSharding(self.mesh, P())
+
+    # Compiling ahead -------------------------------------------------------------
+
+    def wait_ahead(self, timeout: float | None = None) -> bool:
+        """Waits for the compiles queued ahead (at most `timeout` seconds).
+
+        Returns:
+          True when none is left pending (failed ones included: their errors
+          are raised at their phase's change).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for future in [f for jobs in list(self._jobs.values()) for f in jobs]:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _ahead.wait(future, left)
+        return all(f.done() for jobs in list(self._jobs.values()) for f in jobs)
+
+    def close(self, *, wait: bool = False) -> None:
+        """Stops compiling ahead: cancels the compiles not begun, drops what was built ahead.
+
+        A compile in flight cannot be stopped: with `wait`, this waits for it
+        to end (so that it does not compete with what runs next); its program
+        is dropped either way. The phases stay usable, compiling at each change.
+        """
+        futures = [f for jobs in self._jobs.values() for f in jobs]
+        self.compile_ahead = False
+        self._foreseen = None
+        self._prune()
+        self._seen.clear()
+        if wait:
+            for future in futures:
+                _ahead.wait(future)
+
+    def _record(self, name: str, args: tuple[Any, ...]) -> None:
+        """A step's first call in a phase: what the next phases' programs take."""
+        self._seen[name] = args
+        self._seen_prefix = self.frozen_prefix(self.current)
+        self._schedule_ahead()
+
+    def _upcoming(self) -> Iterator[tuple[schedules.FreezeSchedule, int]]:
+        """`(schedule, index)` of the phases after the current one, the foreseen last."""
+        for index in range(self.current + 1, len(self.schedule.phases)):
+            yield self.schedule, index
+        if self._foreseen is not None:
+            for index in range(len(self.schedule.phases), len(self._foreseen.phases)):
+                yield self._foreseen, index
+
+    def _upcoming_key(self, schedule: schedules.FreezeSchedule, index: int) -> Any:
+        return self._key(index) if schedule is self.schedule else self._key_in(schedule, index)
+
+    def _schedule_ahead(self) -> None:
+        """Builds the foreseeable phases and queues the compiles of their steps."""
+        if not self.compile_ahead or not self._seen:
+            return
+        for schedule, index in self._upcoming():
+            if self.prefix_groups is not None and self._prefix_in(schedule, index) != (
+                self._seen_prefix
+            ):
+                continue  # its batches are other cached features, of shapes not seen yet
+            key = self._upcoming_key(schedule, index)
+            for name, args in list(self._seen.items()):
+                base = _ahead.signature((args[0].replace(opt_state=None), *args[1:]))
+                if (key, name, base) in self._submitted or key in self._ahead_errors:
+                    continue
+                steps = self._cache.get(key, self._ahead_steps.get(key))
+                if steps is None:
+                    try:
+                        steps = self._ahead_steps[key] = self._build(schedule, index)
+                    except Exception as e:  # raised at the change, as without compiling ahead
+                        self._ahead_errors[key] = e
+                        continue
+                fn = getattr(steps, name, None)
+                if not isinstance(fn, _ahead.AheadFn) or fn.called:
+                    continue  # a bare optimizer, or a phase that ran (and compiled) already
+                self._submitted.add((key, name, base))
+                job = functools.partial(self._compile, key, index, steps, name, args)
+                priority = (index, _STEP_NAMES.index(name))  # the next phase's train step first
+                self._jobs.setdefault(key, []).append(_ahead.submit(priority, job))
+
+    def _compile(self, key: Any, index: int, steps: Any, name: str, args: tuple[Any, ...]) -> None:
+        """On the worker: `steps`' step `name` compiled for its phase's abstract arguments."""
+        state, *rest = args
+        start = self._starts.get(key)
+        if start is None or start.given != _ahead.signature(state.params):
+            try:
+                start = self._starts[key] = self._compile_start(steps, state)
+            except Exception as e:  # not the phase's own error: it compiles at the change
+                _ahead.log_skip(f"the steps of {key[0]!r}", e)
+                return
+        fields = {"params": start.params, "opt_state": start.init.out_info}
+        if hasattr(state, "tx"):
+            fields["tx"] = steps.tx
+        abstract = (state.replace(**fields), *rest)
+        fn = getattr(steps, name)
+        if _ahead.signature(abstract) in fn.programs:
+            return  # compiled for the state of an earlier phase, which casts to the same
+        try:
+            fn.add(abstract, fn.jitted.lower(*abstract).compile())
+        except Exception as e:  # raised by the step at the change, if called with `abstract`
+            fn.fail(abstract, _noted(e, index, "compiling"))
+
+    def _compile_start(self, steps: Any, state: Any) -> "_Start":
+        """What `update` runs at the change to `steps`' phase from abstract `state`,
+        compiled: the cast of the params to the phase's dtypes (`cast_params`, as
+        `update` casts them: each cast leaf in its sharding), and `steps.tx.init`
+        for the cast params, its output placed as `update` places the state: by
+        the new steps' shardings, the rules, on the mesh, or else where all of the
+        current optimizer state is (one device, or replicated on the steps' mesh),
+        which is where what carries over stays."""
+        params, cast = _compile_cast(getattr(steps, "cast_params", None), state.params)
+        shardings = getattr(steps, "shardings", None)
+        target = None if shardings is None else shardings.opt_state
+        if target is None and self.sharding_rules is not None:
+            target = self._rule_shardings(steps.tx, params)
+        if target is None:
+            target = self._replicated()
+        if target is None:
+            where = {x.sharding for x in jax.tree.leaves(state.opt_state)}
+            target = where.pop() if len(where) == 1 else None
+        jit_kw = {} if target is None else {"out_shardings": target}
+        init = jax.jit(steps.tx.init, **jit_kw).lower(params).compile()
+        return _Start(_ahead.signature(state.params), cast, params, _ahead.signature(params), init)
+
+    def _settle(self, key: Any) -> None:
+        """At a change: the compiles of the new phase done, or not to be waited for.
+
+        A compile still queued is cancelled (the step compiles at its first
+        call instead); one in flight is waited for. A failure of the phase's
+        own lowering or compiling is the step's to raise (`AheadFn.fail`);
+        anything else that failed only means that the step compiles as usual.
+        """
+        for future in self._jobs.pop(key, []):
+            if future.cancel() or not _ahead.wait(future):
+                continue
+            if future.exception() is not None:
+                _ahead.log_skip(f"the steps of {key[0]!r}", future.exception())
+
+    def _prune(self) -> None:
+        """Drops what was built or queued ahead for phases no longer to come."""
+        wanted = set()
+        if self.compile_ahead:
+            wanted = {self._upcoming_key(s, i) for s, i in self._upcoming()}
+        for key in set(self._ahead_steps) | set(self._jobs) | set(self._ahead_errors):
+            if key in wanted:
+                continue
+            for future in self._jobs.pop(key, []):
+                future.cancel()
+            self._ahead_steps.pop(key, None)
+            self._ahead_errors.pop(key, None)
+        for key in set(self._starts) - wanted:
+            del self._starts[key]
+        self._submitted = {s for s in self._submitted if s[0] in wanted}
 
     # Checkpoints ---------------------------------------------------------------
 
@@ -435,6 +760,88 @@ class Phases:
             )
         self.current = index
         return index
+
+
+_STEP_NAMES = ("train_step", "eval_step")
+
+
+class _Start(NamedTuple):
+    """What the change to a phase runs before its step, compiled ahead.
+
+    Attributes:
+      given: the signature of the params it was compiled for (the phase
+        before's, as the change finds them).
+      cast: the params' leaves whose dtype the phase's `cast_params` changes
+        (`frozen_dtype`) and the program casting them; None: none changes.
+      params: the params as the phase gets them (cast), abstract.
+      taken: their signature.
+      init: the phase's `tx.init`, compiled for `params`.
+    """
+
+    given: Any
+    cast: tuple[tuple[int, ...], Any] | None
+    params: Any
+    taken: Any
+    init: Any
+
+
+def _compile_cast(cast: Callable[[Any], Any] | None, params: Any) -> tuple[Any, Any]:
+    """Abstract `params` as `cast` (a `cast_params`) gives them, and the program casting
+    the leaves whose dtype changes (`(their indices, program)`; None: none changes).
+
+    Each cast leaf keeps its sharding, as `cast_params` keeps it; only those leaves
+    are the program's, so the others stay the arrays they are (no copy).
+    """
+    if cast is None:
+        return params, None
+    leaves, treedef = jax.tree.flatten(params)
+    dtypes = [x.dtype for x in jax.tree.leaves(jax.eval_shape(cast, params))]
+    which = tuple(i for i, (x, d) in enumerate(zip(leaves, dtypes, strict=True)) if x.dtype != d)
+    if not which:
+        return params, None
+    to = tuple(dtypes[i] for i in which)
+    shardings = tuple(leaves[i].sharding for i in which)
+    jit_kw = {} if None in shardings else {"out_shardings": shardings}
+
+    def convert(xs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(x.astype(d) for x, d in zip(xs, to, strict=True))
+
+    program = jax.jit(convert, **jit_kw).lower(tuple(leaves[i] for i in which)).compile()
+    for i, d in zip(which, to, strict=True):
+        leaves[i] = jax.ShapeDtypeStruct(leaves[i].shape, d, sharding=leaves[i].sharding)
+    return jax.tree.unflatten(treedef, leaves), (which, program)
+
+
+def _first_call(ref: "weakref.ref[Phases]", name: str, args: tuple[Any, ...]) -> None:
+    """A phase's step ran for the first time, with abstract `args`: plan the next phases."""
+    phases = ref()
+    if phases is None or not args:
+        return
+    if not all(hasattr(args[0], a) for a in ("opt_state", "params", "replace")):
+        return  # a state of another kind: nothing to derive the next phases' from
+    try:
+        phases._record(name, args)
+    except Exception as e:  # the step itself ran; the next phases compile at their changes
+        _ahead.log_skip("the next phases", e)
+
+
+def _extends(schedule: schedules.FreezeSchedule, base: schedules.FreezeSchedule) -> bool:
+    """Whether `schedule` keeps every phase of `base` (and may add later ones)."""
+    n = len(base.phases)
+    return schedule.unit == base.unit and schedule.phases[:n] == base.phases
+
+
+def _noted(error: BaseException, index: int, what: str) -> BaseException:
+    """`error`, noted as raised ahead of its phase (its traceback kept)."""
+    where = {
+        "building": "",
+        "compiling": " on a background thread, whose traceback this is",
+    }[what]
+    error.add_note(
+        f"(Raised while {what} phase {index} ahead of its start{where}: "
+        "train.Phases(..., compile_ahead=True).)"
+    )
+    return error
 
 
 def _check_build(build: Any) -> None:

@@ -1,0 +1,278 @@
+"""`train.Phases(..., compile_ahead=True)`: the phases to come compiled on a background thread.
+
+A 3-layer MLP without a model (`make_steps(None, ..., loss_fn=...)`), so that
+each program compiles in a fraction of a second. Compilations are counted
+with `platform.CompileCounter` (JAX's monitoring events), never timed.
+"""
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import layerfreeze as lf
+from layerfreeze import train
+from layerfreeze.train import _ahead, platform
+
+GROUPS = ("stem", "body", "head")
+PARAMS = {
+    "stem": {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)},
+    "body": {"w": jnp.linspace(-0.5, 0.5, 16).reshape(4, 4)},
+    "head": {"w": jnp.linspace(-1.0, 0.5, 8).reshape(4, 2)},
+}
+BATCH = {
+    "x": np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(4, 3),
+    "y": np.linspace(0.0, 1.0, 8, dtype=np.float32).reshape(4, 2),
+}
+# Phase 0 trains the head, phase 1 (step 3) the body too, phase 2 (step 6) everything.
+SCHEDULE = lf.schedules.gradual_unfreezing(GROUPS, every=3, unit="step")
+
+
+def loss_fn(params, batch, rng):
+    h = jnp.tanh(batch["x"] @ params["stem"]["w"])
+    h = jnp.tanh(h @ params["body"]["w"])
+    return jnp.mean((h @ params["head"]["w"] - batch["y"]) ** 2)
+
+
+def _phases(schedule=SCHEDULE, loss_of=lambda phase: loss_fn, frozen_dtype=None, **kw):
+    """`Phases` over the MLP; `loss_of(phase)` is the loss of a phase's steps."""
+
+    def build(phase, previous):
+        return train.make_steps(
+            None,
+            optax.adam(0.1),
+            phase.spec,
+            PARAMS,
+            loss_fn=loss_of(phase),
+            previous=previous,
+            frozen_dtype=frozen_dtype,
+        )
+
+    return train.Phases(schedule, build, params=PARAMS, **kw)
+
+
+def _run(phases, steps=9, policy=None, norms=None):
+    """Trains `steps` steps; returns `(state, metrics of each step)` and `{change step:
+    compile requests}`.
+
+    Before each step the compiles queued ahead are waited for, so that the
+    counter around the step sees only what the step itself compiles.
+    """
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    requests, history = {}, []
+    for step in range(steps):
+        phases.wait_ahead()
+        with platform.CompileCounter() as counter:  # counts every thread: the worker is idle
+            if policy is not None and policy.update(step):
+                phases.extend(policy.schedule)  # a decision that is no guess compiles now
+            steps_, state, change = phases.update(step, state)
+            state, metrics = steps_.train_step(state, BATCH)
+            jax.block_until_ready(metrics)
+        history.append(metrics)
+        if policy is not None:
+            policy.observe({f"grad_norm/{g}": n for g, n in zip(GROUPS, norms[step], strict=True)})
+            phases.foresee(policy.candidate_schedule())
+        if change is not None:
+            requests[step] = counter.requests
+    phases.close(wait=True)
+    return (state, history), requests
+
+
+@pytest.fixture(scope="module", params=[None, "bfloat16"], ids=["float32", "frozen-bfloat16"])
+def both_runs(request):
+    """The same 9 steps over two phase changes, compiled ahead and at each change.
+
+    With `frozen_dtype`, each change also casts the params (the newly unfrozen
+    group back up to float32): the state compiled ahead against is the cast one.
+    """
+    ahead = _run(_phases(compile_ahead=True, frozen_dtype=request.param))
+    at_change = _run(_phases(frozen_dtype=request.param))
+    return ahead, at_change
+
+
+def test_a_program_compiled_ahead_steps_bitwise_like_one_compiled_at_the_change(both_runs):
+    (ahead, _), (at_change, _) = both_runs  # each the final state and every step's metrics
+    want, got = jax.tree.leaves(at_change), jax.tree.leaves(ahead)
+    assert jax.tree.structure(ahead) == jax.tree.structure(at_change)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_foreseen_phase_change_compiles_nothing(both_runs):
+    (_, ahead), (_, at_change) = both_runs
+    assert ahead == {3: 0, 6: 0}
+    assert all(n >= 1 for n in at_change.values()) and at_change.keys() == {3, 6}
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_background_compile_failure_is_raised_at_the_change_with_its_error():
+    def loss(phase):
+        if phase.start != 3:
+            return loss_fn
+
+        def broken(params, batch, rng):
+            raise Boom("the loss of phase 1 cannot be traced")
+
+        return broken
+
+    phases = _phases(loss_of=loss, compile_ahead=True)
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    for step in range(3):
+        steps, state, _ = phases.update(step, state)
+        state, _ = steps.train_step(state, BATCH)
+    assert phases.wait_ahead(timeout=60)  # it failed, on the worker, and did not hang
+    steps, state, change = phases.update(3, state)
+    assert change is not None
+    with pytest.raises(Boom, match="cannot be traced") as info:
+        steps.train_step(state, BATCH)  # where compiling at the change raises it
+    assert any("compiling phase 1 ahead" in note for note in info.value.__notes__)
+    # The traceback is the background thread's: it reaches the loss that raised.
+    assert any(entry.name == "broken" for entry in info.traceback)
+    assert int(state.step) == 3  # the state was not donated to any program
+    phases.close()
+
+
+def test_a_compile_that_failed_for_other_arguments_is_not_raised():
+    # Compiled ahead for the batch of phase 0, phase 1 takes another (say,
+    # cached features): the failure was the guess's, and the step compiles.
+    def loss(phase):
+        if phase.start != 3:
+            return loss_fn
+
+        def needs_a_wider_batch(params, batch, rng):
+            if batch["x"].shape[0] != 8:
+                raise Boom("only batches of 8")
+            return loss_fn(params, batch, rng)
+
+        return needs_a_wider_batch
+
+    phases = _phases(loss_of=loss, compile_ahead=True)
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    for step in range(3):
+        steps, state, _ = phases.update(step, state)
+        state, _ = steps.train_step(state, BATCH)
+    assert phases.wait_ahead(timeout=60)
+    steps, state, _ = phases.update(3, state)
+    wide = jax.tree.map(lambda x: np.concatenate([x, x]), BATCH)
+    state, metrics = steps.train_step(state, wide)
+    assert np.isfinite(float(metrics["loss"]))
+    phases.close()
+
+
+def test_a_change_does_not_wait_for_a_compile_still_queued():
+    release = threading.Event()
+    blocker = _ahead.submit((-1, 0), lambda: release.wait(60))  # the worker is busy
+    try:
+        phases = _phases(compile_ahead=True)
+        state = phases.init_state(PARAMS, jax.random.key(0))
+        for step in range(4):  # the change at 3 finds phase 1's compile still queued
+            steps, state, change = phases.update(step, state)
+            state, metrics = steps.train_step(state, BATCH)
+        assert change is not None and np.isfinite(float(metrics["loss"]))
+        phases.close()
+    finally:
+        release.set()
+    assert _ahead.wait(blocker, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("percentile", "frozen_at_4", "guess_taken"),
+    [(50, "stem", True), (70, "stem,body", False)],
+    ids=["guess-taken", "guess-discarded"],
+)
+def test_autofreeze_next_candidate_is_compiled_ahead_and_used_only_if_chosen(
+    percentile, frozen_at_4, guess_taken
+):
+    # Norms per step: at step 4 the stem's rate is 0 and the body's 0.25 (50th
+    # percentile: the stem alone freezes, the guess) or 0 (70th: both freeze).
+    body = {50: 3.0, 70: 4.0}[percentile]
+    norms = [(1.0, 4.0, 9.0)] * 2 + [(1.0, body, 6.0)] * 2 + [(0.5, 3.0, 4.0)] * 2
+    policy = lf.auto.AutoFreeze(GROUPS, interval=2, percentile=percentile)
+    phases = train.Phases(
+        policy.schedule,
+        lambda phase, previous: train.make_steps(
+            None, optax.adam(0.1), phase.spec, PARAMS, loss_fn=loss_fn, previous=previous
+        ),
+        params=PARAMS,
+        compile_ahead=True,
+    )
+    phases.foresee(policy.candidate_schedule())
+    _, requests = _run(phases, steps=5, policy=policy, norms=norms)
+    assert phases.schedule.phases[-1].spec.describe() == frozen_at_4
+    assert requests.keys() == {4}
+    # The guess's program runs only for the phase it was compiled for.
+    assert (requests[4] == 0) == guess_taken
+
+
+def test_foresee_takes_only_a_schedule_that_keeps_the_current_phases():
+    phases = _phases()
+    other = lf.schedules.gradual_unfreezing(GROUPS, every=4, unit="step")
+    with pytest.raises(ValueError, match="keeps every phase of the current one"):
+        phases.foresee(other)
+    with pytest.raises(TypeError, match="compile_ahead must be"):
+        _phases(compile_ahead="yes")
+
+
+def test_exit_during_a_background_compile_neither_hangs_nor_aborts(tmp_path):
+    # XLA aborts the process if the interpreter exits under a compile on a daemon
+    # thread; the worker's exit hook waits for the compile in flight instead.
+    script = textwrap.dedent(
+        """
+        import threading
+        import jax, jax.numpy as jnp, numpy as np, optax
+        import layerfreeze as lf
+        from layerfreeze import train
+
+        compiling = threading.Event()  # set when the worker compiles a train step
+        compile, count = jax.stages.Lowered.compile, []
+
+        def signalled(self, *args, **kwargs):
+            if threading.current_thread().name == "layerfreeze-compile-ahead":
+                count.append(1)
+                if len(count) == 2:  # the optimizer's init first, then the train step
+                    compiling.set()
+            return compile(self, *args, **kwargs)
+
+        jax.stages.Lowered.compile = signalled
+
+        params = {f"l{i}": {"w": jnp.eye(8)} for i in range(4)}
+
+        def loss_fn(p, batch, rng):
+            h = batch["x"]
+            for _ in range(40):  # a program that takes a while to compile
+                for name in sorted(p):
+                    h = jnp.tanh(h @ p[name]["w"])
+            return jnp.mean(h**2)
+
+        schedule = lf.schedules.gradual_unfreezing(sorted(params), every=1, unit="step")
+        phases = train.Phases(schedule, lambda phase, previous: train.make_steps(
+            None, optax.sgd(0.1), phase.spec, params, loss_fn=loss_fn, previous=previous),
+            params=params, compile_ahead=True)
+        state = phases.init_state(params, jax.random.key(0))
+        steps, state, _ = phases.update(0, state)
+        state, _ = steps.train_step(state, {"x": np.ones((2, 8), np.float32)})
+        assert compiling.wait(60)
+        print("exiting while compiling, with compiles queued", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "exiting while compiling" in done.stdout
+
+
+def test_with_prefix_groups_a_phase_of_another_frozen_prefix_is_not_compiled_ahead():
+    # Its batches would be the cached features after another prefix: shapes not seen yet.
+    phases = _phases(compile_ahead=True, prefix_groups=GROUPS[:-1])
+    _, requests = _run(phases, steps=4)
+    assert requests.keys() == {3} and requests[3] >= 1
