@@ -96,6 +96,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
+from jax.experimental import multihost_utils
 
 from layerfreeze import _checks, _paths
 from layerfreeze.train import _multihost, sharding
@@ -528,6 +529,8 @@ class Checkpointer:
                 The directory now holds no checkpoint: start afresh or stop.
             ValueError: If an intact step does not match its target (nothing is
                 moved: a mismatch is not damage).
+            CheckpointSourceError: If the newest intact step cannot be filled
+                from the reference (see :meth:`restore`); nothing is moved.
 
         Example:
             >>> import tempfile
@@ -560,7 +563,8 @@ class Checkpointer:
 
         Returns:
             A dict from each key to its restored subtree (nested dicts of NumPy
-            arrays).
+            arrays; leaves the step left out come from the checkpointer's
+            reference, checked as :meth:`restore` checks them).
 
         Raises:
             FileNotFoundError: If there is no checkpoint (or not that step).
@@ -579,7 +583,7 @@ class Checkpointer:
             wanted = [p for p in source["omitted"] if p.split("/", 1)[0] in keys]
             if wanted:
                 values = self._source_values(step, source, wanted)
-                restored = _fill(restored, {p: np.asarray(v) for p, v in values.items()})
+                restored = _fill(restored, {p: _host(v) for p, v in values.items()})
         self._verify(step, restored, stored.get(_CHECKSUMS))
         return {k: restored[k] for k in keys}
 
@@ -646,6 +650,8 @@ class Checkpointer:
             CheckpointDamagedError: If every step is damaged; the message lists
                 them.
             ValueError: If the newest intact step lacks one of `keys`.
+            CheckpointSourceError: If it cannot be filled from the reference
+                (see :meth:`restore_arrays`).
         """
         step, arrays, damaged = self._newest_intact(
             lambda step: self.restore_arrays(keys, step=step), move_aside=False
@@ -1429,6 +1435,13 @@ def _in_dtype(leaf: Any, dtype: Any) -> Any:
         return leaf if leaf.dtype == dtype else leaf.astype(dtype)
     array = np.asarray(leaf)
     return array if array.dtype == dtype else array.astype(dtype)
+
+
+def _host(value: Any) -> np.ndarray:
+    """`value` as a NumPy array on this process (gathered if it is split over processes)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
 
 
 def _placed(value: Any, like: Any) -> Any:
