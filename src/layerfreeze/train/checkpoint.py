@@ -72,7 +72,10 @@ content differs, is refused with a :class:`CheckpointSourceError` (``strict``,
 the default) rather than loaded. Nothing depends on a freeze schedule: a leaf
 unfrozen and trained later no longer equals its source and is saved again. On
 several processes each decision is taken from the global checksums, the same on
-every process.
+every process. Such a step is read with its source only: keep the source as long
+as the step, or save without a reference. Steps that leave nothing out (every
+step saved without a reference, and every step written before references
+existed) are stored and read exactly as before.
 """
 
 from __future__ import annotations
