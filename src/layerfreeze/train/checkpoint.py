@@ -854,10 +854,16 @@ class Checkpointer:
             self._reference_leaves = _flat_paths(given.tree)
         return given
 
-    def _reference_checksum(self, path: str, value: Any) -> str:
-        """The checksum of the reference's leaf at `path`, as `value` (it cast), cached."""
-        key = (path, np.dtype(value.dtype).name)
+    def _reference_checksum(self, path: str, dtype: Any, value: Any = None) -> str:
+        """The checksum of the reference's leaf at `path` cast to `dtype`, computed once.
+
+        `value`: that cast, if the caller has it.
+        """
+        assert self._reference_leaves is not None
+        key = (path, np.dtype(dtype).name)
         if key not in self._reference_checksums:
+            if value is None:
+                value = _in_dtype(self._reference_leaves[path], dtype)
             self._reference_checksums[key] = _checksums({"": value})[""]
         return self._reference_checksums[key]
 
@@ -870,14 +876,11 @@ class Checkpointer:
         for path, leaf in _flat_paths(state).items():
             source = self._reference_leaves.get(path)
             stored = _stored_shape_dtype(leaf)
-            if source is None or stored is None or _is_key(leaf) or np.shape(source) != stored[0]:
+            if source is None or stored is None or _is_key(leaf) or _is_key(source):
                 continue
-            # Hashed in the state's dtype; cached, so a cast is made once per dtype.
-            key = (path, stored[1].name)
-            if key in self._reference_checksums:
-                checksum = self._reference_checksums[key]
-            else:
-                checksum = self._reference_checksum(path, _in_dtype(source, stored[1]))
+            if np.shape(source) != stored[0]:
+                continue
+            checksum = self._reference_checksum(path, stored[1])  # in the state's dtype
             if checksum == checksums[path]:
                 omitted[path] = {
                     "checksum": checksum,
@@ -921,7 +924,7 @@ class Checkpointer:
                 missing.append(f"{path} (reference {have}, checkpoint {_fmt(shape, dtype)})")
                 continue
             values[path] = _in_dtype(leaf, dtype)
-            if self._reference_checksum(path, values[path]) != entry["checksum"]:
+            if self._reference_checksum(path, dtype, values[path]) != entry["checksum"]:
                 changed.append(path)
         if missing or (changed and self._strict):
             problems = []
