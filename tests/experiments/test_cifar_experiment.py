@@ -384,6 +384,10 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys,
         ({"model": "vgg"}, "Unknown model 'vgg'; valid: resnet10, resnet18, resnet34, resnet50"),
         ({"freeze_method": "half"}, "Unknown freeze_method 'half'; valid: zero, lr0"),
         (
+            {"checkpoint_source": "skip"},
+            "Unknown checkpoint_source 'skip'; valid: reference, copy",
+        ),
+        (
             {"dataset": "cifar10", "download": False, "data_dir": "/nonexistent/tfds"},
             "--config.dataset=synthetic",
         ),
