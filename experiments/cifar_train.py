@@ -58,6 +58,7 @@ __all__ = [
     "Diverged",
     "UsageError",
     "environment_message",
+    "run_source",
     "train_and_evaluate",
     "validate_config",
 ]
@@ -71,6 +72,9 @@ SHARDINGS = ("", "fsdp", "fsdp:<min size>")
 _RESULT_FIELDS = ("accuracy", "loss")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FROZEN_DTYPES = ("", "bfloat16", "float16")  # '': off, frozen parameters stay float32
+# What a checkpoint of a run with `init_from` does with the leaves that still equal the
+# source: leaves them out (a `checkpoint.Reference`, checked on restore) or stores a copy.
+CHECKPOINT_SOURCES = ("reference", "copy")
 
 
 class UsageError(ValueError):
@@ -111,6 +115,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("dtype", config.dtype, list(DTYPES))
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("freeze_method", config.freeze_method, lf.METHODS)
+    _choice("checkpoint_source", config.checkpoint_source, CHECKPOINT_SOURCES)
     _check_frozen_dtype(config)
     for field in (
         "batch_size",
@@ -512,13 +517,39 @@ def decay_layers(groups: tuple[str, ...] | list[str]) -> list[tuple[str, ...]]:
 
 def _load_source_variables(
     path: str, model: models.ResNet | models.ViT, variables: dict
-) -> tuple[dict, str]:
-    """Params and batch_stats from another run's workdir, a torchvision or a big_vision file."""
+) -> tuple[dict, str, checkpoint.Reference]:
+    """The variables merged from `path` (`_read_source`), a note, and the source as a Reference.
+
+    The Reference is what the run's checkpoints leave out while the run still
+    holds it: the merged values (the source's, in this model's dtypes), its
+    re-initialised groups aside. `run_source` reads the same values again.
+    """
+    loaded, note = _read_source(path, model, variables["params"])
+    try:
+        merged, reinit = pretrained.merge_pretrained(variables, loaded, reinit=("head",))
+    except ValueError as e:
+        raise UsageError(
+            f"config.init_from={path!r} does not fit this model ({e}); use the same "
+            "--config.model, --config.stem and --config.width as the source."
+        ) from e
+    kept = {c: {g: v for g, v in groups.items() if g not in reinit} for c, groups in merged.items()}
+    source = checkpoint.Reference(note, kept)
+    if reinit:
+        note += f"; re-initialised: {', '.join(reinit)} (shapes differ: class count)"
+    return merged, note, source
+
+
+def _read_source(path: str, model: models.ResNet | models.ViT, params: Any) -> tuple[dict, str]:
+    """Params and batch_stats from another run's workdir, a torchvision or a big_vision file.
+
+    In the layout of `model` (`params`: its parameters or their shapes), with a
+    note on where they came from.
+    """
     source = pathlib.Path(path)
     if source.is_file() and (source.suffix == ".npz" or isinstance(model, models.ViT)):
-        loaded = {"params": _load_npz(source, model, variables["params"]), "batch_stats": {}}
-        note = f"big_vision weights from {source}"
-    elif source.is_file():
+        loaded = {"params": _load_npz(source, model, params), "batch_stats": {}}
+        return loaded, f"big_vision weights from {source}"
+    if source.is_file():
         try:
             loaded = models.load_torchvision_resnet(source, model)
         except (ValueError, ImportError) as e:
@@ -528,31 +559,64 @@ def _load_source_variables(
                 f"Cannot read {source} as torchvision ResNet weights ({type(e).__name__}: {e}); "
                 "give a .pth state dict or a .safetensors file saved from torchvision."
             ) from e
-        note = f"torchvision weights from {source}"
-    else:
-        try:
-            loaded, step, damaged = pretrained.load_run(source)
-        except (FileNotFoundError, ValueError, checkpoint.CheckpointDamagedError) as e:
-            raise UsageError(f"config.init_from={path!r}: {e}") from e
-        if isinstance(model, models.ViT):  # a source run with the other block layout
-            loaded["params"] = _vit_layout(loaded["params"], scan=model.scan)
-        for bad, reason in damaged:
-            print(
-                f"warning: init_from checkpoint step {bad} is damaged ({reason}); "
-                f"using step {step}",
-                file=sys.stderr,
-            )
-        note = f"run {source} (step {step})"
+        return loaded, f"torchvision weights from {source}"
     try:
-        merged, reinit = pretrained.merge_pretrained(variables, loaded, reinit=("head",))
-    except ValueError as e:
+        # A run that was fine-tuned itself left out what equals its own source.
+        reference = functools.partial(run_source, source)
+        loaded, step, damaged = pretrained.load_run(source, reference=reference)
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointDamagedError) as e:
+        raise UsageError(f"config.init_from={path!r}: {e}") from e
+    if isinstance(model, models.ViT):  # a source run with the other block layout
+        loaded["params"] = _vit_layout(loaded["params"], scan=model.scan)
+    for bad, reason in damaged:
+        print(
+            f"warning: init_from checkpoint step {bad} is damaged ({reason}); using step {step}",
+            file=sys.stderr,
+        )
+    return loaded, f"run {source} (step {step})"
+
+
+def run_source(workdir: str | pathlib.Path) -> checkpoint.Reference | None:
+    """The source a run's checkpoints were saved against: its `init_from`, read again.
+
+    The run's `config.json` names its `init_from` and its model; the source is
+    read into that model's layout (`_read_source`), as the run read it when it
+    started. Give it to `checkpoint.Checkpointer(reference=...)` or
+    `pretrained.load_run(reference=...)` to read the run's checkpoints outside
+    the run; the content of every leaf it fills is checked against the record.
+
+    Returns:
+      The source, or None for a run without `init_from` (or without a readable
+      `config.json`).
+
+    Raises:
+      UsageError: the source cannot be read as the run read it (moved, deleted,
+        no longer fitting the model).
+    """
+    config = _recorded_config(pathlib.Path(workdir))
+    if config is None or not config.init_from:
+        return None
+    if not pathlib.Path(config.init_from).exists():
         raise UsageError(
-            f"config.init_from={path!r} does not fit this model ({e}); use the same "
-            "--config.model, --config.stem and --config.width as the source."
-        ) from e
-    if reinit:
-        note += f"; re-initialised: {', '.join(reinit)} (shapes differ: class count)"
-    return merged, note
+            f"{workdir} was saved against its init_from {config.init_from!r}, which no longer "
+            "exists; its checkpoints need it back there (or a copy: the content is checked)."
+        )
+    model = build_model(config, _num_classes(config))
+    shapes = jax.eval_shape(functools.partial(_model_init, model), jax.random.PRNGKey(0))
+    loaded, note = _read_source(config.init_from, model, shapes["params"])
+    return checkpoint.Reference(note, loaded)
+
+
+def _recorded_config(workdir: pathlib.Path) -> ml_collections.ConfigDict | None:
+    """The config a run recorded in `config.json`, on the defaults; None if unreadable."""
+    try:
+        record = _flat(json.loads((workdir / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
+    config = default_config.get_config()
+    known = _flat(config.to_dict())
+    config.update_from_flattened_dict({k: v for k, v in record.items() if k in known})
+    return config
 
 
 def _speed_policy(
@@ -872,12 +936,16 @@ def _check_phases_start(
 
 def _initial_variables(
     config: ml_collections.ConfigDict, model: models.ResNet | models.ViT, rng: jax.Array
-) -> tuple[dict, str]:
-    """The variables training starts from, and a note on where they came from."""
+) -> tuple[dict, str, checkpoint.Reference | None]:
+    """The variables training starts from, a note on where they came from, and its source.
+
+    The source (`init_from`, None without) is what the checkpoints leave out
+    under `config.checkpoint_source='reference'`.
+    """
     variables = jax.jit(functools.partial(_model_init, model))(rng)
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     if not config.init_from:
-        return variables, "random init"
+        return variables, "random init", None
     return _load_source_variables(config.init_from, model, variables)
 
 
@@ -1103,6 +1171,8 @@ def _resume(
         start_step, restored, resumed, damaged = ckpt.restore_latest_intact(target)
     except lf.schedules.ResumeMismatchError as e:
         raise UsageError(f"{e} (workdir {workdir})") from e
+    except checkpoint.CheckpointSourceError as e:
+        raise UsageError(_source_changed(e, workdir)) from e
     except checkpoint.CheckpointDamagedError as e:
         raise UsageError(
             f"{e} Nothing intact is left to resume from; run the same command again to "
@@ -1120,6 +1190,22 @@ def _resume(
     )
     print(f"Resuming from step {start_step} (phase {phases.current}).")
     return phases, train.TrainState(**restored), start_step, resumed
+
+
+def _source_changed(error: checkpoint.CheckpointSourceError, workdir: pathlib.Path) -> str:
+    """One line for a checkpoint whose source (`init_from`) now holds other values."""
+    if error.given is None:
+        return f"Cannot resume {workdir}: {error}"
+    listed = ", ".join(error.differ[:5])
+    if len(error.differ) > 5:
+        listed += f" and {len(error.differ) - 5} more"
+    return (
+        f"Cannot resume {workdir}: its checkpoint step {error.step} leaves out the layers "
+        f"that still equal its source, {error.recorded}, and config.init_from now gives other "
+        f"values ({error.given}) at {len(error.differ)} of them: {listed}. Put back the "
+        "source the run started from, or start a fresh run in another --workdir; nothing "
+        "was changed."
+    )
 
 
 class _Run:
@@ -1455,7 +1541,7 @@ def _train(
             _check_feature_caching(config, schedule, shapes, feature_groups)
     # 0: about 50 train rows over the run, so short runs plot a curve too.
     log_every = config.log_every if config.log_every > 0 else max(1, total_steps // 50)
-    variables, init_note = _initial_variables(config, model, rng)
+    variables, init_note, source = _initial_variables(config, model, rng)
 
     mesh = build_mesh(config)
     builder = _PhaseBuilder(
@@ -1474,7 +1560,10 @@ def _train(
     )
     target = _ResumeTarget(builder, builder.phases(schedule), variables, rng)
     ckpt = checkpoint.Checkpointer(
-        workdir_path / "checkpoints", max_to_keep=config.keep_checkpoints
+        workdir_path / "checkpoints",
+        max_to_keep=config.keep_checkpoints,
+        # Steps leave out what still equals init_from (frozen layers); a resume checks it.
+        reference=source if config.checkpoint_source == "reference" else None,
     )
     if ckpt.latest_step() is not None:
         _check_same_run(config, workdir_path)

@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Workdir of another run, a torchvision .pth/.safetensors file (ResNets) or a
     # big_vision .npz checkpoint (ViTs).
     config.init_from = ""
+    # With init_from, what a checkpoint does with the layers that still equal the source
+    # (frozen ones): 'reference' leaves them out, recording the source's name and content
+    # hash (a resume with another source is refused) | 'copy' stores them too.
+    config.checkpoint_source = "reference"
     config.checkpoint_every = 500
     config.keep_checkpoints = 3
     config.eval_every = 500

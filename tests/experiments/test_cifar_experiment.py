@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -71,7 +72,11 @@ def _rows(workdir):
 
 
 def _params(workdir):
-    with checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints") as ckpt:
+    # A run with init_from leaves out what still equals its source: read it back through it.
+    reference = functools.partial(cifar.run_source, workdir)
+    with checkpoint.Checkpointer(
+        pathlib.Path(workdir) / "checkpoints", reference=reference
+    ) as ckpt:
         return ckpt.restore_arrays(("params", "batch_stats", "opt_state"))
 
 
@@ -215,8 +220,36 @@ def test_init_from_source_run_with_other_class_count(tmp_path, capsys):
     assert f"run {tmp_path / 'source'} (step 4); re-initialised: head" in out
     target_params = _params(tmp_path / "target")["params"]
     assert target_params["head"]["Dense_0"]["kernel"].shape == (32, 10)
-    for group in ("stem", "stage1", "stage2", "stage3", "stage4"):
+    frozen = ("stem", "stage1", "stage2", "stage3", "stage4")
+    for group in frozen:
         _assert_trees_equal(source_params[group], target_params[group])
+    # The frozen layers still equal the source's: the checkpoints leave them out.
+    stored = json.loads(
+        (tmp_path / "target" / "checkpoints" / "8" / "metadata" / "metadata").read_text()
+    )
+    recorded = stored["layerfreeze.source"]
+    assert recorded["name"] == f"run {tmp_path / 'source'} (step 4)"
+    assert {path.split("/")[1] for path in recorded["omitted"]} == set(frozen)
+
+    # The source changed since (its step 4 is gone: it now gives step 3): a resume is
+    # refused in one line, and changes nothing.
+    shutil.rmtree(tmp_path / "source" / "checkpoints" / "4")
+    files = {p: p.read_bytes() for p in (tmp_path / "target").rglob("*") if p.is_file()}
+    with pytest.raises(cifar.UsageError) as info:
+        cifar.train_and_evaluate(
+            tiny_config(
+                init_from=str(tmp_path / "source"), freeze="all-but:head", num_train_steps=12
+            ),
+            str(tmp_path / "target"),
+        )
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"Cannot resume {tmp_path / 'target'}: its checkpoint step 8 leaves out the layers that "
+        f"still equal its source, run {tmp_path / 'source'} (step 4), and config.init_from now "
+        f"gives other values (run {tmp_path / 'source'} (step 3)) at "
+    )
+    assert {p: p.read_bytes() for p in (tmp_path / "target").rglob("*") if p.is_file()} == files
 
 
 def _run_cli(*args, cwd):
@@ -349,6 +382,10 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys,
         ),
         ({"model": "vgg"}, "Unknown model 'vgg'; valid: resnet10, resnet18, resnet34, resnet50"),
         ({"freeze_method": "half"}, "Unknown freeze_method 'half'; valid: zero, lr0"),
+        (
+            {"checkpoint_source": "skip"},
+            "Unknown checkpoint_source 'skip'; valid: reference, copy",
+        ),
         (
             {"dataset": "cifar10", "download": False, "data_dir": "/nonexistent/tfds"},
             "--config.dataset=synthetic",

@@ -1,5 +1,6 @@
 """The CIFAR experiment with a ViT: unrolled and scanned, .npz and run init, bad options."""
 
+import functools
 import importlib
 import json
 
@@ -128,7 +129,8 @@ def test_autofreeze_freezes_scanned_blocks_as_a_prefix_range(tmp_path):
     assert decision["spec"] == ",".join([*EMBEDDINGS, "Transformer/encoderblock[:2]"])
     assert rows[-2]["split"] == "train" and rows[-2]["frozen"] == decision["frozen"]
     assert result["compilations"] == 2 and decision["step"] == 6
-    with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:
+    source_of_run = functools.partial(cifar.run_source, tmp_path / "run")
+    with checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", reference=source_of_run) as ckpt:
         at_decision = ckpt.restore_arrays(("params",), step=6)["params"]
     params = _params(tmp_path / "run")["params"]
     for group in EMBEDDINGS:

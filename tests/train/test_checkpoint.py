@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,8 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorstore as ts
 
-from layerfreeze.train.checkpoint import CheckpointDamagedError, Checkpointer
+from layerfreeze.train import TrainState
+from layerfreeze.train.checkpoint import (
+    CheckpointDamagedError,
+    Checkpointer,
+    CheckpointSourceError,
+    Reference,
+)
 
 # Orbax names a step being written "<step>" + this suffix until it renames it.
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -804,3 +812,182 @@ def test_steps_with_crc32_checksums_are_still_checked(ckpt_dir):
         path.write_text(json.dumps({**stored, "layerfreeze.checksums": {**crcs, name: "0" * 8}}))
         with pytest.raises(CheckpointDamagedError, match="checksum mismatch"):
             ckpt.restore(_small(0))
+
+
+# Steps saved against a source (a Reference): what still equals it is left out.
+
+
+def _source(shift: float = 0.0) -> dict:
+    """What a fine-tuning run started from; `shift` changes the stem (another source)."""
+    rng = np.random.default_rng(5)
+    return {
+        "params": {
+            "stem": {"kernel": rng.standard_normal((16, 32)).astype(np.float32) + shift},
+            "low": {"kernel": rng.standard_normal(512).astype(np.float32)},
+            "head": {"kernel": np.zeros((4, 2), np.float32)},
+        },
+        "batch_stats": {"stem": {"mean": rng.standard_normal(8).astype(np.float32)}},
+    }
+
+
+def _finetuned(seed: int = 1, *, stem_trained: bool = False) -> TrainState:
+    """A state started from `_source()`: `low` frozen in bfloat16, the head trained."""
+    source = _source()
+    stem = source["params"]["stem"]["kernel"] + (0.5 if stem_trained else 0.0)
+    params = {
+        "stem": {"kernel": jnp.asarray(stem)},
+        "low": {"kernel": jnp.asarray(source["params"]["low"]["kernel"], jnp.bfloat16)},
+        "head": {"kernel": jnp.full((4, 2), 0.5 * seed)},
+    }
+    return TrainState(
+        step=jnp.int32(seed),
+        params=params,
+        batch_stats={"stem": {"mean": jnp.asarray(source["batch_stats"]["stem"]["mean"])}},
+        opt_state={"mu": {"head": jnp.full((4, 2), 0.1 * seed)}},
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+LEFT_OUT = ["batch_stats/stem/mean", "params/low/kernel", "params/stem/kernel"]
+
+
+def _stored_arrays(step_dir: Path) -> list[str]:
+    """The arrays a step's OCDBT store holds values of, e.g. `params.head.kernel`."""
+    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{step_dir / 'state'}/"}).result()
+    return sorted({key.decode().split("/")[0] for key in store.list().result()})
+
+
+@pytest.fixture(scope="module")
+def against_source(tmp_path_factory) -> Path:
+    """Step 1 saved against `_source()`; tests read it, or copy it to change it."""
+    directory = tmp_path_factory.mktemp("against_source") / "ckpt"
+    with Checkpointer(directory, reference=Reference("runs/src (step 400)", _source())) as ckpt:
+        ckpt.save(1, _finetuned(1), metadata={"phase": 0})
+    return directory
+
+
+def test_leaves_equal_to_the_source_are_left_out_and_restored_bitwise(against_source, tmp_path):
+    assert _stored_arrays(against_source / "1") == [
+        "opt_state.mu.head",
+        "params.head.kernel",
+        "rng",
+        "step",
+    ]
+    stored = json.loads((against_source / "1" / "metadata" / "metadata").read_text())
+    record = stored["layerfreeze.source"]
+    assert record["name"] == "runs/src (step 400)" and sorted(record["omitted"]) == LEFT_OUT
+    assert record["omitted"]["params/low/kernel"]["dtype"] == "bfloat16"
+    # Another checkpointer (a resumed run) loads its source again, under any name.
+    reference = Reference("moved/src", _source())
+    with Checkpointer(against_source, reference=reference) as ckpt:
+        for target in (_finetuned(0), jax.eval_shape(lambda: _finetuned(0))):
+            restored, metadata = ckpt.restore(target)
+            assert metadata == {"phase": 0}
+            assert_bitwise_equal(restored, _finetuned(1))
+        arrays = ckpt.restore_arrays(("params", "batch_stats"))
+    assert_bitwise_equal(arrays["params"], jax.device_get(_finetuned(1).params))
+    assert_bitwise_equal(arrays["batch_stats"], jax.device_get(_finetuned(1).batch_stats))
+
+    # A leaf that trains (unfrozen later) no longer equals its source: saved again.
+    directory = Path(shutil.copytree(against_source, tmp_path / "ckpt"))
+    with Checkpointer(directory, reference=reference) as ckpt:
+        ckpt.save(2, _finetuned(2, stem_trained=True), metadata={"phase": 1})
+        assert_bitwise_equal(ckpt.restore(_finetuned(0))[0], _finetuned(2, stem_trained=True))
+    assert "params.stem.kernel" in _stored_arrays(directory / "2")
+
+
+def test_a_step_left_out_is_refused_without_its_source_and_never_moved(against_source, caplog):
+    with Checkpointer(against_source) as ckpt:
+        for read in (
+            lambda: ckpt.restore(_finetuned(0)),
+            lambda: ckpt.restore_arrays(("params",)),
+            lambda: ckpt.restore_latest_intact(lambda meta: _finetuned(0)),
+        ):
+            with pytest.raises(CheckpointSourceError) as info:
+                read()
+            message = str(info.value)
+            assert "\n" not in message
+            assert message.startswith(
+                f"Checkpoint step 1 in {against_source} does not store 3 leaves equal to its "
+                "source 'runs/src (step 400)', and this Checkpointer was given no reference"
+            )
+            assert (info.value.step, info.value.recorded, info.value.given) == (
+                1,
+                "runs/src (step 400)",
+                None,
+            )
+        # What the step holds in full reads without its source.
+        assert set(ckpt.restore_arrays(("opt_state",))) == {"opt_state"}
+        assert ckpt.all_steps() == [1]
+    assert not against_source.with_name("ckpt_damaged").exists()
+
+    other = Reference("runs/other", _source(shift=1.0))
+    with Checkpointer(against_source, reference=other) as ckpt:
+        with pytest.raises(CheckpointSourceError) as info:
+            ckpt.restore(_finetuned(0))
+    assert info.value.differ == ["params/stem/kernel"] and info.value.given == "runs/other"
+    assert (
+        "but the reference given, 'runs/other', differs in content at 1 of them: "
+        "params/stem/kernel. Give the source the run started from (its content is checked, "
+        "not its name), or strict=False to load the given values anyway."
+    ) in str(info.value)
+
+    # strict=False loads the other source's values, and says so.
+    with Checkpointer(against_source, reference=other, strict=False) as ckpt:
+        restored, _ = ckpt.restore(_finetuned(0))
+    np.testing.assert_array_equal(
+        restored.params["stem"]["kernel"], other.tree["params"]["stem"]["kernel"]
+    )
+    assert any(
+        r.levelname == "WARNING" and "strict=False" in r.getMessage() for r in caplog.records
+    )
+    # A source that lacks a leaf cannot fill it, strict or not.
+    source = _source()
+    del source["batch_stats"]
+    with Checkpointer(against_source, reference=Reference("src", source), strict=False) as ckpt:
+        with pytest.raises(CheckpointSourceError, match=r"lacks 1: batch_stats/stem/mean"):
+            ckpt.restore(_finetuned(0))
+
+
+def test_a_target_that_does_not_fit_a_leaf_left_out_is_a_clear_mismatch(against_source):
+    def low_in_float32(state):
+        params = {**state.params, "low": {"kernel": jnp.zeros(512, jnp.float32)}}
+        return state.replace(params=params)
+
+    def no_stem(state):
+        return state.replace(params={k: v for k, v in state.params.items() if k != "stem"})
+
+    with Checkpointer(against_source, reference=Reference("src", _source())) as ckpt:
+        with pytest.raises(ValueError, match=r"params/low/kernel \(checkpoint bfloat16\[512\], "):
+            ckpt.restore(low_in_float32(_finetuned(0)))
+        with pytest.raises(ValueError, match="in checkpoint but not in target: params/stem/kernel"):
+            ckpt.restore(no_stem(_finetuned(0)))
+
+
+def test_a_step_saved_without_a_reference_is_read_as_before(ckpt_dir):
+    # The layout of every step written before references existed, and of one saved
+    # without: every leaf stored, no source recorded. Its reader's source is never loaded.
+    with Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save(1, _finetuned(1), metadata={})
+    stored = json.loads((ckpt_dir / "1" / "metadata" / "metadata").read_text())
+    assert set(stored) == {"layerfreeze.checksums"}
+
+    def unused():
+        raise AssertionError("the source was loaded")
+
+    with Checkpointer(ckpt_dir, reference=unused) as ckpt:
+        assert_bitwise_equal(ckpt.restore(_finetuned(0))[0], _finetuned(1))
+        assert_bitwise_equal(
+            ckpt.restore_arrays(("params",))["params"], jax.device_get(_finetuned(1).params)
+        )
+    with pytest.raises(TypeError, match=r"reference must be a checkpoint\.Reference"):
+        Checkpointer(ckpt_dir, reference={"params": {}})
+
+
+def test_damaged_metadata_of_a_step_left_out_refuses_its_arrays(against_source, tmp_path):
+    directory = Path(shutil.copytree(against_source, tmp_path / "ckpt"))
+    _damage(directory / "1", "json-metadata-truncated")
+    with Checkpointer(directory, reference=Reference("src", _source())) as ckpt:
+        with pytest.raises(CheckpointDamagedError, match="stores no values for params/low/kernel"):
+            ckpt.restore_arrays(("params",))
+        assert set(ckpt.restore_arrays(("opt_state",))) == {"opt_state"}  # read unchecked

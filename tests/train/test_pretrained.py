@@ -345,6 +345,30 @@ def test_load_run_without_params_is_an_error(tmp_path):
         load_run(tmp_path, keys=("opt_state", "batch_stats"))
 
 
+def test_load_run_of_a_fine_tuned_run_fills_what_it_left_out_from_its_source(tmp_path):
+    source = _host(_variables(0))
+    # Every parameter trained; the BatchNorm statistics still equal the source's.
+    trained = jax.tree.map(lambda x: x + 1, source["params"])
+    state = {"params": trained, "batch_stats": source["batch_stats"], "step": jnp.int32(5)}
+    reference = checkpoint.Reference("runs/src (step 3)", source)
+    with checkpoint.Checkpointer(tmp_path / "checkpoints", reference=reference) as ckpt:
+        ckpt.save(5, state, metadata={})
+    # Refused, never read as a run without BatchNorm (`batch_stats: {}`).
+    with pytest.raises(checkpoint.CheckpointSourceError, match="its source 'runs/src \\(step 3"):
+        load_run(tmp_path)
+    calls = []
+
+    def find_source():
+        calls.append(1)
+        return checkpoint.Reference("moved/src", source)
+
+    variables, step, _ = load_run(tmp_path, reference=find_source)
+    assert step == 5 and calls == [1]
+    _assert_bitwise_equal(
+        variables, {"params": _host(trained), "batch_stats": source["batch_stats"]}
+    )
+
+
 def test_load_run_says_what_to_pass(tmp_path):
     what = r"pass the workdir of an earlier run \(the directory holding its checkpoints/\)"
     with pytest.raises(FileNotFoundError, match=f"nowhere does not exist: {what}"):

@@ -59,10 +59,28 @@ mesh shape or process count restores onto another. What changes the directory
 (removing unfinished steps, moving a damaged step aside, unlinking a linked step) is
 done by process 0 between barriers, and a read that fails on one process fails on
 all of them with that process's error, so that every process takes the same branch.
+
+Leaving out what a run started from: a fine-tuning run keeps most of its
+weights as they came from its source (``init_from``): frozen layers never
+change. Give the :class:`Checkpointer` that source as a :class:`Reference`, and
+each step leaves out every leaf whose content still equals the source's leaf at
+the same path, recording the source's name and, per leaf left out, its checksum
+(the content hash), shape and dtype. A restore fills those leaves from the
+checkpointer's reference after checking that its content at each of them is the
+recorded one: a checkpoint restored without its source, or with a source whose
+content differs, is refused with a :class:`CheckpointSourceError` (``strict``,
+the default) rather than loaded. Nothing depends on a freeze schedule: a leaf
+unfrozen and trained later no longer equals its source and is saved again. On
+several processes each decision is taken from the global checksums, the same on
+every process. Such a step is read with its source only: keep the source as long
+as the step, or save without a reference. Steps that leave nothing out (every
+step saved without a reference, and every step written before references
+existed) are stored and read exactly as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -71,21 +89,28 @@ import os
 import re
 import shutil
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
+from jax.experimental import multihost_utils
 
 from layerfreeze import _checks, _paths
-from layerfreeze.train import _multihost
+from layerfreeze.train import _multihost, sharding
 
-__all__ = ["CheckpointDamagedError", "CheckpointWriteError", "Checkpointer"]
+__all__ = [
+    "CheckpointDamagedError",
+    "CheckpointSourceError",
+    "CheckpointWriteError",
+    "Checkpointer",
+    "Reference",
+]
 
 PyTree = Any
 
@@ -95,6 +120,9 @@ _STATE = "state"
 _METADATA = "metadata"
 # The key of the metadata item under which a step records its leaves' checksums.
 _CHECKSUMS = "layerfreeze.checksums"
+# The key of the metadata item under which a step that leaves leaves out records
+# its source: {"name": ..., "omitted": {path: {"checksum", "shape", "dtype"}}}.
+_SOURCE = "layerfreeze.source"
 # How a checksum that does not depend on the leaf's layout starts (see `_checksums`);
 # checksums without it are the CRC-32s of earlier steps.
 _SUM = "sum64:"
@@ -154,6 +182,83 @@ class CheckpointWriteError(OSError):
         return self.strerror
 
 
+class CheckpointSourceError(ValueError):
+    """A step that leaves out leaves equal to its source cannot be filled from the one given.
+
+    Either no :class:`Reference` was given, or its content differs from the
+    recorded one at some of the leaves left out (or it lacks them). It is not
+    damage: such a step is never moved aside, and restores once its source is
+    given. The message is one line.
+
+    Attributes:
+        step: The step that was read.
+        recorded: The name of the source the step was saved against.
+        given: The name of the reference given, or ``None`` if none was.
+        differ: The paths left out whose content the reference does not hold
+            (every one of them when no reference was given), sorted.
+    """
+
+    def __init__(
+        self, message: str, *, step: int, recorded: str, given: str | None, differ: Sequence[str]
+    ):
+        super().__init__(message)
+        self.step = step
+        self.recorded = recorded
+        self.given = given
+        self.differ = list(differ)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reference:
+    """Values a run started from, which its checkpoints need not store again.
+
+    A leaf of a saved state is matched to the leaf of ``tree`` at the same path
+    (``params/stem/Conv_0/kernel`` names an attribute of a ``TrainState`` and a
+    dict key alike; tuples and lists by index) with the same shape, and compared
+    in the state leaf's dtype: a reference leaf in float32 is cast first to the
+    bfloat16 of a frozen leaf stored in bfloat16 (NumPy's round-to-nearest-even).
+
+    Equal means an equal checksum: the same layout-independent 64-bit content
+    hash that every saved leaf gets anyway (see :class:`Checkpointer`), so
+    deciding costs no read of the state beyond the one the save makes, gives
+    the same answer on every process without moving any data, and each
+    reference leaf is hashed once per dtype. A leaf that differs and still
+    hashes equal has a probability of about 2**-64.
+
+    Attributes:
+        name: Where the values come from, e.g. ``"run runs/src (step 400)"`` or a
+            file path. Recorded with every step that leaves a leaf out, and named
+            in errors. A restore from a reference of another name but the same
+            content is accepted (the source moved): the content is what counts.
+        tree: A pytree of arrays (NumPy arrays or ``jax.Array``), e.g.
+            ``{"params": ..., "batch_stats": ...}``. Leaves that no state leaf
+            matches are ignored. On several processes every process gives the
+            same values.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> ones, zeros = np.ones(3, np.float32), np.zeros(2, np.float32)
+        >>> reference = Reference("pretrained.npz", {"params": {"body": ones, "head": zeros}})
+        >>> state = {"params": {"body": ones, "head": zeros + 0.5}}  # the head trained
+        >>> with Checkpointer(tempfile.mkdtemp(), reference=reference) as ckpt:
+        ...     ckpt.save(1, state, metadata={})
+        ...     restored, _ = ckpt.restore(state)
+        >>> restored["params"]["body"].tolist(), restored["params"]["head"].tolist()
+        ([1.0, 1.0, 1.0], [0.5, 0.5])
+    """
+
+    name: str
+    tree: PyTree
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(
+                f"Reference name must be a non-empty string saying where the values come "
+                f"from, got {self.name!r}."
+            )
+
+
 class Checkpointer:
     """Saves and restores training state with its JSON metadata, atomically.
 
@@ -166,9 +271,24 @@ class Checkpointer:
         max_to_keep: How many of the most recent steps to keep; older ones are
             deleted after each save (a step that is a symbolic link loses the
             link only). ``None`` keeps every step.
+        reference: The values the run started from (see :class:`Reference`), or
+            a function returning them (or ``None``), called once, when a save or
+            a step that leaves leaves out first needs them: a reader of steps
+            that leave nothing out never loads the source. Each step leaves out
+            the leaves of the state equal to it; a restore fills them back from
+            it. ``None``: steps store every leaf, and a step that left leaves out
+            cannot be restored.
+        strict: A restored step that left leaves out must find them in the
+            reference with the recorded content, or :class:`CheckpointSourceError`
+            is raised. ``False`` loads the reference's values where their
+            content differs (the same paths, shapes and dtypes), with a logged
+            warning: for a source deliberately replaced, say; the restored state
+            is then not the one saved.
 
     Raises:
         ValueError: If ``max_to_keep`` is not a positive integer or ``None``.
+        TypeError: If ``reference`` is not a :class:`Reference`, a function or
+            ``None``, or ``strict`` is not a bool.
 
     Example:
         >>> import tempfile
@@ -182,13 +302,30 @@ class Checkpointer:
         (10, 1, [1.0, 1.0, 1.0])
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, max_to_keep: int | None = 3):
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_to_keep: int | None = 3,
+        reference: Reference | Callable[[], Reference | None] | None = None,
+        strict: bool = True,
+    ):
         if max_to_keep is not None and (
             isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
         ):
             raise ValueError(
                 f"max_to_keep must be a positive integer or None (keep all), got {max_to_keep!r}."
             )
+        if not (reference is None or isinstance(reference, Reference) or callable(reference)):
+            raise TypeError(
+                "reference must be a checkpoint.Reference, a function returning one, or None; "
+                f"got {type(reference).__name__}."
+            )
+        self._reference_given = reference
+        self._strict = _checks.flag("strict", strict)
+        # The reference's leaves by path, once known, and their checksums by (path, dtype).
+        self._reference_leaves: dict[str, Any] | None = None
+        self._reference_checksums: dict[tuple[str, str], str] = {}
         self._directory = Path(directory).absolute()
         self._directory.mkdir(parents=True, exist_ok=True)
         self._max_to_keep = max_to_keep
@@ -230,6 +367,11 @@ class Checkpointer:
     ) -> None:
         """Writes ``state`` and ``metadata`` as checkpoint ``step``.
 
+        With a ``reference``, each leaf of ``state`` whose content equals the
+        reference's leaf at its path (compared in the leaf's dtype) is left out
+        of the step; the step records the reference's name and each such leaf's
+        checksum, shape and dtype, for :meth:`restore` to fill it back.
+
         Args:
             step: Non-negative training step; names the checkpoint.
             state: Pytree of arrays: ``jax.Array`` (typed PRNG keys such as
@@ -255,7 +397,12 @@ class Checkpointer:
         """
         step = _checks.count("step", step)
         metadata = _check_metadata(metadata)
-        stored = {**metadata, _CHECKSUMS: _checksums(state)}
+        checksums = _checksums(state)
+        omitted = self._unchanged(state, checksums)
+        written = _leave_out(state, omitted)
+        stored = {**metadata, _CHECKSUMS: {p: c for p, c in checksums.items() if p not in omitted}}
+        if omitted:
+            stored[_SOURCE] = {"name": self._reference().name, "omitted": omitted}
         stale = [s for s in self.all_steps() if s >= step]
         if stale and not force:
             raise ValueError(
@@ -263,7 +410,7 @@ class Checkpointer:
                 f"in {self._directory}; checkpoints are never overwritten. Save under a "
                 f"newer step, or pass force=True to delete steps {stale} first."
             )
-        self._check_space(step, state)
+        self._check_space(step, written)
         for old in reversed(stale):
             # Newest first: an interruption leaves the older steps intact.
             self._delete(old)
@@ -271,7 +418,7 @@ class Checkpointer:
             saved = self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    **{_STATE: ocp.args.StandardSave(state), _METADATA: ocp.args.JsonSave(stored)}
+                    **{_STATE: ocp.args.StandardSave(written), _METADATA: ocp.args.JsonSave(stored)}
                 ),
                 # Our checks above replace Orbax's save-interval policy.
                 force=True,
@@ -315,23 +462,43 @@ class Checkpointer:
             ValueError: If the saved state does not match ``target`` (missing or
                 unexpected leaves, different containers, shapes or dtypes, typed
                 versus raw PRNG keys).
+            CheckpointSourceError: If the step left out leaves equal to its
+                source and the checkpointer has no reference, or (``strict``) one
+                whose content differs at them.
             CheckpointDamagedError: If a file of the step is missing, truncated
                 or corrupt (see :meth:`restore_latest_intact`).
         """
         step = self._resolve_step(step)
         state, stored = self._agreed(step, lambda: self._read_into(step, target))
-        self._verify(step, state, stored.pop(_CHECKSUMS, None))
+        checksums, source = stored.pop(_CHECKSUMS, None), stored.pop(_SOURCE, None)
+        if source is not None:
+            # Outside `_agreed`: hashing a reference split over processes gathers.
+            like = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+            values = self._source_values(step, source, list(source["omitted"]))
+            placed = {path: _placed(value, like[path]) for path, value in values.items()}
+            state = _fill(state, placed)
+        self._verify(step, state, checksums)
         return state, stored
 
     def _read_into(self, step: int, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
-        """This process's part of `restore`: the state read into `target`, and its metadata."""
+        """This process's part of `restore`: the state read into `target`, and its metadata.
+
+        Leaves the step left out come back as ``None``, for `restore` to fill.
+        """
         saved = self._saved_tree(step)
-        mismatch = _describe_mismatch(saved, target)
+        stored = self._read_stored(step)
+        omitted = _omitted(stored)
+        if omitted is None:
+            raise self._damaged(step, f"its {_METADATA!r} item holds an unreadable {_SOURCE!r}")
+        mismatch = _describe_mismatch(saved, target, omitted)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
-        stored = self._read_stored(step)
-        state = self._read_state(step, jax.tree.map(_abstract, target))
-        mismatch = _describe_restored_mismatch(state, target)
+        # Orbax reads what the step holds: the leaves left out are empty nodes there.
+        readable = jax.tree_util.tree_map_with_path(
+            lambda p, x: None if _path_str(p) in omitted else _abstract(x), target
+        )
+        state = self._read_state(step, readable)
+        mismatch = _describe_restored_mismatch(state, readable)
         if mismatch:
             raise self._mismatch_error(step, mismatch)
         return state, stored
@@ -365,6 +532,8 @@ class Checkpointer:
                 The directory now holds no checkpoint: start afresh or stop.
             ValueError: If an intact step does not match its target (nothing is
                 moved: a mismatch is not damage).
+            CheckpointSourceError: If the newest intact step cannot be filled
+                from the reference (see :meth:`restore`); nothing is moved.
 
         Example:
             >>> import tempfile
@@ -397,22 +566,36 @@ class Checkpointer:
 
         Returns:
             A dict from each key to its restored subtree (nested dicts of NumPy
-            arrays).
+            arrays; leaves the step left out come from the checkpointer's
+            reference, checked as :meth:`restore` checks them).
 
         Raises:
             FileNotFoundError: If there is no checkpoint (or not that step).
             ValueError: If the saved state lacks one of `keys`; the message lists
                 the keys it has.
+            CheckpointSourceError: If the step left out leaves under `keys` that
+                equal its source, and the checkpointer has no reference, or
+                (``strict``) one whose content differs at them.
             CheckpointDamagedError: If a file of the step is missing, truncated
                 or corrupt.
         """
         step = self._resolve_step(step)
-        restored, saved = self._agreed(step, lambda: self._read_arrays(step, keys))
-        self._verify(step, restored, saved)
+        restored, stored = self._agreed(step, lambda: self._read_arrays(step, keys))
+        source = stored.get(_SOURCE)
+        if source is not None:
+            wanted = [p for p in source["omitted"] if p.split("/", 1)[0] in keys]
+            if wanted:
+                values = self._source_values(step, source, wanted)
+                restored = _fill(restored, {p: _host(v) for p, v in values.items()})
+        self._verify(step, restored, stored.get(_CHECKSUMS))
         return {k: restored[k] for k in keys}
 
-    def _read_arrays(self, step: int, keys: tuple[str, ...]) -> tuple[PyTree, Any]:
-        """This process's part of `restore_arrays`: the whole saved state, and its checksums."""
+    def _read_arrays(self, step: int, keys: tuple[str, ...]) -> tuple[PyTree, dict[str, Any]]:
+        """This process's part of `restore_arrays`: the whole saved state, and its metadata.
+
+        Leaves the step left out come back as ``None``; the metadata is ``{}``
+        when it cannot be read and the step holds every leaf under `keys`.
+        """
         tree = self._saved_tree(step)
         if not isinstance(tree, Mapping) or any(k not in tree for k in keys):
             have = sorted(tree) if isinstance(tree, Mapping) else []
@@ -429,11 +612,25 @@ class Checkpointer:
         )
         restored = self._read_state(step, target)
         try:
-            saved = self._read_stored(step).get(_CHECKSUMS)
+            stored = self._read_stored(step)
         except CheckpointDamagedError as e:  # the arrays can still be read, unchecked
+            # ...unless the step left leaves out: only its metadata says what they were.
+            empty = [
+                path
+                for path, x in _flat_paths({k: tree[k] for k in keys}, keep_none=True).items()
+                if x is None
+            ]
+            if empty:
+                raise self._damaged(
+                    step,
+                    f"{e.reason}; the step stores no values for "
+                    f"{_checks.listing(empty, _MAX_LISTED)}, which only that item describes",
+                ) from e
             _log.warning("%s Its arrays are read without their checksums.", e)
-            saved = None
-        return restored, saved
+            return restored, {}
+        if _omitted(stored) is None:
+            raise self._damaged(step, f"its {_METADATA!r} item holds an unreadable {_SOURCE!r}")
+        return restored, stored
 
     def restore_arrays_latest_intact(
         self, keys: tuple[str, ...]
@@ -456,6 +653,8 @@ class Checkpointer:
             CheckpointDamagedError: If every step is damaged; the message lists
                 them.
             ValueError: If the newest intact step lacks one of `keys`.
+            CheckpointSourceError: If it cannot be filled from the reference
+                (see :meth:`restore_arrays`).
         """
         step, arrays, damaged = self._newest_intact(
             lambda step: self.restore_arrays(keys, step=step), move_aside=False
@@ -600,7 +799,7 @@ class Checkpointer:
         return tree
 
     def _read_metadata(self, step: int) -> dict[str, Any]:
-        return {k: v for k, v in self._read_stored(step).items() if k != _CHECKSUMS}
+        return {k: v for k, v in self._read_stored(step).items() if k not in (_CHECKSUMS, _SOURCE)}
 
     def _read_stored(self, step: int) -> dict[str, Any]:
         """The step's metadata item as stored: the caller's metadata and the checksums."""
@@ -623,7 +822,7 @@ class Checkpointer:
         """
         if saved is None:
             return
-        now = _checksums(state)
+        now = _checksums(state, only=saved.keys())
         leaves = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
         changed = []
         for path, checksum in saved.items():
@@ -639,6 +838,132 @@ class Checkpointer:
                 f"the stored values of {_checks.listing(changed, _MAX_LISTED)} changed after "
                 "they were written (checksum mismatch)",
             )
+
+    def _reference(self) -> Reference | None:
+        """The reference given, the function that gives it called once."""
+        given = self._reference_given
+        if given is not None and not isinstance(given, Reference):
+            given = given()
+            if given is not None and not isinstance(given, Reference):
+                raise TypeError(
+                    "The reference function of a Checkpointer must return a "
+                    f"checkpoint.Reference or None, got {type(given).__name__}."
+                )
+            self._reference_given = given
+        if given is not None and self._reference_leaves is None:
+            self._reference_leaves = _flat_paths(given.tree)
+        return given
+
+    def _reference_checksum(self, path: str, dtype: Any, value: Any = None) -> str:
+        """The checksum of the reference's leaf at `path` cast to `dtype`, computed once.
+
+        `value`: that cast, if the caller has it.
+        """
+        assert self._reference_leaves is not None
+        key = (path, np.dtype(dtype).name)
+        if key not in self._reference_checksums:
+            if value is None:
+                value = _in_dtype(self._reference_leaves[path], dtype)
+            self._reference_checksums[key] = _checksums({"": value})[""]
+        return self._reference_checksums[key]
+
+    def _unchanged(self, state: PyTree, checksums: Mapping[str, str]) -> dict[str, Any]:
+        """What `save` records of each leaf of `state` equal to the reference's, by path."""
+        if self._reference_given is None or self._reference() is None:
+            return {}
+        assert self._reference_leaves is not None
+        omitted = {}
+        for path, leaf in _flat_paths(state).items():
+            source = self._reference_leaves.get(path)
+            stored = _stored_shape_dtype(leaf)
+            if source is None or stored is None or _is_key(leaf) or _is_key(source):
+                continue
+            if np.shape(source) != stored[0]:
+                continue
+            checksum = self._reference_checksum(path, stored[1])  # in the state's dtype
+            if checksum == checksums[path]:
+                omitted[path] = {
+                    "checksum": checksum,
+                    "shape": list(stored[0]),
+                    "dtype": stored[1].name,
+                }
+        return omitted
+
+    def _source_values(
+        self, step: int, source: Mapping[str, Any], paths: Sequence[str]
+    ) -> dict[str, Any]:
+        """The reference's values of the leaves at `paths` that `step` left out, checked.
+
+        In the recorded dtypes: NumPy arrays, or `jax.Array`s for reference
+        leaves split over processes.
+        """
+        recorded, omitted = source["name"], source["omitted"]
+        reference = self._reference()
+        where = f"Checkpoint step {step} in {self._directory}"
+        count = f"{len(omitted)} lea{'f' if len(omitted) == 1 else 'ves'}"
+        if reference is None:
+            raise CheckpointSourceError(
+                f"{where} does not store {count} equal to its source {recorded!r}, and this "
+                f"Checkpointer was given no reference to fill them from (first: "
+                f"{_checks.listing(sorted(omitted), _MAX_LISTED)}). Give it "
+                f"reference=checkpoint.Reference(<name>, <the values the run started from>); "
+                "their content is checked against the step's record.",
+                step=step,
+                recorded=recorded,
+                given=None,
+                differ=sorted(omitted),
+            )
+        assert self._reference_leaves is not None
+        values, missing, changed = {}, [], []
+        for path in sorted(paths):
+            entry = omitted[path]
+            shape, dtype = tuple(entry["shape"]), jax.numpy.dtype(entry["dtype"])
+            leaf = self._reference_leaves.get(path)
+            if leaf is None or np.shape(leaf) != shape:
+                have = "none" if leaf is None else f"{_fmt(np.shape(leaf), leaf.dtype)}"
+                missing.append(f"{path} (reference {have}, checkpoint {_fmt(shape, dtype)})")
+                continue
+            values[path] = _in_dtype(leaf, dtype)
+            if self._reference_checksum(path, dtype, values[path]) != entry["checksum"]:
+                changed.append(path)
+        if missing or (changed and self._strict):
+            problems = []
+            if changed:
+                problems.append(
+                    f"differs in content at {len(changed)} of them: "
+                    f"{_checks.listing(changed, _MAX_LISTED)}"
+                )
+            if missing:
+                problems.append(f"lacks {len(missing)}: {_checks.listing(missing, _MAX_LISTED)}")
+            advice = "Give the source the run started from (its content is checked, not its name)"
+            advice += "." if missing else ", or strict=False to load the given values anyway."
+            raise CheckpointSourceError(
+                f"{where} does not store {count} equal to its source {recorded!r}, but the "
+                f"reference given, {reference.name!r}, {'; and '.join(problems)}. {advice}",
+                step=step,
+                recorded=recorded,
+                given=reference.name,
+                differ=sorted([*changed, *(m.split(" ", 1)[0] for m in missing)]),
+            )
+        if changed:
+            _log.warning(
+                "%s does not store leaves equal to its source %r; the reference given, %r, differs "
+                "in content at %d of them (%s): loading its values anyway (strict=False), so "
+                "the restored state is not the one saved.",
+                where,
+                recorded,
+                reference.name,
+                len(changed),
+                _checks.listing(changed, _MAX_LISTED),
+            )
+        elif reference.name != recorded:
+            _log.info(
+                "%s was saved against %r; the reference %r holds the same content.",
+                where,
+                recorded,
+                reference.name,
+            )
+        return values
 
     def _read_state(self, step: int, target: PyTree) -> PyTree:
         try:
@@ -878,7 +1203,7 @@ def _os_error(error: BaseException) -> tuple[int, str, str] | None:
     return None
 
 
-def _checksums(tree: PyTree) -> dict[str, str]:
+def _checksums(tree: PyTree, *, only: Collection[str] | None = None) -> dict[str, str]:
     """`{leaf path: checksum}`, the same whatever the mesh and however many processes.
 
     A leaf's checksum is a hash of its dtype and shape plus the sum, modulo
@@ -887,9 +1212,12 @@ def _checksums(tree: PyTree) -> dict[str, str]:
     shards it holds (one replica of each) and the sums of leaves split over
     processes are gathered. One changed element always changes the sum (its
     hash is a bijection of its bits); several do with probability 1 - 2**-64.
-    On several processes every one must call this with the same tree.
+    On several processes every one must call this with the same tree. With
+    `only`, the leaves at other paths are left out.
     """
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if only is not None:
+        flat = [(path, leaf) for path, leaf in flat if _path_str(path) in only]
     headers, sums, split = [], [], []
     for i, (_, leaf) in enumerate(flat):
         dtype, shape, blocks, whole = _local_blocks(leaf)
@@ -1052,6 +1380,94 @@ def _path_str(path: tuple[Any, ...]) -> str:
     return _paths.path_str(_paths.keypath_names(path, drop_value=False))
 
 
+def _flat_paths(tree: PyTree, *, keep_none: bool = False) -> dict[str, Any]:
+    """`{path: leaf}`; with `keep_none`, empty `None` nodes are listed as leaves too."""
+    is_leaf = (lambda x: x is None) if keep_none else None
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {_path_str(path): leaf for path, leaf in flat}
+
+
+def _is_key(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _leave_out(state: PyTree, omitted: Collection[str]) -> PyTree:
+    """`state` with the leaves at `omitted` paths replaced by `None`, which Orbax stores as
+    an empty node: the step keeps its structure and holds no bytes of them."""
+    if not omitted:
+        return state
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: None if _path_str(p) in omitted else x, state
+    )
+
+
+def _fill(tree: PyTree, values: Mapping[str, Any]) -> PyTree:
+    """`tree` with its `None` nodes at the paths of `values` replaced by those values."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    leaves = [values.get(_path_str(p), x) if x is None else x for p, x in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _omitted(stored: Mapping[str, Any]) -> dict[str, _Omitted] | None:
+    """What a step's metadata records of the leaves it left out; None if that is unreadable."""
+    source = stored.get(_SOURCE)
+    if source is None:
+        return {}
+    try:
+        if not isinstance(source["name"], str):
+            return None
+        omitted = {}
+        for path, entry in source["omitted"].items():
+            if not isinstance(entry["checksum"], str):
+                return None
+            shape = tuple(int(n) for n in entry["shape"])
+            omitted[path] = _Omitted(shape, jax.numpy.dtype(entry["dtype"]))
+        return omitted
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+class _Omitted(NamedTuple):
+    """A leaf a step left out, as `_describe_mismatch` compares it with a target leaf."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _in_dtype(leaf: Any, dtype: Any) -> Any:
+    """`leaf` as an array of `dtype`: NumPy, but a `jax.Array` split over processes stays one."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return leaf if leaf.dtype == dtype else leaf.astype(dtype)
+    array = np.asarray(leaf)
+    return array if array.dtype == dtype else array.astype(dtype)
+
+
+def _host(value: Any) -> np.ndarray:
+    """`value` as a NumPy array on this process (gathered if it is split over processes)."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
+
+
+def _placed(value: Any, like: Any) -> Any:
+    """`value` where `restore` puts a leaf read into the target leaf `like`.
+
+    A `jax.Array` or a `ShapeDtypeStruct` with a sharding: in that sharding (each
+    device gets its shards, copied, none shared with the reference); a
+    `ShapeDtypeStruct` without one: on the default device, as Orbax restores it;
+    a NumPy array: NumPy; a Python scalar: a Python scalar.
+    """
+    if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
+        where = like.sharding
+        if where is None:
+            where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return sharding.place(value, where)
+    if isinstance(like, bool | int | float | complex):
+        return np.asarray(value).item()
+    return np.asarray(value)
+
+
 def _stored_shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     """Shape and dtype a target leaf has on disk; ``None`` for Python scalars."""
     if isinstance(leaf, bool | int | float | complex):
@@ -1074,9 +1490,16 @@ def _listing(label: str, items: list[str]) -> str:
     return f"  {label}: {_checks.listing(items, _MAX_LISTED)}"
 
 
-def _describe_mismatch(saved_tree: PyTree, target: PyTree) -> str:
-    """Lists leaves missing, unexpected or differently shaped/typed; '' if none."""
+def _describe_mismatch(
+    saved_tree: PyTree, target: PyTree, omitted: Mapping[str, _Omitted] | None = None
+) -> str:
+    """Lists leaves missing, unexpected or differently shaped/typed; '' if none.
+
+    The leaves a step left out (`omitted`) count as saved, with their recorded
+    shapes and dtypes.
+    """
     saved = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+    saved |= omitted or {}
     wanted = {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
     lines = []
     missing = sorted(wanted.keys() - saved.keys())

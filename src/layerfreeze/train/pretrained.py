@@ -17,7 +17,7 @@ says which groups those are.
 """
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ _WHAT_TO_PASS = (
 def load_run(
     path: str | os.PathLike[str],
     keys: Sequence[str] = ("params", "batch_stats"),
+    *,
+    reference: checkpoint.Reference | Callable[[], checkpoint.Reference | None] | None = None,
 ) -> tuple[dict[str, Any], int, list[tuple[int, str]]]:
     """Reads variables from the newest intact checkpoint of an earlier run.
 
@@ -52,12 +54,24 @@ def load_run(
     damaged steps are skipped and reported (and logged as warnings), never
     moved or changed.
 
+    A run that was itself fine-tuned may have saved its steps against its own
+    source (`checkpoint.Reference`): the leaves still equal to that source are
+    not in its steps. They are read from `reference`, the values that run
+    started from, after checking that their content is the recorded one. Only
+    the caller knows how to find them again (the experiment reads the run's
+    `config.json` for its `init_from` and loads that into the run's model), so
+    give a function: it is called only if the step read left leaves out.
+    Without one, such a run is refused with `checkpoint.CheckpointSourceError`
+    naming its source, never read with leaves missing.
+
     Args:
       path: the run's workdir (holding `checkpoints/`), or a checkpoint
         directory itself (holding numbered steps).
       keys: top-level entries of the saved state to read. A missing
         `batch_stats` (a model without BatchNorm) comes back as `{}`; any
         other missing key is an error.
+      reference: the source the run's steps were saved against, or a function
+        returning it (or None: not found), called once if it is needed.
 
     Returns:
       `(variables, step, damaged)`: `{key: nested dicts of NumPy arrays}` for
@@ -69,6 +83,9 @@ def load_run(
         checkpoint; the message says what to pass.
       ValueError: the checkpoint lacks a key of `keys` other than
         `batch_stats`; the message lists what it has.
+      checkpoint.CheckpointSourceError: (a ValueError) the step read leaves out
+        leaves equal to the run's source, and `reference` gives none, or one
+        whose content differs; the message names the source recorded.
       checkpoint.CheckpointDamagedError: every step is damaged.
 
     >>> import tempfile, pathlib
@@ -84,13 +101,15 @@ def load_run(
     """
     keys = _check_keys(keys)
     directory = _checkpoint_directory(path)
-    with checkpoint.Checkpointer(directory, max_to_keep=None) as ckpt:
+    with checkpoint.Checkpointer(directory, max_to_keep=None, reference=reference) as ckpt:
         if not ckpt.all_steps():
             raise FileNotFoundError(
                 f"No checkpoint found in {directory}: it holds no finished step; {_WHAT_TO_PASS}."
             )
         try:
             step, arrays, damaged = ckpt.restore_arrays_latest_intact(keys)
+        except checkpoint.CheckpointSourceError:
+            raise  # the keys are there; their source is not
         except ValueError:
             optional = [k for k in keys if k in _OPTIONAL_KEYS]
             if not optional:
