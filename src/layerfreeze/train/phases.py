@@ -709,8 +709,11 @@ class Phases:
                 future.cancel()
             self._ahead_steps.pop(key, None)
             self._ahead_errors.pop(key, None)
-        for key in set(self._starts) - wanted:
-            del self._starts[key]
+        # The worker may add to `_starts` meanwhile: list() copies the keys in one
+        # step, and pop() tolerates a key gone since.
+        for key in list(self._starts):
+            if key not in wanted:
+                self._starts.pop(key, None)
         self._submitted = {s for s in self._submitted if s[0] in wanted}
 
     # Checkpoints ---------------------------------------------------------------
