@@ -60,7 +60,7 @@ from report import machine_description
 import layerfreeze as lf
 from layerfreeze import train
 from layerfreeze.models import GROUPS, resnet18
-from layerfreeze.train import data, features
+from layerfreeze.train import data, features, platform
 from layerfreeze.train.platform import cpu_conv_options
 
 RUNS = ("full", "freezeout", "auto", "auto+cache")
@@ -269,7 +269,9 @@ def fine_tune(
             compiler_options=CONV,
         )  # fmt: skip
 
-    phases = train.Phases(schedule, build, params=params)
+    phases = train.Phases(schedule, build, params=params, compile_ahead=args.compile_ahead)
+    if policy is not None:  # its likeliest next phase, compiled ahead (with --compile_ahead)
+        phases.foresee(policy.candidate_schedule())
     cache = (
         features.FeatureCache(
             model, ds.train_images, preprocess=data.normalize, batch_size=256, pool=("stage4",)
@@ -281,10 +283,14 @@ def fine_tune(
     seen: list[dict[str, Any]] = []  # per phase: start, spec, steps, an example batch
     curve: list[tuple[float, int, float]] = []
     first_steps: list[tuple[int, float]] = []  # (step, seconds) of each phase's first step
+    step_seconds: list[float] = []  # every other step's
+    eval_seconds = 0.0
     elapsed, clock = 0.0, time.perf_counter()
     for step in range(total):
+        before = time.perf_counter()  # a phase change counts from its decision on
         if policy is not None and policy.update(step):
             phases.extend(policy.schedule)
+            phases.foresee(policy.candidate_schedule())
         steps, state, change = phases.update(step, state)
         idx = data.batch_indices(args.seed, step, ds.num_train, args.batch_size)
         inputs = ds.train_images[idx]
@@ -300,21 +306,22 @@ def fine_tune(
             seen.append(
                 {"start": step, "spec": steps.spec.describe(), "steps": steps, "batch": batch}
             )
-        if step == 0 or change is not None:  # compiles: timed apart as well
-            before = time.perf_counter()
-            state, metrics = steps.train_step(state, batch)
-            jax.block_until_ready(state.params)
+        state, metrics = steps.train_step(state, batch)
+        jax.block_until_ready(state.params)  # each step timed to its end
+        if step == 0 or change is not None:  # compiles, unless compiled ahead
             first_steps.append((step, time.perf_counter() - before))
         else:
-            state, metrics = steps.train_step(state, batch)
+            step_seconds.append(time.perf_counter() - before)
         if policy is not None:
             policy.observe(metrics)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
-            jax.block_until_ready(state.params)
             elapsed += time.perf_counter() - clock
+            evaluated = time.perf_counter()
             curve.append((elapsed, step + 1, _accuracy(steps, state, ds, args.batch_size)))
+            eval_seconds += time.perf_counter() - evaluated
             yield
             clock = time.perf_counter()
+    phases.close(wait=True)  # nothing compiled ahead runs on into the next run's turn
     ends = [p["start"] for p in seen[1:]] + [total]
     phase_rows = []
     for p, end in zip(seen, ends, strict=True):
@@ -336,6 +343,11 @@ def fine_tune(
         "total_tflops": sum(r["gflops"] * r["steps"] for r in phase_rows) / 1e3,
         "first_steps": first_steps,
         "compile_seconds": sum(sec for _, sec in first_steps),
+        "median_step": float(np.median(step_seconds)),
+        # Each phase change's first step (its decision and `Phases.update` included)
+        # over the run's median step.
+        "stalls": [(start, sec / float(np.median(step_seconds))) for start, sec in first_steps[1:]],
+        "eval_seconds": eval_seconds,
         "cache_mib": 0.0 if cache is None else cache.nbytes / 2**20,
     }
 
@@ -403,8 +415,9 @@ def format_markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "| run | final acc | s to target (incl. compile) | speed-up | s to target excl. compile"
         " | step at target | TFLOP to target | total s | compile s | train TFLOP"
+        " | median step ms | changes: step (first step / median) | eval s"
         " | phases: start GFLOP/step (spec) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in results:
         reached = r["seconds_to_target"] is not None
@@ -422,10 +435,12 @@ def format_markdown(results: list[dict[str, Any]]) -> str:
             else "-"
         )
         phases = "; ".join(f"{p['start']}: {p['gflops']:.2f} ({p['spec']})" for p in r["phases"])
+        stalls = "; ".join(f"{start}: {x:.1f}x" for start, x in r["stalls"]) or "-"
         lines.append(
             f"| {r['run']} | {r['final_accuracy']:.4f} | {hit} | {speed} | {warm} | {step} | "
             f"{work} | {r['seconds']:.1f} | {r['compile_seconds']:.1f} | "
-            f"{r['total_tflops']:.2f} ({r['flops_ratio']:.2f}x) | {phases} |"
+            f"{r['total_tflops']:.2f} ({r['flops_ratio']:.2f}x) | {1e3 * r['median_step']:.0f} | "
+            f"{stalls} | {r['eval_seconds']:.1f} | {phases} |"
         )
     return "\n".join(lines)
 
@@ -501,6 +516,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         help=f"comma-separated, from {', '.join(RUNS)}; full first (it sets the target)",
     )
     parser.add_argument("--warmup_steps", type=int, default=20, help="untimed, before the runs")
+    parser.add_argument(
+        "--compile_ahead",
+        action="store_true",
+        help="train.Phases(compile_ahead=True): the phases to come compiled on a background "
+        "thread (AutoFreeze: its likeliest next phase); implies --sequential",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="the runs one after the other, not in turns (a background compile then overlaps "
+        "only its own run's steps)",
+    )
+    parser.add_argument(
+        "--compilation_cache",
+        default="",
+        help="JAX's persistent compilation cache in this folder ('' = off): a second "
+        "invocation reads back what the first compiled",
+    )
     parser.add_argument("--plot", default="benchmarks/auto_freeze.png")
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="", help="append a section to this file")
@@ -518,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup_steps < 0:
         parser.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.compilation_cache:
+        platform.enable_compilation_cache(args.compilation_cache)
     load_before, clock = _load(), time.perf_counter()
     source, target = load_digits_tasks(args.seed, image_size=args.image_size)
     model = resnet18(5, stem="cifar", width=args.width)
@@ -526,7 +561,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print(setup)
     warm = warm_up(model, variables, target, args)
     print(f"warm-up: {args.warmup_steps} untimed steps in {warm:.1f}s")
-    results = interleave([fine_tune(kind, model, variables, target, args) for kind in runs])
+    tuned = [fine_tune(kind, model, variables, target, args) for kind in runs]
+    if args.compile_ahead or args.sequential:
+        results = [interleave([run])[0] for run in tuned]
+    else:
+        results = interleave(tuned)
     for r in results:
         print(
             f"{r['run']}: final accuracy {r['final_accuracy']:.4f} in {r['seconds']:.1f}s "

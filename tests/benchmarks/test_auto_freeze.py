@@ -11,6 +11,9 @@ def _result(run, curve, first_steps, phases):
         "seconds": curve[-1][0],
         "first_steps": first_steps,
         "compile_seconds": sum(s for _, s in first_steps),
+        "median_step": 0.5,
+        "stalls": [(start, s / 0.5) for start, s in first_steps[1:]],
+        "eval_seconds": 1.0,
         "phases": phases,
         "total_tflops": sum(p["gflops"] * p["steps"] for p in phases) / 1e3,
     }
@@ -53,6 +56,9 @@ def test_time_to_target_speedups_and_table():
     assert never["seconds_to_target"] is None and never["speedup"] is None
     table = auto_freeze.format_markdown([full, auto, never])
     assert "| auto | 0.9680 | 12.0 | 2.50x | 6.0 (4.33x) | 40 | 0.035 (1.71x) |" in table
+    # The median step (ms), each change's first step over it, the evaluations' seconds.
+    assert "| 500 | 30: 4.0x; 50: 4.0x | 1.0 |" in table
+    assert "| 500 | - | 1.0 |" in table  # full: no change
     assert "| freezeout | 0.9000 | not reached | - | - | - | - |" in table
 
 
