@@ -114,6 +114,16 @@ class Boom(Exception):
     pass
 
 
+def _through_phase_0(phases):
+    """Phase 0's three steps, then the compiles ahead waited for; the state at step 3."""
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    for step in range(3):
+        steps, state, _ = phases.update(step, state)
+        state, _ = steps.train_step(state, BATCH)
+    assert phases.wait_ahead(timeout=60)
+    return state
+
+
 def test_a_background_compile_failure_is_raised_at_the_change_with_its_error():
     def loss(phase):
         if phase.start != 3:
@@ -125,11 +135,7 @@ def test_a_background_compile_failure_is_raised_at_the_change_with_its_error():
         return broken
 
     phases = _phases(loss_of=loss, compile_ahead=True)
-    state = phases.init_state(PARAMS, jax.random.key(0))
-    for step in range(3):
-        steps, state, _ = phases.update(step, state)
-        state, _ = steps.train_step(state, BATCH)
-    assert phases.wait_ahead(timeout=60)  # it failed, on the worker, and did not hang
+    state = _through_phase_0(phases)  # phase 1 failed on the worker, and did not hang
     steps, state, change = phases.update(3, state)
     assert change is not None
     with pytest.raises(Boom, match="cannot be traced") as info:
@@ -156,11 +162,7 @@ def test_a_compile_that_failed_for_other_arguments_is_not_raised():
         return needs_a_wider_batch
 
     phases = _phases(loss_of=loss, compile_ahead=True)
-    state = phases.init_state(PARAMS, jax.random.key(0))
-    for step in range(3):
-        steps, state, _ = phases.update(step, state)
-        state, _ = steps.train_step(state, BATCH)
-    assert phases.wait_ahead(timeout=60)
+    state = _through_phase_0(phases)
     steps, state, _ = phases.update(3, state)
     wide = jax.tree.map(lambda x: np.concatenate([x, x]), BATCH)
     state, metrics = steps.train_step(state, wide)
