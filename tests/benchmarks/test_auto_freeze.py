@@ -1,6 +1,8 @@
-"""`benchmarks/auto_freeze.py`: time to the target accuracy, the table; no scikit-learn needed."""
+"""`benchmarks/auto_freeze.py`: time to the target accuracy, the table, the flags; no
+scikit-learn needed."""
 
 import auto_freeze
+import pytest
 
 
 def _result(run, curve, first_steps, phases):
@@ -84,12 +86,13 @@ def test_source_model_is_cached_per_setting_and_reloaded_exactly(tmp_path, monke
 
     monkeypatch.setattr(auto_freeze, "train_source", fake_train_source)
     args = argparse.Namespace(
-        width=2, image_size=8, source_steps=3, batch_size=2, seed=0, source_cache=str(tmp_path)
-    )
+        model="resnet18", width=2, image_size=8, source_steps=3, source_lr=3e-3, batch_size=2,
+        seed=0, source_cache=str(tmp_path),
+    )  # fmt: skip
     first, acc1 = auto_freeze.source_variables(model, task, args)
     second, acc2 = auto_freeze.source_variables(model, task, args)
     assert calls == [2] and acc1 == acc2 == 0.75  # trained once, then loaded
-    assert (tmp_path / "source-w2-i8-n3-b2-s0.npz").exists()
+    assert (tmp_path / "source-resnet18-w2-i8-n3-lr0.003-b2-s0.npz").exists()
     flat1 = jax.tree_util.tree_leaves_with_path(first)
     flat2 = jax.tree_util.tree_leaves_with_path(second)
     assert [p for p, _ in flat1] == [p for p, _ in flat2]
@@ -106,6 +109,50 @@ def test_source_model_is_cached_per_setting_and_reloaded_exactly(tmp_path, monke
     args.source_steps = 4  # another setting: another file, trained again
     auto_freeze.source_variables(model, task, args)
     assert calls == [2, 2]
+    args.model = "vit"  # a ViT's source never mixes with a ResNet's
+    assert auto_freeze.source_cache_path(args).endswith("source-vit-w2-i8-n4-lr0.003-b2-s0.npz")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            [],
+            {"width": 16, "source_lr": 3e-3, "lr": 3e-4, "runs": "full,freezeout,auto,auto+cache"},
+        ),
+        (
+            ["--model", "vit"],
+            {"width": 192, "source_lr": 5e-4, "lr": 5e-4, "runs": "full,freezeout,auto"},
+        ),
+        (["--model", "vit", "--width", "32", "--lr", "2e-4"], {"width": 32, "lr": 2e-4}),
+    ],
+)
+def test_unset_flags_take_the_models_defaults(argv, expected):
+    args = auto_freeze.parse_args(argv)
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_vit_is_scanned_and_its_groups_are_block_selectors():
+    model, groups = auto_freeze.build_model(auto_freeze.parse_args(["--model", "vit"]))
+    assert model.scan and model.depth == len(groups) - 5  # 3 embeddings, norm and head
+    assert groups[3] == "Transformer/encoderblock[0]" and groups[-1] == "head"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--model", "vit", "--runs", "full,auto+cache"],
+            "name runs from full, freezeout, auto (--model vit; auto+cache: the ResNet only)",
+        ),
+        (["--runs", "auto,full"], "must start with full"),
+        (["--model", "vit", "--width", "30"], "multiple of the ViT's 4 heads, got 30"),
+    ],
+)
+def test_bad_flags_are_a_parser_error(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        auto_freeze.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_interleave_takes_turns_and_keeps_the_runs_order():
