@@ -54,7 +54,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -67,7 +66,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 # Run as a script, this file's folder is on sys.path.
-from report import machine_description
+from report import command_line, machine_description
 
 import layerfreeze as lf
 from layerfreeze import train
@@ -698,9 +697,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 {"args": vars(args), "setup": setup, "load": load, "results": results}, f, indent=2
             )
     if args.markdown:
-        command = "python benchmarks/auto_freeze.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
+        command = command_line("auto_freeze.py", argv)
         with open(args.markdown, "a", encoding="utf-8") as f:
             f.write(
                 "\n## auto_freeze: time to accuracy, digits 0-4 -> 5-9, "

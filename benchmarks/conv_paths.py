@@ -31,7 +31,6 @@ Commands:
 import argparse
 import functools
 import statistics
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ import torch
 from report import (
     call_and_block,
     check_choices,
+    command_line,
     cpu_threads,
     machine_description,
     markdown_table,
@@ -274,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.json:
         write_json(args.json, rows)
     if args.markdown:
-        given = sys.argv[1:] if argv is None else argv
-        command = "python benchmarks/conv_paths.py " + " ".join(given)
+        command = command_line("conv_paths.py", argv)
         with open(args.markdown, "a") as f:
             f.write(
                 f"## conv_paths\n\nMachine: {machine}; torch {torch.__version__}.\n\n"

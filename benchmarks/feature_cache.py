@@ -26,7 +26,6 @@ Commands:
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 import optax
 
 # Run as a script, this file's folder is on sys.path.
-from report import machine_description
+from report import command_line, machine_description
 
 from layerfreeze import train
 from layerfreeze.models import GROUPS, resnet18
@@ -245,9 +244,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark from command-line arguments; returns the result."""
     args = parse_args(argv)
-    command = "python benchmarks/feature_cache.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = command_line("feature_cache.py", argv)
     print(f"machine: {machine_description()}", flush=True)
     result = measure(
         train_size=args.train_size,

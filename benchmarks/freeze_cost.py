@@ -31,7 +31,6 @@ Commands:
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -45,6 +44,7 @@ from flax import traverse_util
 # Run as a script, this file's folder is on sys.path.
 from report import (
     check_choices,
+    command_line,
     machine_description,
     markdown_table,
     parse_list,
@@ -653,7 +653,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs the benchmark from command-line arguments; returns the rows."""
     args = parse_args(argv)
-    command = "python benchmarks/freeze_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("freeze_cost.py", argv)
     batch_sizes = {
         "resnet18": args.batch_size_r18,
         "resnet50": args.batch_size_r50,

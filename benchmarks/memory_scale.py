@@ -67,6 +67,7 @@ from jax.sharding import PartitionSpec as P
 # Run as a script, this file's folder is on sys.path.
 from report import (
     check_choices,
+    command_line,
     machine_description,
     markdown_table,
     parse_list,
@@ -692,9 +693,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.worker:
         _worker(args)
         return []
-    command = "python benchmarks/memory_scale.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = command_line("memory_scale.py", argv)
     print(f"machine: {machine_description()}", flush=True)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []

@@ -31,7 +31,9 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -110,6 +112,15 @@ def cpu_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """`python benchmarks/<script> <arguments>` as a shell runs it again (an empty one quoted).
+
+    `argv`: the arguments (default: this process's).
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", f"benchmarks/{script}", *args])
 
 
 def parse_list(text: str) -> list[str]:

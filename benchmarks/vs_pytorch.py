@@ -50,7 +50,6 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -68,6 +67,7 @@ from freeze_cost import init_variables
 from report import (
     call_and_block,
     check_choices,
+    command_line,
     cpu_threads,
     machine_description,
     markdown_table,
@@ -1089,7 +1089,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs the benchmark from command-line arguments; returns the rows."""
     args = parse_args(argv)
-    command = "python benchmarks/vs_pytorch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("vs_pytorch.py", argv)
     # Before anything runs on JAX's backend: the setting holds for threads started later.
     if args.host_memory == "retain" and not retain_host_memory():
         args.host_memory = "release"  # not glibc, or called too late: say what ran

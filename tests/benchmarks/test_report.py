@@ -2,6 +2,7 @@
 
 import doctest
 import json
+import shlex
 
 import pytest
 import report
@@ -84,3 +85,9 @@ def test_write_json_writes_a_list_and_a_final_newline(tmp_path):
 def test_docstring_examples():
     result = doctest.testmod(report)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_command_line_runs_again_as_given():
+    line = report.command_line("auto_freeze.py", ["--plot", "", "--json", "/tmp/a b.json"])
+    assert line == "python benchmarks/auto_freeze.py --plot '' --json '/tmp/a b.json'"
+    assert shlex.split(line)[2:] == ["--plot", "", "--json", "/tmp/a b.json"]
