@@ -25,12 +25,12 @@ import json
 import os
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
+from stacked_net import Net  # this folder is on sys.path when the file runs as a script
 
 from layerfreeze import schedules, train
 from layerfreeze.train import checkpoint, sharding
@@ -39,24 +39,6 @@ from layerfreeze.train.workdir import WorkdirLock
 SCHEDULE = {0: "stem,stack[:1]", 3: "stem"}  # block 0 of the stack unfreezes at step 3
 RULES = [(".*/bias", P()), (".*", sharding.fsdp(min_size=256))]
 BATCH = 8
-
-
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(0.1), (2, 64, 64))
-        bias = self.param("bias", nn.initializers.zeros, (2, 64))
-        for i in range(2):
-            x = x + nn.tanh(x @ kernel[i] + bias[i])
-        return x
-
-
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x, train=True):
-        x = nn.Dense(64, name="stem")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x))
-        return nn.Dense(10, name="head")(Stack(name="stack")(x))
 
 
 def _axes(text):

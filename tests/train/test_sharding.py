@@ -17,37 +17,14 @@ from flax import nnx
 from flax.training import train_state
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
+from stacked_net import Net
 
 import layerfreeze as lf
 from layerfreeze import train
 from layerfreeze.train import sharding
 
-# The model of the multi-device script too: Dense, BatchNorm, a stack of 2 blocks
-# (a subtree of stacked leaves, as nn.scan lays them out) and a head.
-MODEL = """
-import flax.linen as nn
-
-
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(0.1), (2, 64, 64))
-        bias = self.param("bias", nn.initializers.zeros, (2, 64))
-        for i in range(2):
-            x = x + nn.tanh(x @ kernel[i] + bias[i])
-        return x
-
-
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x, train=True):
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(
-            nn.Dense(64, name="stem")(x)))
-        return nn.Dense(10, name="head")(Stack(name="stack")(x))
-"""
-_MODEL: dict = {}
-exec(MODEL, _MODEL)
-Net = _MODEL["Net"]
+# The model of the multi-device script too (which imports it the same way).
+MODEL = "from stacked_net import Net\n"
 
 RULES = [("head/kernel", P("fsdp")), (".*/bias", P()), (".*", sharding.fsdp(min_size=256))]
 EXPECTED = {
