@@ -340,9 +340,6 @@ def fine_tune(
             compiler_options=CONV,
         )  # fmt: skip
 
-    phases = train.Phases(schedule, build, params=params, compile_ahead=args.compile_ahead)
-    if policy is not None:  # its likeliest next phase, compiled ahead (with --compile_ahead)
-        phases.foresee(policy.candidate_schedule())
     cache = (
         features.FeatureCache(
             model, ds.train_images, preprocess=data.normalize, batch_size=256, pool=("stage4",)
@@ -350,6 +347,13 @@ def fine_tune(
         if cached
         else None
     )
+    # With the cache, compiling ahead covers the phases that train on other features.
+    phases = train.Phases(
+        schedule, build, params=params, compile_ahead=args.compile_ahead,
+        prefix_groups=groups[:-1] if cached else None, feature_cache=cache,
+    )  # fmt: skip
+    if policy is not None:  # its likeliest next phase, compiled ahead (with --compile_ahead)
+        phases.foresee(policy.candidate_schedule())
     state = phases.init_state(variables, jax.random.key(args.seed))
     seen: list[dict[str, Any]] = []  # per phase: start, spec, steps, an example batch
     curve: list[tuple[float, int, float]] = []
@@ -366,9 +370,8 @@ def fine_tune(
         idx = data.batch_indices(args.seed, step, ds.num_train, args.batch_size)
         inputs = ds.train_images[idx]
         if cache is not None:
-            current = phases.schedule.phases[phases.current]
             cache.update(
-                prefix_of(current), {"params": state.params, "batch_stats": state.batch_stats}
+                phases.frozen_prefix(), {"params": state.params, "batch_stats": state.batch_stats}
             )
             if cache.features is not None:
                 inputs = cache.features[idx]
@@ -385,6 +388,8 @@ def fine_tune(
             step_seconds.append(time.perf_counter() - before)
         if policy is not None:
             policy.observe(metrics)
+            if args.compile_ahead and policy.forecast_due():  # the guess, from its norms
+                phases.foresee(policy.candidate_schedule())
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             elapsed += time.perf_counter() - clock
             evaluated = time.perf_counter()

@@ -1245,6 +1245,9 @@ class _Run:
                 batch_size=config.batch_size,
                 pool=_pooled_feature_groups(builder.model),
             )
+            # Compiled ahead, a change of frozen prefix gets its features' program and
+            # its train step on them ready.
+            phases.feature_cache = self.feature_cache
         self.progress = _Progress(config.progress, start_step, total_steps)
         saved_window = resumed.get("window")
         self.window = metrics.Window.from_state(saved_window) if saved_window else metrics.Window()
@@ -1313,6 +1316,8 @@ class _Run:
         """Keeps a step's metrics on the device until the next row or checkpoint."""
         if self.policy is not None:
             self.policy.observe(step_metrics)
+            if self.phases.compile_ahead and self.policy.forecast_due():  # the guess, revised
+                self.phases.foresee(self.policy.candidate_schedule())
             step_metrics = {k: v for k, v in step_metrics.items() if not k.startswith("grad_norm/")}
         self.pending.append((step, step_metrics))
 

@@ -145,6 +145,31 @@ def test_resume_across_a_decision_is_bitwise_exact():
         np.testing.assert_array_equal(a, b)
 
 
+def test_forecast_names_the_decision_to_come_and_changes_none():
+    # Norms (stem, body, head) per step, interval 4: the second interval's first
+    # half says the stem and the body settle; its second half moves the body.
+    norms = [(1.0, 4.0, 9.0)] * 4 + [(1.0, 4.0, 5.0)] * 2 + [(1.0, 9.0, 5.0)] * 2
+    asked, quiet = (lf.auto.AutoFreeze(GROUPS, interval=4, percentile=70) for _ in range(2))
+    guesses, due = [], []
+    for step, values in enumerate(norms):
+        for policy in (asked, quiet):
+            policy.update(step)
+            policy.observe({f"grad_norm/{g}": v for g, v in zip(GROUPS, values, strict=True)})
+        due.append(asked.forecast_due())
+        guesses.append(asked.candidate_schedule().phases[-1].spec.describe())
+        if step == 5:
+            assert asked.forecast() == ("stem", "body")
+    # Halfway through each interval that ends in a decision: once, after step 5.
+    assert [s for s, d in enumerate(due) if d] == [5]
+    # Before any rate, the next front group; then the forecast, which follows the
+    # norms: at step 7 the whole interval is seen, and it is the decision.
+    assert guesses[:4] == ["stem"] * 4
+    assert guesses[4:] == ["stem,body"] * 3 + ["stem"]
+    assert asked.update(8) == quiet.update(8) == ("stem",)
+    # Forecasting fetched the norms early but left every sum and decision as it was.
+    assert asked.metadata() == quiet.metadata()
+
+
 def test_restore_under_other_settings_names_both():
     saved = _json(lf.auto.AutoFreeze(GROUPS, interval=2).metadata())
     with pytest.raises(

@@ -283,14 +283,18 @@ class AutoFreeze:
         return schedules.FreezeSchedule(tuple(phases), "step")
 
     def candidate_schedule(self) -> schedules.FreezeSchedule | None:
-        """`schedule` plus the likeliest next phase: the next front group frozen alone.
+        """`schedule` plus the likeliest next phase, for `train.Phases.foresee`.
 
-        A guess for `train.Phases.foresee`, which compiles that phase's steps
-        ahead while the current phase trains. The guessed phase starts at the
-        next decision step; the policy may decide otherwise there (freeze
-        nothing, or several groups at once), and then the guess is discarded.
-        None when no group can freeze any more (the next trainable group is
-        the head, or not among `candidates`).
+        `Phases.foresee` compiles that phase's steps ahead while the current
+        phase trains. The guessed phase starts at the next decision step and
+        freezes what `forecast` says that decision will freeze, or, when it
+        says nothing (or cannot tell yet: the interval in progress has no
+        norms, or no interval before it to compare with), the next front
+        group alone. The policy may decide otherwise there, and then the
+        guess is discarded. Ask again once the interval in progress is half
+        observed (`forecast_due`): the guess then follows its norms. None when
+        no group can freeze any more (the next trainable group is the head,
+        or not among `candidates`).
 
         >>> policy = AutoFreeze(["stem", "body", "head"], interval=2)
         >>> print(policy.candidate_schedule().describe())
@@ -302,8 +306,37 @@ class AutoFreeze:
             return None
         schedule = self.schedule
         start = (self._last_update or 0) + self.interval
-        spec = _spec_of(self.groups, (*self.frozen, following), self.train_bn)
+        guess = self.forecast() or (following,)
+        spec = _spec_of(self.groups, (*self.frozen, *guess), self.train_bn)
         return schedules.FreezeSchedule((*schedule.phases, schedules.Phase(start, spec)), "step")
+
+    def forecast(self) -> tuple[str, ...]:
+        """What the next decision would freeze if the rest of its interval went as its start.
+
+        The norms observed so far in the interval in progress, scaled to a
+        whole interval, compared with the interval before, as `update` will
+        compare them. `()` when nothing would freeze, or the interval has no
+        norms yet or no interval before it. Fetches the norms observed so far
+        (waits for their steps); the decision itself is unchanged by it.
+
+        Over `benchmarks/auto_freeze.py`'s runs, a forecast halfway through
+        the interval named every change of the ResNet's run exactly and two of
+        the ViT's four (`benchmarks/RESULTS.md`).
+        """
+        self._fetch()
+        if not self._count:
+            return ()
+        scale = self.interval / self._count
+        return self._decide({g: value * scale for g, value in self._sums.items()})[1]
+
+    def forecast_due(self) -> bool:
+        """Whether the interval in progress is half observed, just now: time to guess again.
+
+        Call after `observe`; when True, hand `candidate_schedule()` to
+        `Phases.foresee`. True once per interval, and only in an interval
+        that ends in a decision with rates to compare (not the first).
+        """
+        return bool(self._previous) and self._count == max(1, self.interval // 2)
 
     # The loop ----------------------------------------------------------------
 
@@ -376,11 +409,20 @@ class AutoFreeze:
         self._last_update = step
         self._fetch()
         now, self._sums, self._count = self._sums, {}, 0
-        rates = {g: _rate(now[g], self._previous[g]) for g in now if g in self._previous}
+        rates, newly = self._decide(now)
         self._previous = now
         self.last_rates = rates
+        if newly:
+            self._decisions.append((step, newly))
+            for group in newly:
+                self._previous.pop(group, None)
+        return newly
+
+    def _decide(self, now: Mapping[str, float]) -> tuple[dict[str, float], tuple[str, ...]]:
+        """The rates of an interval with summed norms `now`, and the groups they freeze."""
+        rates = {g: _rate(now[g], self._previous[g]) for g in now if g in self._previous}
         if len(rates) < 2:
-            return ()
+            return rates, ()
         values = np.array(list(rates.values()), np.float64)
         threshold = float(np.percentile(values, self.percentile))
         newly: list[str] = []
@@ -392,11 +434,7 @@ class AutoFreeze:
                 newly.append(group)
                 continue
             break
-        if newly:
-            self._decisions.append((step, tuple(newly)))
-            for group in newly:
-                self._previous.pop(group, None)
-        return tuple(newly)
+        return rates, tuple(newly)
 
     # Checkpoints -------------------------------------------------------------
 

@@ -71,13 +71,15 @@ def _run(phases, steps=9, policy=None, norms=None):
         with platform.CompileCounter() as counter:  # counts every thread: the worker is idle
             if policy is not None and policy.update(step):
                 phases.extend(policy.schedule)  # a decision that is no guess compiles now
+                phases.foresee(policy.candidate_schedule())
             steps_, state, change = phases.update(step, state)
             state, metrics = steps_.train_step(state, BATCH)
             jax.block_until_ready(metrics)
         history.append(metrics)
         if policy is not None:
             policy.observe({f"grad_norm/{g}": n for g, n in zip(GROUPS, norms[step], strict=True)})
-            phases.foresee(policy.candidate_schedule())
+            if policy.forecast_due():  # halfway through an interval: guess from its norms
+                phases.foresee(policy.candidate_schedule())
         if change is not None:
             requests[step] = counter.requests
     phases.close(wait=True)
@@ -194,10 +196,12 @@ def test_a_change_does_not_wait_for_a_compile_still_queued():
 def test_autofreeze_next_candidate_is_compiled_ahead_and_used_only_if_chosen(
     percentile, frozen_at_4, guess_taken
 ):
-    # Norms per step: at step 4 the stem's rate is 0 and the body's 0.25 (50th
-    # percentile: the stem alone freezes, the guess) or 0 (70th: both freeze).
-    body = {50: 3.0, 70: 4.0}[percentile]
-    norms = [(1.0, 4.0, 9.0)] * 2 + [(1.0, body, 6.0)] * 2 + [(0.5, 3.0, 4.0)] * 2
+    # Norms per step (stem, body, head). The guess after step 2 forecasts from
+    # step 2's norms (rates 0, 0.25 or 0.5, 0.33): the stem alone. Step 3's make
+    # the decision at step 4: the stem alone (50th percentile: the guess) or,
+    # the body's rate falling to 0, the stem and the body (70th: not the guess).
+    body = {50: (3.0, 3.0), 70: (2.0, 6.0)}[percentile]
+    norms = [(1.0, 4.0, 9.0)] * 2 + [(1.0, b, 6.0) for b in body] + [(0.5, 3.0, 4.0)] * 2
     policy = lf.auto.AutoFreeze(GROUPS, interval=2, percentile=percentile)
     phases = train.Phases(
         policy.schedule,
@@ -273,8 +277,64 @@ def test_exit_during_a_background_compile_neither_hangs_nor_aborts(tmp_path):
     assert "exiting while compiling" in done.stdout
 
 
-def test_with_prefix_groups_a_phase_of_another_frozen_prefix_is_not_compiled_ahead():
+def test_without_the_feature_cache_a_train_step_of_another_frozen_prefix_compiles_at_the_change():
     # Its batches would be the cached features after another prefix: shapes not seen yet.
     phases = _phases(compile_ahead=True, prefix_groups=GROUPS[:-1])
     _, requests = _run(phases, steps=4)
     assert requests.keys() == {3} and requests[3] >= 1
+
+
+def _cached_run(compile_ahead):
+    """A ResNet's 4 steps with cached features: on images, then (step 2) on the features
+    after stage1; `{change step: compile requests}` and the final state."""
+    from layerfreeze.models import GROUPS as RESNET_GROUPS
+    from layerfreeze.models import resnet18
+    from layerfreeze.train import data, features
+
+    model = resnet18(10, stem="cifar", width=4)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    images = np.random.RandomState(0).randint(0, 256, (12, 16, 16, 3)).astype(np.uint8)
+    labels = np.arange(12, dtype=np.int32) % 10
+    prefix_groups = RESNET_GROUPS[:-1]
+    cache = features.FeatureCache(model, images, preprocess=data.normalize, batch_size=8)
+    schedule = lf.schedules.explicit({0: "none", 2: "stem,stage1"}, unit="step")
+
+    def build(phase, previous):
+        prefix = features.frozen_prefix(variables["params"], phase.spec, prefix_groups)
+        return train.make_steps(
+            model, optax.adam(1e-2), phase.spec, variables["params"], previous=previous,
+            start_after=prefix, preprocess=None if prefix else lambda rng, x: data.normalize(x),
+        )  # fmt: skip
+
+    phases = train.Phases(
+        schedule, build, params=variables["params"], prefix_groups=prefix_groups,
+        feature_cache=cache, compile_ahead=compile_ahead,
+    )  # fmt: skip
+    state = phases.init_state(variables, jax.random.key(0))
+    requests = {}
+    for step in range(4):
+        phases.wait_ahead()
+        with platform.CompileCounter() as counter:
+            steps, state, change = phases.update(step, state)
+            cache.update(
+                phases.frozen_prefix(), {"params": state.params, "batch_stats": state.batch_stats}
+            )
+            idx = np.arange(4) + 4 * (step % 3)
+            inputs = images[idx] if cache.features is None else cache.features[idx]
+            state, _ = steps.train_step(state, {"image": inputs, "label": labels[idx]})
+            jax.block_until_ready(state)
+        if change is not None:
+            requests[step] = counter.requests
+    phases.close(wait=True)
+    return requests, cache, state
+
+
+def test_with_the_feature_cache_a_change_of_frozen_prefix_compiles_nothing():
+    # At the change first: the features' program is kept per (model, prefix, ...).
+    at_change, _, want = _cached_run(compile_ahead=False)
+    ahead, cache, got = _cached_run(compile_ahead=True)
+    # Compiled ahead: the features after stage1 and the train step on them.
+    assert cache.prefix == "stage1" and cache.features.shape == (12, 16, 16, 4)
+    assert ahead == {2: 0} and at_change[2] >= 2
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

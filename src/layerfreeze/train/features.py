@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from layerfreeze import _paths, _plan, _spec
+from layerfreeze.train import _ahead
 
 __all__ = ["FeatureCache", "compute_features", "frozen_prefix"]
 
@@ -123,9 +124,7 @@ def compute_features(
     if num == 0:
         raise ValueError("No images to compute features of.")
     # On the device once, not once per batch (host arrays would be copied every call).
-    variables = jax.device_put(
-        {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-    )
+    variables = _on_device(variables)
     out: np.ndarray | None = None
     pending: tuple[int, int, jax.Array] | None = None
 
@@ -143,7 +142,7 @@ def compute_features(
             chunk = np.concatenate([chunk, pad])
         # Dispatched asynchronously: the previous batch is copied to the host
         # while this one computes.
-        result = _features_batch(model, variables, chunk, upto, pool, preprocess)
+        result = _features_fn(model, upto, pool, preprocess)(variables, chunk)
         if pending is not None:
             out = store(*pending)
         pending = (start, real, result)
@@ -214,6 +213,7 @@ class FeatureCache:
         self._prefix: str | None = None
         self._features: np.ndarray | None = None
         self._seconds = 0.0
+        self._variables: Any = None  # their shapes, as the last `update` placed them
 
     @property
     def prefix(self) -> str | None:
@@ -251,6 +251,8 @@ class FeatureCache:
         Raises:
           ValueError: the model cannot stop at `prefix`; the cache is then empty.
         """
+        if self._variables is None:
+            self._variables = _ahead.abstract(_on_device(variables))
         if prefix == self._prefix:
             return False
         # Emptied first: a failed computation must not leave stale features behind.
@@ -269,6 +271,7 @@ class FeatureCache:
             pool=prefix in self._pool,
         )
         self._prefix, self._features = prefix, features
+        self._variables = _ahead.abstract(_on_device(variables))
         self._seconds = time.perf_counter() - start
         _log.info(
             "Cached the features after %s: shape %s float32 (%.1f MiB) in %.2fs.",
@@ -279,18 +282,85 @@ class FeatureCache:
         )
         return True
 
+    # Compiling ahead (`train.Phases(..., feature_cache=cache)`) -------------------
+
+    def batch_like(self, prefix: str | None, batch: Mapping[str, Any], key: str = "image") -> Any:
+        """`batch` as a phase with frozen prefix `prefix` gets it, abstract.
+
+        `batch[key]` (images, or another prefix's features: its leading
+        dimension is the batch size) becomes a `jax.ShapeDtypeStruct` of the
+        features after `prefix` (float32), or of the images when `prefix` is
+        None, split over the devices as `batch[key]` is; the other entries
+        stay as they are. `train.Phases` compiles the train step of a phase
+        to come against it.
+
+        Raises:
+          ValueError: `update` has not been called yet (the variables' shapes
+            are unknown), or the model cannot stop at `prefix`.
+        """
+        size = np.shape(batch[key])[0]
+        if prefix is None:
+            shape, dtype = (size, *self._images.shape[1:]), self._images.dtype
+        else:
+            one = jax.ShapeDtypeStruct((1, *self._images.shape[1:]), self._images.dtype)
+            out = jax.eval_shape(self._features_fn(prefix).jitted, self._variables_shape(), one)
+            shape, dtype = (size, *out.shape[1:]), np.float32  # stored as float32 on the host
+        # Split over the devices as the entry it replaces (its leading dimension).
+        sharding = getattr(batch[key], "sharding", None)
+        return {**batch, key: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)}
+
+    def compile_job(self, prefix: str | None) -> Callable[[], None] | None:
+        """A job compiling the program `update(prefix, ...)` will run, for a background thread.
+
+        For `train.Phases(..., feature_cache=cache, compile_ahead=True)`,
+        which queues it for a phase to come whose frozen prefix is `prefix`:
+        at the change the features are then computed by that program, with
+        nothing to trace or compile. None when there is nothing to compile:
+        `prefix` is None, `update` has not been called yet, or the program is
+        there already. The variables are expected in the shapes, dtypes and
+        placement `update` saw last.
+        """
+        if prefix is None or self._variables is None:
+            return None
+        fn = self._features_fn(prefix)
+        shape = (self._batch_size, *self._images.shape[1:])
+        args = (self._variables, jax.ShapeDtypeStruct(shape, self._images.dtype))
+        if _ahead.signature(args) in fn.programs:
+            return None
+        return lambda: fn.add(args, fn.jitted.lower(*args).compile())
+
+    def _features_fn(self, prefix: str) -> _ahead.AheadFn:
+        return _features_fn(self._model, prefix, prefix in self._pool, self._preprocess)
+
+    def _variables_shape(self) -> Any:
+        if self._variables is None:
+            raise ValueError(
+                "FeatureCache: the variables' shapes are known from the first update(prefix, "
+                "variables) on; call it first."
+            )
+        return self._variables
+
     def __repr__(self) -> str:
         shape = None if self._features is None else self._features.shape
         return f"FeatureCache(prefix={self._prefix!r}, shape={shape})"
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _features_batch(
+def _on_device(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables `features` reads, on the device."""
+    return jax.device_put({k: variables[k] for k in ("params", "batch_stats") if k in variables})
+
+
+@functools.cache
+def _features_fn(
     model: flax.linen.Module,
-    variables: Mapping[str, Any],
-    images: jax.Array,
     upto: str,
     pool: bool,
     preprocess: Callable[[jax.Array], jax.Array],
-) -> jax.Array:
-    return model.apply(variables, preprocess(images), upto=upto, pool=pool, method="features")
+) -> _ahead.AheadFn:
+    """`(variables, images) -> features` jitted, once per `(model, upto, pool, preprocess)`;
+    it runs a program compiled ahead (`FeatureCache.compile_job`) for arguments that fit."""
+
+    def features(variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
+        return model.apply(variables, preprocess(images), upto=upto, pool=pool, method="features")
+
+    return _ahead.AheadFn(jax.jit(features), on_first_call=lambda args: None)

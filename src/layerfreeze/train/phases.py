@@ -153,6 +153,12 @@ class Phases:
         `PhaseChange.prefix_changed` and `frozen_prefix`.
       compile_ahead: compile the phases to come while the current one trains
         (see "Compiling ahead" below). Off by default.
+      feature_cache: the run's `features.FeatureCache`, with `prefix_groups`:
+        compiling ahead then covers the phases whose frozen prefix differs
+        from the current one's too: their train step against the cached
+        features they will get (`FeatureCache.batch_like`, in the batch's
+        `"image"`), and the program computing those features
+        (`FeatureCache.compile_job`).
 
     Compiling ahead: with `compile_ahead=True`, once a phase's train step (and
     eval step) has run, the phases that can be foreseen are built (`build`, on
@@ -168,9 +174,10 @@ class Phases:
     compiled ahead too, and the change costs about one ordinary step; a compile
     still in flight is waited for, one not begun is dropped (the step compiles
     as usual). A step called with another signature (a batch of other shapes)
-    compiles as usual, with a logged note; with `prefix_groups`, a phase whose
-    frozen prefix differs from the current one's is not compiled ahead, as its
-    batches will be other cached features. An error raised while building a
+    compiles as usual, with a logged note; with `prefix_groups`, the train step
+    of a phase whose frozen prefix differs from the current one's is compiled
+    ahead only given the `feature_cache` (its batches will be other cached
+    features), and the eval step (on images) either way. An error raised while building a
     phase ahead is raised where building it would raise it (`update`, at the
     change); one raised while lowering or compiling its step is raised by the
     step's first call at the change when that call has the arguments compiled
@@ -207,6 +214,7 @@ class Phases:
         sharding_rules: _sharding.Rules | None = None,
         prefix_groups: Sequence[str] | None = None,
         compile_ahead: bool = False,
+        feature_cache: Any = None,
     ):
         if not isinstance(schedule, schedules.FreezeSchedule):
             raise TypeError(
@@ -226,6 +234,17 @@ class Phases:
                 raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}.")
         if prefix_groups is not None:
             prefix_groups = _checks.groups(prefix_groups, "prefix_groups", empty=True)
+        if feature_cache is not None:
+            if prefix_groups is None:
+                raise ValueError(
+                    "Phases: feature_cache needs prefix_groups (the groups after which the "
+                    "model can start from cached features, e.g. models.GROUPS[:-1])."
+                )
+            if not all(hasattr(feature_cache, a) for a in ("batch_like", "compile_job")):
+                raise TypeError(
+                    "Phases: feature_cache takes a layerfreeze.train.features.FeatureCache, "
+                    f"got {_checks.given(feature_cache)}."
+                )
         if sharding_rules is not None:
             if mesh is None:
                 raise ValueError("Phases: sharding_rules need the mesh they shard over.")
@@ -243,6 +262,7 @@ class Phases:
         self.mesh = mesh
         self.sharding_rules = sharding_rules
         self.prefix_groups = prefix_groups
+        self.feature_cache = feature_cache
         for index in range(len(schedule.phases)):  # every spec must fit, before any work
             self.plan(index)
         self._cache: dict[Any, Any] = {}
@@ -615,12 +635,21 @@ class Phases:
         if not self.compile_ahead or not self._seen:
             return
         for schedule, index in self._upcoming():
-            if self.prefix_groups is not None and self._prefix_in(schedule, index) != (
-                self._seen_prefix
-            ):
-                continue  # its batches are other cached features, of shapes not seen yet
             key = self._upcoming_key(schedule, index)
+            prefix = self._seen_prefix
+            if self.prefix_groups is not None:
+                prefix = self._prefix_in(schedule, index)
+            if prefix != self._seen_prefix:  # its train batches: other cached features
+                self._queue_features(key, index, prefix)
             for name, args in list(self._seen.items()):
+                if name == "train_step" and prefix != self._seen_prefix:
+                    if self.feature_cache is None:
+                        continue  # of shapes not seen yet
+                    try:
+                        args = (args[0], self.feature_cache.batch_like(prefix, args[1]), *args[2:])
+                    except Exception as e:  # the step compiles at the change
+                        _ahead.log_skip(f"the train step of {key[0]!r}", e)
+                        continue
                 base = _ahead.signature((args[0].replace(opt_state=None), *args[1:]))
                 if (key, name, base) in self._submitted or key in self._ahead_errors:
                     continue
@@ -638,6 +667,17 @@ class Phases:
                 job = functools.partial(self._compile, key, index, steps, name, args)
                 priority = (index, _STEP_NAMES.index(name))  # the next phase's train step first
                 self._jobs.setdefault(key, []).append(_ahead.submit(priority, job))
+
+    def _queue_features(self, key: Any, index: int, prefix: str | None) -> None:
+        """Queues the program computing the features after `prefix` (`feature_cache`'s)."""
+        if self.feature_cache is None or (key, "features", prefix) in self._submitted:
+            return
+        job = self.feature_cache.compile_job(prefix)
+        if job is None:
+            return
+        self._submitted.add((key, "features", prefix))
+        # Before the phase's steps: the change computes the features first.
+        self._jobs.setdefault(key, []).append(_ahead.submit((index, -1), job))
 
     def _compile(self, key: Any, index: int, steps: Any, name: str, args: tuple[Any, ...]) -> None:
         """On the worker: `steps`' step `name` compiled for its phase's abstract arguments."""
