@@ -342,7 +342,12 @@ def fine_tune(
 
     cache = (
         features.FeatureCache(
-            model, ds.train_images, preprocess=data.normalize, batch_size=256, pool=("stage4",)
+            model,
+            ds.train_images,
+            preprocess=data.normalize,
+            batch_size=256,
+            pool=("stage4",),
+            groups=groups[:-1],
         )
         if cached
         else None

@@ -1244,6 +1244,7 @@ class _Run:
                 preprocess=data.normalize,
                 batch_size=config.batch_size,
                 pool=_pooled_feature_groups(builder.model),
+                groups=_feature_groups(builder.model),  # a longer prefix grows from the held
             )
             # Compiled ahead, a change of frozen prefix gets its features' program and
             # its train step on them ready.

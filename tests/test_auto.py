@@ -159,8 +159,8 @@ def test_forecast_names_the_decision_to_come_and_changes_none():
         guesses.append(asked.candidate_schedule().phases[-1].spec.describe())
         if step == 5:
             assert asked.forecast() == ("stem", "body")
-    # Halfway through each interval that ends in a decision: once, after step 5.
-    assert [s for s, d in enumerate(due) if d] == [5]
+    # A quarter and half of the way through each interval that ends in a decision.
+    assert [s for s, d in enumerate(due) if d] == [4, 5]
     # Before any rate, the next front group; then the forecast, which follows the
     # norms: at step 7 the whole interval is seen, and it is the decision.
     assert guesses[:4] == ["stem"] * 4

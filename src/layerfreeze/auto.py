@@ -291,8 +291,8 @@ class AutoFreeze:
         says nothing (or cannot tell yet: the interval in progress has no
         norms, or no interval before it to compare with), the next front
         group alone. The policy may decide otherwise there, and then the
-        guess is discarded. Ask again once the interval in progress is half
-        observed (`forecast_due`): the guess then follows its norms. None when
+        guess is discarded. Ask again when `forecast_due` says so (a quarter
+        and half of the interval observed): the guess then follows its norms. None when
         no group can freeze any more (the next trainable group is the head,
         or not among `candidates`).
 
@@ -330,13 +330,17 @@ class AutoFreeze:
         return self._decide({g: value * scale for g, value in self._sums.items()})[1]
 
     def forecast_due(self) -> bool:
-        """Whether the interval in progress is half observed, just now: time to guess again.
+        """Whether it is time to guess again: the interval in progress is a quarter or
+        half observed, just now.
 
         Call after `observe`; when True, hand `candidate_schedule()` to
-        `Phases.foresee`. True once per interval, and only in an interval
-        that ends in a decision with rates to compare (not the first).
+        `Phases.foresee`. True at most twice per interval, and only in an
+        interval that ends in a decision with rates to compare (not the
+        first). The first guess leaves a compile most of the interval; the
+        second, from twice the norms, replaces it when it differs.
         """
-        return bool(self._previous) and self._count == max(1, self.interval // 2)
+        marks = {max(1, self.interval // 4), max(1, self.interval // 2)}
+        return bool(self._previous) and self._count in marks
 
     # The loop ----------------------------------------------------------------
 

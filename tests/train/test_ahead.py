@@ -78,7 +78,7 @@ def _run(phases, steps=9, policy=None, norms=None):
         history.append(metrics)
         if policy is not None:
             policy.observe({f"grad_norm/{g}": n for g, n in zip(GROUPS, norms[step], strict=True)})
-            if policy.forecast_due():  # halfway through an interval: guess from its norms
+            if policy.forecast_due():  # partway through an interval: guess from its norms
                 phases.foresee(policy.candidate_schedule())
         if change is not None:
             requests[step] = counter.requests

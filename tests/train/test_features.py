@@ -197,11 +197,13 @@ _compute_features = features.compute_features  # not counted
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts the calls of `compute_features` that `FeatureCache` makes, by `upto`."""
+    """Counts the calls of `compute_features` that `FeatureCache` makes: `upto`, or
+    `(upto, start_after)` for features grown from a shorter prefix's."""
     calls = []
 
     def counting(*args, **kwargs):
-        calls.append(kwargs["upto"])
+        start_after = kwargs.get("start_after")
+        calls.append(kwargs["upto"] if start_after is None else (kwargs["upto"], start_after))
         return _compute_features(*args, **kwargs)
 
     monkeypatch.setattr(features, "compute_features", counting)
@@ -256,6 +258,27 @@ def test_feature_cache_recomputes_when_the_prefix_changes(counted):
     )
     assert cache.features.tobytes() == want.tobytes()
     assert counted == ["stage2", "stage4", "stage2"]
+
+
+def test_feature_cache_with_groups_grows_a_prefix_from_the_features_it_holds(counted):
+    model = _model()
+    variables = _variables(model)
+    images = _images(n=6)
+    grown = _cache(model, images, groups=PREFIX_GROUPS)
+    fresh = _cache(model, images)
+    for prefix in ("stem", "stage2", "stage4", "stage1"):
+        assert grown.update(prefix, variables) and fresh.update(prefix, variables)
+        # Within float rounding of the features computed from the images.
+        np.testing.assert_allclose(grown.features, fresh.features, rtol=1e-5, atol=1e-6)
+    # stage1 after the pooled stage4 comes from the images again, as does every prefix
+    # of the cache without groups.
+    assert counted == [
+        "stem", "stem", ("stage2", "stem"), "stage2", ("stage4", "stage2"), "stage4",
+        "stage1", "stage1",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"start_after must be one of \['stem'\]; got 'stage2'"):
+        model.apply(variables, grown.features, upto="stage1", start_after="stage2",
+                    method="features")  # fmt: skip
 
 
 def test_feature_cache_none_empties_it(counted):

@@ -279,7 +279,9 @@ class ResNet(nn.Module):
             first = GROUPS.index(start_after) + 1
         return self._forward(x, train=train, first=first, last=len(GROUPS) - 1)
 
-    def features(self, x: jnp.ndarray, *, upto: str, pool: bool = False) -> jnp.ndarray:
+    def features(
+        self, x: jnp.ndarray, *, upto: str, pool: bool = False, start_after: str | None = None
+    ) -> jnp.ndarray:
         """Output of group ``upto`` in eval mode (BatchNorm on running statistics).
 
         Runs the groups from ``"stem"`` up to and including ``upto``. When those groups are
@@ -287,18 +289,21 @@ class ResNet(nn.Module):
         computed once per example and fed back with ``start_after=upto``.
 
         Args:
-            x: Images, NHWC.
+            x: Images, NHWC; with ``start_after``, the output of that group instead.
             upto: The last group to run, one of :data:`GROUPS` (``"head"`` gives logits).
             pool: Return the spatial mean of ``stage4``'s output, ``[batch, channels]``,
                 which is all the head reads (16x smaller than the 4x4 map of a CIFAR
                 ResNet). Only with ``upto="stage4"``.
+            start_after: Skip the groups up to and including this one, a group before
+                ``upto``: the features of a longer frozen prefix from those of a shorter one.
 
         Returns:
             The group's output in the compute ``dtype`` (float32 logits for ``"head"``).
 
         Raises:
-            ValueError: If ``upto`` is not one of :data:`GROUPS`, or ``pool`` is set with
-                a group other than ``"stage4"``.
+            ValueError: If ``upto`` is not one of :data:`GROUPS`, ``pool`` is set with
+                a group other than ``"stage4"``, or ``start_after`` is not a group before
+                ``upto``.
 
         Example:
             >>> import jax, jax.numpy as jnp
@@ -317,7 +322,11 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"pool=True is only valid with upto='stage4' (the head's input); got {upto!r}."
             )
-        x = self._forward(x, train=False, first=0, last=GROUPS.index(upto))
+        first = 0
+        if start_after is not None:
+            _check_group("start_after", start_after, GROUPS[: GROUPS.index(upto)])
+            first = GROUPS.index(start_after) + 1
+        x = self._forward(x, train=False, first=first, last=GROUPS.index(upto))
         return jnp.mean(x, axis=(1, 2)) if pool else x
 
     @nn.compact

@@ -35,7 +35,7 @@ import flax
 import jax
 import numpy as np
 
-from layerfreeze import _paths, _plan, _spec
+from layerfreeze import _checks, _paths, _plan, _spec
 from layerfreeze.train import _ahead
 
 __all__ = ["FeatureCache", "compute_features", "frozen_prefix"]
@@ -94,23 +94,31 @@ def compute_features(
     preprocess: Callable[[jax.Array], jax.Array],
     batch_size: int,
     pool: bool = False,
+    start_after: str | None = None,
 ) -> np.ndarray:
     """Eval-mode features of `images_uint8` up to group `upto`, as float32 numpy.
 
     Runs `model.features(preprocess(images), upto=upto, pool=pool)` (see
     `layerfreeze.models.ResNet.features`) in jitted batches of `batch_size`;
     the last batch is padded, so one compilation serves all of them. The
-    compiled function is cached per `(model, upto, pool, preprocess)`: pass
-    a module-level function such as `data.normalize`, not a fresh lambda.
+    compiled function is cached per `(model, upto, pool, preprocess,
+    start_after)`: pass a module-level function such as `data.normalize`,
+    not a fresh lambda.
 
     Args:
-      model: a module with a `features(x, *, upto, pool)` method.
+      model: a module with a `features(x, *, upto, pool)` method (and
+        `start_after`, to use that argument).
       variables: `{"params": ..., "batch_stats": ...}`.
-      images_uint8: `[N, H, W, C]` images, as stored by `layerfreeze.train.data`.
+      images_uint8: `[N, H, W, C]` images, as stored by `layerfreeze.train.data`;
+        with `start_after`, the float32 features after that group instead
+        (as this function returns them).
       upto: the last group to run.
-      preprocess: `images -> float images`, e.g. `data.normalize`.
+      preprocess: `images -> float images`, e.g. `data.normalize`; not
+        applied to features (`start_after`).
       batch_size: examples per compiled call.
       pool: return the spatial mean of `stage4` (what the head reads).
+      start_after: the inputs are this group's features: only the groups
+        after it run (`model.features(x, upto=..., start_after=...)`).
 
     Returns:
       float32 `[N, ...]` features, on the host.
@@ -142,7 +150,7 @@ def compute_features(
             chunk = np.concatenate([chunk, pad])
         # Dispatched asynchronously: the previous batch is copied to the host
         # while this one computes.
-        result = _features_fn(model, upto, pool, preprocess)(variables, chunk)
+        result = _features_fn(model, upto, pool, preprocess, start_after)(variables, chunk)
         if pending is not None:
             out = store(*pending)
         pending = (start, real, result)
@@ -157,8 +165,12 @@ class FeatureCache:
     prefix of the phase in force (`frozen_prefix`): the features are
     recomputed from `variables` only when the prefix changes. The groups of a
     prefix stay bit-identical while it lasts, but a phase in between may have
-    trained them, so a prefix seen before is computed again. The features are
-    derived data: never checkpoint them; a resumed run recomputes them.
+    trained them, so a prefix seen before is computed again. Given the model's
+    `groups`, a longer prefix is computed from the features of the shorter one
+    held (unless those are pooled): only the newly frozen groups run, as the
+    groups held stayed frozen since their features were computed (a prefix
+    only grows while it stays frozen). The features are derived data: never
+    checkpoint them; a resumed run recomputes them.
 
     Args:
       model: a module with a `features(x, *, upto, pool)` method (the
@@ -169,10 +181,15 @@ class FeatureCache:
       batch_size: examples per compiled call, >= 1.
       pool: the prefixes whose features are cached pooled (the spatial mean):
         `("stage4",)` for the bundled ResNets, whose head reads only the mean.
+      groups: the groups in order from the input (`models.GROUPS[:-1]` for
+        the bundled ResNets), to compute a longer prefix's features from the
+        shorter prefix's (the model's `features` takes `start_after`). None:
+        every prefix from the images.
 
     Raises:
       ValueError: `batch_size` < 1 or no images.
-      TypeError: `pool` is a string rather than a collection of names.
+      TypeError: `pool` is a string rather than a collection of names, or
+        `groups` no sequence of names.
 
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> from layerfreeze.train import data
@@ -197,7 +214,10 @@ class FeatureCache:
         preprocess: Callable[[jax.Array], jax.Array],
         batch_size: int,
         pool: Collection[str] = (),
+        groups: Sequence[str] | None = None,
     ):
+        if groups is not None:
+            groups = _checks.groups(groups, "FeatureCache: groups", empty=True)
         if isinstance(pool, str):
             raise TypeError(
                 f"pool must be a collection of group names such as ({pool!r},), got the "
@@ -210,10 +230,12 @@ class FeatureCache:
         self._model, self._images = model, images
         self._preprocess, self._batch_size = preprocess, batch_size
         self._pool = frozenset(pool)
+        self._groups = None if groups is None else tuple(groups)
         self._prefix: str | None = None
         self._features: np.ndarray | None = None
         self._seconds = 0.0
         self._variables: Any = None  # their shapes, as the last `update` placed them
+        self._shapes: dict[str, tuple[int, ...]] = {}  # per prefix: one example's features
 
     @property
     def prefix(self) -> str | None:
@@ -255,6 +277,7 @@ class FeatureCache:
             self._variables = _ahead.abstract(_on_device(variables))
         if prefix == self._prefix:
             return False
+        start_after, inputs = self._source(prefix)
         # Emptied first: a failed computation must not leave stale features behind.
         self._prefix, self._features, self._seconds = None, None, 0.0
         if prefix is None:
@@ -264,23 +287,41 @@ class FeatureCache:
         features = compute_features(
             self._model,
             variables,
-            self._images,
+            inputs,
             upto=prefix,
             preprocess=self._preprocess,
             batch_size=self._batch_size,
             pool=prefix in self._pool,
+            start_after=start_after,
         )
         self._prefix, self._features = prefix, features
         self._variables = _ahead.abstract(_on_device(variables))
         self._seconds = time.perf_counter() - start
         _log.info(
-            "Cached the features after %s: shape %s float32 (%.1f MiB) in %.2fs.",
+            "Cached the features after %s%s: shape %s float32 (%.1f MiB) in %.2fs.",
             prefix,
+            "" if start_after is None else f" (from those after {start_after})",
             features.shape,
             features.nbytes / 2**20,
             self._seconds,
         )
         return True
+
+    def _source(self, prefix: str | None) -> tuple[str | None, np.ndarray]:
+        """`(start_after, inputs)` the features after `prefix` are computed from: the
+        features held when they are of a shorter prefix (and `groups` orders them),
+        else the images."""
+        held, order = self._prefix, self._groups
+        if (
+            order is not None
+            and held is not None
+            and held not in self._pool
+            and held in order
+            and prefix in order
+            and order.index(held) < order.index(prefix)
+        ):
+            return held, self._features
+        return None, self._images
 
     # Compiling ahead (`train.Phases(..., feature_cache=cache)`) -------------------
 
@@ -300,14 +341,19 @@ class FeatureCache:
         """
         size = np.shape(batch[key])[0]
         if prefix is None:
-            shape, dtype = (size, *self._images.shape[1:]), self._images.dtype
+            shape, dtype = self._images.shape[1:], self._images.dtype
         else:
-            one = jax.ShapeDtypeStruct((1, *self._images.shape[1:]), self._images.dtype)
-            out = jax.eval_shape(self._features_fn(prefix).jitted, self._variables_shape(), one)
-            shape, dtype = (size, *out.shape[1:]), np.float32  # stored as float32 on the host
+            if prefix not in self._shapes:
+                one = jax.ShapeDtypeStruct((1, *self._images.shape[1:]), self._images.dtype)
+                fn = self._features_fn(prefix).jitted
+                self._shapes[prefix] = jax.eval_shape(fn, self._variables_shape(), one).shape[1:]
+            shape, dtype = self._shapes[prefix], np.float32  # stored as float32 on the host
         # Split over the devices as the entry it replaces (its leading dimension).
         sharding = getattr(batch[key], "sharding", None)
-        return {**batch, key: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)}
+        return {
+            **batch,
+            key: jax.ShapeDtypeStruct((size, *shape), np.dtype(dtype), sharding=sharding),
+        }
 
     def compile_job(self, prefix: str | None) -> Callable[[], None] | None:
         """A job compiling the program `update(prefix, ...)` will run, for a background thread.
@@ -318,19 +364,23 @@ class FeatureCache:
         nothing to trace or compile. None when there is nothing to compile:
         `prefix` is None, `update` has not been called yet, or the program is
         there already. The variables are expected in the shapes, dtypes and
-        placement `update` saw last.
+        placement `update` saw last, and the features to be computed from
+        what the cache holds now (the features of a shorter prefix, given
+        `groups`, or the images).
         """
         if prefix is None or self._variables is None:
             return None
-        fn = self._features_fn(prefix)
-        shape = (self._batch_size, *self._images.shape[1:])
-        args = (self._variables, jax.ShapeDtypeStruct(shape, self._images.dtype))
+        start_after, inputs = self._source(prefix)  # as `update` would compute it now
+        fn = self._features_fn(prefix, start_after)
+        shape = (self._batch_size, *inputs.shape[1:])
+        args = (self._variables, jax.ShapeDtypeStruct(shape, inputs.dtype))
         if _ahead.signature(args) in fn.programs:
             return None
         return lambda: fn.add(args, fn.jitted.lower(*args).compile())
 
-    def _features_fn(self, prefix: str) -> _ahead.AheadFn:
-        return _features_fn(self._model, prefix, prefix in self._pool, self._preprocess)
+    def _features_fn(self, prefix: str, start_after: str | None = None) -> _ahead.AheadFn:
+        pool = prefix in self._pool
+        return _features_fn(self._model, prefix, pool, self._preprocess, start_after)
 
     def _variables_shape(self) -> Any:
         if self._variables is None:
@@ -356,11 +406,19 @@ def _features_fn(
     upto: str,
     pool: bool,
     preprocess: Callable[[jax.Array], jax.Array],
+    start_after: str | None = None,
 ) -> _ahead.AheadFn:
-    """`(variables, images) -> features` jitted, once per `(model, upto, pool, preprocess)`;
-    it runs a program compiled ahead (`FeatureCache.compile_job`) for arguments that fit."""
+    """`(variables, inputs) -> features` jitted, once per its arguments; it runs a
+    program compiled ahead (`FeatureCache.compile_job`) for arguments that fit."""
+    kwargs = {"upto": upto, "pool": pool, "method": "features"}
+    if start_after is not None:  # the inputs are features: no preprocessing
+        kwargs["start_after"], preprocess = start_after, _identity
 
-    def features(variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
-        return model.apply(variables, preprocess(images), upto=upto, pool=pool, method="features")
+    def features(variables: Mapping[str, Any], inputs: jax.Array) -> jax.Array:
+        return model.apply(variables, preprocess(inputs), **kwargs)
 
     return _ahead.AheadFn(jax.jit(features), on_first_call=lambda args: None)
+
+
+def _identity(x: Any) -> Any:
+    return x

@@ -642,14 +642,11 @@ class Phases:
             if prefix != self._seen_prefix:  # its train batches: other cached features
                 self._queue_features(key, index, prefix)
             for name, args in list(self._seen.items()):
+                features = None  # the train batch's other features, found on the worker
                 if name == "train_step" and prefix != self._seen_prefix:
                     if self.feature_cache is None:
                         continue  # of shapes not seen yet
-                    try:
-                        args = (args[0], self.feature_cache.batch_like(prefix, args[1]), *args[2:])
-                    except Exception as e:  # the step compiles at the change
-                        _ahead.log_skip(f"the train step of {key[0]!r}", e)
-                        continue
+                    features = functools.partial(self.feature_cache.batch_like, prefix)
                 base = _ahead.signature((args[0].replace(opt_state=None), *args[1:]))
                 if (key, name, base) in self._submitted or key in self._ahead_errors:
                     continue
@@ -664,8 +661,10 @@ class Phases:
                 if not isinstance(fn, _ahead.AheadFn) or fn.called:
                     continue  # a bare optimizer, or a phase that ran (and compiled) already
                 self._submitted.add((key, name, base))
-                job = functools.partial(self._compile, key, index, steps, name, args)
-                priority = (index, _STEP_NAMES.index(name))  # the next phase's train step first
+                job = functools.partial(self._compile, key, index, steps, name, args, features)
+                # Train steps before eval steps (an eval comes later, and a change waits for
+                # a compile in flight), the next phase first.
+                priority = (_STEP_NAMES.index(name), index, 0)
                 self._jobs.setdefault(key, []).append(_ahead.submit(priority, job))
 
     def _queue_features(self, key: Any, index: int, prefix: str | None) -> None:
@@ -676,12 +675,27 @@ class Phases:
         if job is None:
             return
         self._submitted.add((key, "features", prefix))
-        # Before the phase's steps: the change computes the features first.
-        self._jobs.setdefault(key, []).append(_ahead.submit((index, -1), job))
+        # Before the phase's train step: the change computes the features first.
+        self._jobs.setdefault(key, []).append(_ahead.submit((0, index, -1), job))
 
-    def _compile(self, key: Any, index: int, steps: Any, name: str, args: tuple[Any, ...]) -> None:
-        """On the worker: `steps`' step `name` compiled for its phase's abstract arguments."""
+    def _compile(
+        self,
+        key: Any,
+        index: int,
+        steps: Any,
+        name: str,
+        args: tuple[Any, ...],
+        features: Callable[[Any], Any] | None,
+    ) -> None:
+        """On the worker: `steps`' step `name` compiled for its phase's abstract arguments
+        (the batch as `features` makes it, when the phase trains on other features)."""
         state, *rest = args
+        if features is not None:
+            try:
+                rest[0] = features(rest[0])
+            except Exception as e:  # the step compiles at the change
+                _ahead.log_skip(f"the train step of {key[0]!r}", e)
+                return
         start = self._starts.get(key)
         if start is None or start.given != _ahead.signature(state.params):
             try:
