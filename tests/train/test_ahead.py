@@ -338,3 +338,22 @@ def test_with_the_feature_cache_a_change_of_frozen_prefix_compiles_nothing():
     assert ahead == {2: 0} and at_change[2] >= 2
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_compile_queued_by_a_first_step_starts_once_that_step_has_run():
+    # A step of about a second, dispatched asynchronously: the job queued with its
+    # output finds it computed, while one queued without finds it running.
+    @jax.jit
+    def step(x):
+        return jax.lax.fori_loop(0, 600, lambda i, y: jnp.tanh(y @ y), x)
+
+    x = jnp.full((256, 256), 0.01, jnp.float32)
+    jax.block_until_ready(step(x))  # compiled
+    seen = {}
+    for name, wrap in (("alone", lambda out, job: job), ("after", _ahead.after)):
+        out = step(x)
+        future = _ahead.submit(
+            (0,), wrap(out, lambda out=out, name=name: seen.setdefault(name, out.is_ready()))
+        )
+        assert _ahead.wait(future, timeout=60.0)
+    assert seen == {"alone": False, "after": True}

@@ -41,7 +41,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["AheadFn", "abstract", "log_skip", "signature", "submit", "wait"]
+__all__ = ["AheadFn", "abstract", "after", "log_skip", "signature", "submit", "wait"]
 
 _log = logging.getLogger(__name__)
 
@@ -100,11 +100,12 @@ class AheadFn:
 
     Args:
       jitted: the `jax.jit`-wrapped function.
-      on_first_call: called with the arguments of the first call (what a
-        phase's first step looks like, for compiling the next phases).
+      on_first_call: called with the abstract arguments of the first call
+        (what a phase's first step looks like, for compiling the next phases)
+        and its outputs (still being computed: dispatch is asynchronous).
     """
 
-    def __init__(self, jitted: Any, on_first_call: Callable[[tuple[Any, ...]], None]):
+    def __init__(self, jitted: Any, on_first_call: Callable[[tuple[Any, ...], Any], None]):
         self.jitted = jitted
         self.programs: dict[Signature, Any] = {}
         self.failures: dict[Signature, BaseException] = {}
@@ -133,7 +134,7 @@ class AheadFn:
         self.called = True
         first = abstract(args)  # before the call: it may donate the arrays
         out = self._call(args, kwargs)
-        self._on_first_call(first)
+        self._on_first_call(first, out)
         return out
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -157,6 +158,25 @@ class AheadFn:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.jitted, name)
+
+
+def after(outputs: Any, job: Callable[[], Any]) -> Callable[[], Any]:
+    """`job`, run once the arrays in `outputs` are computed (or deleted: donated).
+
+    A compile queued by a phase's first step starts when that step has run,
+    so that the change's step has the CPU (and Python) to itself.
+    """
+    arrays = [x for x in jax.tree.leaves(outputs) if isinstance(x, jax.Array)]
+
+    def waited() -> Any:
+        for x in arrays:
+            try:
+                x.block_until_ready()
+            except Exception:  # donated to the next step meanwhile: this one has run
+                pass
+        return job()
+
+    return waited
 
 
 def log_skip(what: str, error: BaseException) -> None:

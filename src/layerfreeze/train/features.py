@@ -417,7 +417,7 @@ def _features_fn(
     def features(variables: Mapping[str, Any], inputs: jax.Array) -> jax.Array:
         return model.apply(variables, preprocess(inputs), **kwargs)
 
-    return _ahead.AheadFn(jax.jit(features), on_first_call=lambda args: None)
+    return _ahead.AheadFn(jax.jit(features), on_first_call=lambda args, out: None)
 
 
 def _identity(x: Any) -> Any:

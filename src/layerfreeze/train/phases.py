@@ -280,6 +280,7 @@ class Phases:
         self._seen: dict[str, tuple[Any, ...]] = {}  # step name -> abstract args, latest phase
         self._seen_prefix: str | None = None  # the frozen prefix of the phase they come from
         self._foreseen: schedules.FreezeSchedule | None = None
+        self._first_outputs: Any = None  # of the step whose first call queues compiles
 
     # Where we are ------------------------------------------------------------
 
@@ -613,11 +614,19 @@ class Phases:
             for future in futures:
                 _ahead.wait(future)
 
-    def _record(self, name: str, args: tuple[Any, ...]) -> None:
-        """A step's first call in a phase: what the next phases' programs take."""
+    def _record(self, name: str, args: tuple[Any, ...], outputs: Any = None) -> None:
+        """A step's first call in a phase: what the next phases' programs take.
+
+        The compiles it queues start once the step's `outputs` are computed:
+        the first step of a phase (the change) runs with nothing beside it.
+        """
         self._seen[name] = args
         self._seen_prefix = self.frozen_prefix(self.current)
-        self._schedule_ahead()
+        self._first_outputs = outputs
+        try:
+            self._schedule_ahead()
+        finally:
+            self._first_outputs = None
 
     def _upcoming(self) -> Iterator[tuple[schedules.FreezeSchedule, int]]:
         """`(schedule, index)` of the phases after the current one, the foreseen last."""
@@ -665,7 +674,7 @@ class Phases:
                 # Train steps before eval steps (an eval comes later, and a change waits for
                 # a compile in flight), the next phase first.
                 priority = (_STEP_NAMES.index(name), index, 0)
-                self._jobs.setdefault(key, []).append(_ahead.submit(priority, job))
+                self._jobs.setdefault(key, []).append(_ahead.submit(priority, self._after(job)))
 
     def _queue_features(self, key: Any, index: int, prefix: str | None) -> None:
         """Queues the program computing the features after `prefix` (`feature_cache`'s)."""
@@ -676,7 +685,12 @@ class Phases:
             return
         self._submitted.add((key, "features", prefix))
         # Before the phase's train step: the change computes the features first.
-        self._jobs.setdefault(key, []).append(_ahead.submit((0, index, -1), job))
+        self._jobs.setdefault(key, []).append(_ahead.submit((0, index, -1), self._after(job)))
+
+    def _after(self, job: Callable[[], Any]) -> Callable[[], Any]:
+        """`job`, waiting first for the outputs of the step that queued it, if one did."""
+        outputs = self._first_outputs
+        return job if outputs is None else _ahead.after(outputs, job)
 
     def _compile(
         self,
@@ -869,7 +883,7 @@ def _compile_cast(cast: Callable[[Any], Any] | None, params: Any) -> tuple[Any, 
     return jax.tree.unflatten(treedef, leaves), (which, program)
 
 
-def _first_call(ref: "weakref.ref[Phases]", name: str, args: tuple[Any, ...]) -> None:
+def _first_call(ref: "weakref.ref[Phases]", name: str, args: tuple[Any, ...], outputs: Any) -> None:
     """A phase's step ran for the first time, with abstract `args`: plan the next phases."""
     phases = ref()
     if phases is None or not args:
@@ -877,7 +891,7 @@ def _first_call(ref: "weakref.ref[Phases]", name: str, args: tuple[Any, ...]) ->
     if not all(hasattr(args[0], a) for a in ("opt_state", "params", "replace")):
         return  # a state of another kind: nothing to derive the next phases' from
     try:
-        phases._record(name, args)
+        phases._record(name, args, outputs)
     except Exception as e:  # the step itself ran; the next phases compile at their changes
         _ahead.log_skip("the next phases", e)
 
