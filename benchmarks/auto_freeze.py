@@ -357,13 +357,21 @@ def fine_tune(
         schedule, build, params=params, compile_ahead=args.compile_ahead,
         prefix_groups=groups[:-1] if cached else None, feature_cache=cache,
     )  # fmt: skip
-    if policy is not None:  # its likeliest next phase, compiled ahead (with --compile_ahead)
-        phases.foresee(policy.candidate_schedule())
+    guess = None  # the spec of the phase last foreseen (AutoFreeze's guess)
+
+    def foresee() -> str | None:  # its likeliest next phase, compiled ahead (--compile_ahead)
+        candidate = policy.candidate_schedule()
+        phases.foresee(candidate)
+        return None if candidate is None else candidate.phases[-1].spec.describe()
+
+    if policy is not None:
+        guess = foresee()
     state = phases.init_state(variables, jax.random.key(args.seed))
     seen: list[dict[str, Any]] = []  # per phase: start, spec, steps, an example batch
     curve: list[tuple[float, int, float]] = []
     first_steps: list[tuple[int, float]] = []  # (step, seconds) of each phase's first step
     feature_seconds: dict[int, float] = {}  # step -> computing the cached features there
+    guessed: dict[int, bool] = {}  # AutoFreeze's decision step -> whether it was the guess
     step_seconds: list[float] = []  # every other step's
     eval_seconds = 0.0
     elapsed, clock = 0.0, time.perf_counter()
@@ -371,7 +379,8 @@ def fine_tune(
         before = time.perf_counter()  # a phase change counts from its decision on
         if policy is not None and policy.update(step):
             phases.extend(policy.schedule)
-            phases.foresee(policy.candidate_schedule())
+            guessed[step] = policy.schedule.phases[-1].spec.describe() == guess
+            guess = foresee()
         steps, state, change = phases.update(step, state)
         idx = data.batch_indices(args.seed, step, ds.num_train, args.batch_size)
         inputs = ds.train_images[idx]
@@ -396,7 +405,7 @@ def fine_tune(
         if policy is not None:
             policy.observe(metrics)
             if args.compile_ahead and policy.forecast_due():  # the guess, from its norms
-                phases.foresee(policy.candidate_schedule())
+                guess = foresee()
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             elapsed += time.perf_counter() - clock
             evaluated = time.perf_counter()
@@ -432,6 +441,8 @@ def fine_tune(
         "stalls": [(start, sec / float(np.median(step_seconds))) for start, sec in first_steps[1:]],
         # Of which computing the new prefix's features (auto+cache), in seconds.
         "feature_seconds": feature_seconds,
+        # AutoFreeze's changes: whether the phase last foreseen was the one decided.
+        "guessed": guessed,
         "eval_seconds": eval_seconds,
         "cache_mib": 0.0 if cache is None else cache.nbytes / 2**20,
     }
@@ -524,6 +535,7 @@ def format_markdown(results: list[dict[str, Any]]) -> str:
             "; ".join(
                 f"{start}: {x:.1f}x"
                 + _features_note(r["feature_seconds"], start, x, r["median_step"])
+                + _guess_note(r["guessed"], start)
                 for start, x in r["stalls"]
             )
             or "-"
@@ -542,6 +554,12 @@ def _features_note(seconds: dict[int, float], start: int, stall: float, median: 
     if start not in seconds:
         return ""
     return f" (features {seconds[start]:.2f} s; {stall - seconds[start] / median:.1f}x without)"
+
+
+def _guess_note(guessed: dict[int, bool], start: int) -> str:
+    """`", guessed"` or `", not guessed"` for an AutoFreeze change (as a JSON key or not)."""
+    hit = guessed.get(start, guessed.get(str(start)))
+    return "" if hit is None else (", guessed" if hit else ", not guessed")
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:

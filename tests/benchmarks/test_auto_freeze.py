@@ -19,6 +19,7 @@ def _result(run, curve, first_steps, phases):
         "phases": phases,
         "total_tflops": sum(p["gflops"] * p["steps"] for p in phases) / 1e3,
         "feature_seconds": {},
+        "guessed": {},
     }
 
 
@@ -45,6 +46,7 @@ def test_time_to_target_speedups_and_table():
         [{"start": 0, "steps": 60, "spec": "none", "gflops": 1.0}],
     )
     auto["feature_seconds"] = {50: 1.5}  # the change at step 50 computed cached features
+    auto["guessed"] = {30: True, 50: False}  # AutoFreeze foresaw the first change only
     full, auto, never = auto_freeze.summarise([full, auto, never])
     # Target: 0.97 - 0.005 = 0.965, reached by full at 30 s and by auto at 12 s.
     assert full["seconds_to_target"] == 30.0 and auto["seconds_to_target"] == 12.0
@@ -62,7 +64,10 @@ def test_time_to_target_speedups_and_table():
     assert "| auto | 0.9680 | 12.0 | 2.50x | 6.0 (4.33x) | 40 | 0.035 (1.71x) |" in table
     # The median step (ms), each change's first step over it, the evaluations' seconds.
     # With cached features, also the stall without computing them: (2.0 - 1.5) / 0.5.
-    assert "| 500 | 30: 4.0x; 50: 4.0x (features 1.50 s; 1.0x without) | 1.0 |" in table
+    assert (
+        "| 500 | 30: 4.0x, guessed; 50: 4.0x (features 1.50 s; 1.0x without), not guessed | 1.0 |"
+        in table
+    )
     assert "| 500 | - | 1.0 |" in table  # full: no change
     assert "| freezeout | 0.9000 | not reached | - | - | - | - |" in table
 
