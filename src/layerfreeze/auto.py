@@ -319,9 +319,10 @@ class AutoFreeze:
         norms yet or no interval before it. Fetches the norms observed so far
         (waits for their steps); the decision itself is unchanged by it.
 
-        Over `benchmarks/auto_freeze.py`'s runs, a forecast halfway through
-        the interval named every change of the ResNet's run exactly and two of
-        the ViT's four (`benchmarks/RESULTS.md`).
+        In `benchmarks/auto_freeze.py`'s runs, the guess it made (asked a
+        quarter and half of the way through each interval) was the phase
+        decided at all three of the ResNet's changes, the first freezing three
+        groups at once, and at three of the ViT's four (`benchmarks/RESULTS.md`).
         """
         self._fetch()
         if not self._count:
