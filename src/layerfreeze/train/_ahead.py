@@ -164,9 +164,12 @@ def after(outputs: Any, job: Callable[[], Any]) -> Callable[[], Any]:
     """`job`, run once the arrays in `outputs` are computed (or deleted: donated).
 
     A compile queued by a phase's first step starts when that step has run,
-    so that the change's step has the CPU (and Python) to itself.
+    so that the change's step has the CPU (and Python) to itself. One
+    execution's outputs become ready together: only the smallest is kept (not
+    the state, which would stay alive until the job runs).
     """
     arrays = [x for x in jax.tree.leaves(outputs) if isinstance(x, jax.Array)]
+    arrays = sorted(arrays, key=lambda x: x.nbytes)[:1]
 
     def waited() -> Any:
         for x in arrays:
