@@ -177,9 +177,10 @@ class Phases:
     compiles as usual, with a logged note; with `prefix_groups`, the train step
     of a phase whose frozen prefix differs from the current one's is compiled
     ahead only given the `feature_cache` (its batches will be other cached
-    features), and the eval step (on images) either way. An error raised while building a
-    phase ahead is raised where building it would raise it (`update`, at the
-    change); one raised while lowering or compiling its step is raised by the
+    features), and the eval step (on images) either way. The compiles queued
+    by a phase's first step start once that step has run. An error raised
+    while building a phase ahead is raised where building it would raise it
+    (`update`, at the change); one raised while lowering or compiling its step is raised by the
     step's first call at the change when that call has the arguments compiled
     for (the error compiling there would raise), with a note and the background
     thread's traceback. One background thread serves the whole process: a
