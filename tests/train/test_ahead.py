@@ -357,3 +357,28 @@ def test_a_compile_queued_by_a_first_step_starts_once_that_step_has_run():
         )
         assert _ahead.wait(future, timeout=60.0)
     assert seen == {"alone": False, "after": True}
+
+
+def test_a_change_leaves_its_eval_step_compiling_in_the_background():
+    phases = _phases(compile_ahead=True)
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    steps, state, _ = phases.update(0, state)
+    release = threading.Event()
+    blocker = _ahead.submit((-1,), lambda: release.wait(60.0))  # the worker held
+    try:
+        state, _ = steps.train_step(state, BATCH)  # queues the later phases' compiles
+        steps.eval_step(state, BATCH)
+        for step in (1, 2):
+            steps, state, _ = phases.update(step, state)
+            state, _ = steps.train_step(state, BATCH)
+        # Phase 1 begins with its compiles still queued: the train step's is dropped
+        # (it compiles at its first call), the eval step's is kept.
+        steps, state, change = phases.update(3, state)
+        assert change.index == 1
+    finally:
+        release.set()
+    assert _ahead.wait(blocker, timeout=60.0) and phases.wait_ahead(timeout=60.0)
+    with platform.CompileCounter() as counter:
+        jax.block_until_ready(steps.eval_step(state, BATCH))
+    assert counter.requests == 0
+    phases.close(wait=True)

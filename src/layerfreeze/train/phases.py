@@ -276,6 +276,10 @@ class Phases:
         self._ahead_steps: dict[Any, Any] = {}
         self._ahead_errors: dict[Any, BaseException] = {}
         self._jobs: dict[Any, list[concurrent.futures.Future]] = {}
+        # Eval-step compiles, which a change does not wait for; once their phase has
+        # begun, those not done are kept here (its first evaluation may find them done).
+        self._eval_jobs: set[concurrent.futures.Future] = set()
+        self._begun: list[concurrent.futures.Future] = []
         self._starts: dict[Any, _Start] = {}
         self._submitted: set[tuple[Any, str, Any]] = set()  # (key, step name, base signature)
         self._seen: dict[str, tuple[Any, ...]] = {}  # step name -> abstract args, latest phase
@@ -594,10 +598,11 @@ class Phases:
           are raised at their phase's change).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        for future in [f for jobs in list(self._jobs.values()) for f in jobs]:
+        for future in [*(f for jobs in list(self._jobs.values()) for f in jobs), *self._begun]:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             _ahead.wait(future, left)
-        return all(f.done() for jobs in list(self._jobs.values()) for f in jobs)
+        pending = [*(f for jobs in list(self._jobs.values()) for f in jobs), *self._begun]
+        return all(f.done() for f in pending)
 
     def close(self, *, wait: bool = False) -> None:
         """Stops compiling ahead: cancels the compiles not begun, drops what was built ahead.
@@ -606,7 +611,10 @@ class Phases:
         to end (so that it does not compete with what runs next); its program
         is dropped either way. The phases stay usable, compiling at each change.
         """
-        futures = [f for jobs in self._jobs.values() for f in jobs]
+        futures = [*(f for jobs in self._jobs.values() for f in jobs), *self._begun]
+        for future in self._begun:
+            future.cancel()
+        self._begun.clear()
         self.compile_ahead = False
         self._foreseen = None
         self._prune()
@@ -675,7 +683,10 @@ class Phases:
                 # Train steps before eval steps (an eval comes later, and a change waits for
                 # a compile in flight), the next phase first.
                 priority = (_STEP_NAMES.index(name), index, 0)
-                self._jobs.setdefault(key, []).append(_ahead.submit(priority, self._after(job)))
+                future = _ahead.submit(priority, self._after(job))
+                self._jobs.setdefault(key, []).append(future)
+                if name == "eval_step":
+                    self._eval_jobs.add(future)
 
     def _queue_features(self, key: Any, index: int, prefix: str | None) -> None:
         """Queues the program computing the features after `prefix` (`feature_cache`'s)."""
@@ -756,11 +767,20 @@ class Phases:
         """At a change: the compiles of the new phase done, or not to be waited for.
 
         A compile still queued is cancelled (the step compiles at its first
-        call instead); one in flight is waited for. A failure of the phase's
-        own lowering or compiling is the step's to raise (`AheadFn.fail`);
-        anything else that failed only means that the step compiles as usual.
+        call instead); one in flight is waited for. The eval step's compile is
+        neither: the change does not need it, and it goes on in the background
+        (an evaluation that comes first compiles as usual). A failure of the
+        phase's own lowering or compiling is the step's to raise
+        (`AheadFn.fail`); anything else that failed only means that the step
+        compiles as usual.
         """
+        self._begun = [f for f in self._begun if not f.done()]
         for future in self._jobs.pop(key, []):
+            if future in self._eval_jobs:
+                self._eval_jobs.discard(future)
+                if not future.done():
+                    self._begun.append(future)
+                continue
             if future.cancel() or not _ahead.wait(future):
                 continue
             if future.exception() is not None:
@@ -776,6 +796,7 @@ class Phases:
                 continue
             for future in self._jobs.pop(key, []):
                 future.cancel()
+                self._eval_jobs.discard(future)
             self._ahead_steps.pop(key, None)
             self._ahead_errors.pop(key, None)
         # The worker may add to `_starts` meanwhile: list() copies the keys in one
