@@ -292,9 +292,9 @@ class AutoFreeze:
         norms, or no interval before it to compare with), the next front
         group alone. The policy may decide otherwise there, and then the
         guess is discarded. Ask again when `forecast_due` says so (a quarter
-        and half of the interval observed): the guess then follows its norms. None when
-        no group can freeze any more (the next trainable group is the head,
-        or not among `candidates`).
+        and half of the interval observed): the guess then follows its
+        norms. None when no group can freeze any more (the next trainable
+        group is the head, or not among `candidates`).
 
         >>> policy = AutoFreeze(["stem", "body", "head"], interval=2)
         >>> print(policy.candidate_schedule().describe())

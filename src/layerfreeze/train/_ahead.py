@@ -169,12 +169,12 @@ def after(outputs: Any, job: Callable[[], Any]) -> Callable[[], Any]:
     the state, which would stay alive until the job runs).
     """
     arrays = [x for x in jax.tree.leaves(outputs) if isinstance(x, jax.Array)]
-    arrays = sorted(arrays, key=lambda x: x.nbytes)[:1]
+    smallest = min(arrays, key=lambda x: x.nbytes, default=None)
 
     def waited() -> Any:
-        for x in arrays:
+        if smallest is not None:
             try:
-                x.block_until_ready()
+                smallest.block_until_ready()
             except Exception:  # donated to the next step meanwhile: this one has run
                 pass
         return job()

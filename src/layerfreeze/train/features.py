@@ -264,7 +264,8 @@ class FeatureCache:
           prefix: the last group of the phase's frozen prefix, or None when the
             phase leaves none (then the cache is emptied: train on images).
           variables: `{"params": ..., "batch_stats": ...}` as they are now
-            (e.g. the train state's); read only when recomputing.
+            (e.g. the train state's); read when recomputing, and their shapes
+            on the first call (for `compile_job`).
 
         Returns:
           Whether the features were computed (False: the prefix is unchanged,
@@ -274,7 +275,7 @@ class FeatureCache:
           ValueError: the model cannot stop at `prefix`; the cache is then empty.
         """
         if self._variables is None:
-            self._variables = _ahead.abstract(_on_device(variables))
+            self._variables = _abstract_variables(variables)
         if prefix == self._prefix:
             return False
         start_after, inputs = self._source(prefix)
@@ -295,7 +296,7 @@ class FeatureCache:
             start_after=start_after,
         )
         self._prefix, self._features = prefix, features
-        self._variables = _ahead.abstract(_on_device(variables))
+        self._variables = _abstract_variables(variables)
         self._seconds = time.perf_counter() - start
         _log.info(
             "Cached the features after %s%s: shape %s float32 (%.1f MiB) in %.2fs.",
@@ -395,9 +396,20 @@ class FeatureCache:
         return f"FeatureCache(prefix={self._prefix!r}, shape={shape})"
 
 
+def _read(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables `features` reads."""
+    return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+
+
 def _on_device(variables: Mapping[str, Any]) -> dict[str, Any]:
     """The variables `features` reads, on the device."""
-    return jax.device_put({k: variables[k] for k in ("params", "batch_stats") if k in variables})
+    return jax.device_put(_read(variables))
+
+
+def _abstract_variables(variables: Mapping[str, Any]) -> Any:
+    """Their shapes, dtypes and shardings, as `compute_features` gets them: device
+    arrays (a train state's) stay where they are, so nothing is copied to find out."""
+    return _ahead.abstract(_read(variables))
 
 
 @functools.cache

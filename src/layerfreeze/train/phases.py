@@ -598,11 +598,14 @@ class Phases:
           are raised at their phase's change).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        for future in [*(f for jobs in list(self._jobs.values()) for f in jobs), *self._begun]:
+        for future in self._futures():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             _ahead.wait(future, left)
-        pending = [*(f for jobs in list(self._jobs.values()) for f in jobs), *self._begun]
-        return all(f.done() for f in pending)
+        return all(f.done() for f in self._futures())
+
+    def _futures(self) -> list[concurrent.futures.Future]:
+        """Every compile queued ahead: of the phases to come, and the eval steps left going."""
+        return [*(f for jobs in list(self._jobs.values()) for f in jobs), *self._begun]
 
     def close(self, *, wait: bool = False) -> None:
         """Stops compiling ahead: cancels the compiles not begun, drops what was built ahead.
@@ -611,7 +614,7 @@ class Phases:
         to end (so that it does not compete with what runs next); its program
         is dropped either way. The phases stay usable, compiling at each change.
         """
-        futures = [*(f for jobs in self._jobs.values() for f in jobs), *self._begun]
+        futures = self._futures()
         for future in self._begun:
             future.cancel()
         self._begun.clear()
