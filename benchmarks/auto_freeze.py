@@ -355,6 +355,7 @@ def fine_tune(
     # With the cache, compiling ahead covers the phases that train on other features.
     phases = train.Phases(
         schedule, build, params=params, compile_ahead=args.compile_ahead,
+        warm_up=False if getattr(args, "no_warm_up", False) else None,
         prefix_groups=groups[:-1] if cached else None, feature_cache=cache,
     )  # fmt: skip
     guess = None  # the spec of the phase last foreseen (AutoFreeze's guess)
@@ -373,6 +374,7 @@ def fine_tune(
     feature_seconds: dict[int, float] = {}  # step -> computing the cached features there
     guessed: dict[int, bool] = {}  # AutoFreeze's decision step -> whether it was the guess
     step_seconds: list[float] = []  # every other step's
+    phase_seconds: dict[int, list[float]] = {}  # the same, by the step its phase began
     eval_seconds = 0.0
     elapsed, clock = 0.0, time.perf_counter()
     for step in range(total):
@@ -402,6 +404,7 @@ def fine_tune(
             first_steps.append((step, time.perf_counter() - before))
         else:
             step_seconds.append(time.perf_counter() - before)
+            phase_seconds.setdefault(first_steps[-1][0], []).append(step_seconds[-1])
         if policy is not None:
             policy.observe(metrics)
             if args.compile_ahead and policy.forecast_due():  # the guess, from its norms
@@ -439,6 +442,12 @@ def fine_tune(
         # Each phase change's first step (its decision and `Phases.update` included)
         # over the run's median step.
         "stalls": [(start, sec / float(np.median(step_seconds))) for start, sec in first_steps[1:]],
+        # The same over the median step of the phase it begins: what the change adds.
+        "phase_stalls": [
+            (start, sec / float(np.median(phase_seconds[start])))
+            for start, sec in first_steps[1:]
+            if phase_seconds.get(start)
+        ],
         # Of which computing the new prefix's features (auto+cache), in seconds.
         "feature_seconds": feature_seconds,
         # AutoFreeze's changes: whether the phase last foreseen was the one decided.
@@ -511,7 +520,7 @@ def format_markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "| run | final acc | s to target (incl. compile) | speed-up | s to target excl. compile"
         " | step at target | TFLOP to target | total s | compile s | train TFLOP"
-        " | median step ms | changes: step (first step / median) | eval s"
+        " | median step ms | changes: step (first step / median; / its phase's median) | eval s"
         " | phases: start GFLOP/step (spec) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
@@ -534,6 +543,7 @@ def format_markdown(results: list[dict[str, Any]]) -> str:
         stalls = (
             "; ".join(
                 f"{start}: {x:.1f}x"
+                + _own_note(r.get("phase_stalls", ()), start)
                 + _features_note(r["feature_seconds"], start, x, r["median_step"])
                 + _guess_note(r["guessed"], start)
                 for start, x in r["stalls"]
@@ -547,6 +557,12 @@ def format_markdown(results: list[dict[str, Any]]) -> str:
             f"{stalls} | {r['eval_seconds']:.1f} | {phases} |"
         )
     return "\n".join(lines)
+
+
+def _own_note(phase_stalls: Sequence[Sequence[float]], start: int) -> str:
+    """`" (1.4x its phase's)"`: the change's first step over its own phase's median step."""
+    own = [x for s, x in phase_stalls if s == start]
+    return f" ({own[0]:.1f}x its phase's)" if own else ""
 
 
 def _features_note(seconds: dict[int, float], start: int, stall: float, median: float) -> str:
@@ -655,6 +671,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train.Phases(compile_ahead=True): the phases to come compiled on a background "
         "thread (AutoFreeze: its likeliest next phase); implies --sequential",
+    )
+    parser.add_argument(
+        "--no_warm_up",
+        action="store_true",
+        help="with --compile_ahead: train.Phases(warm_up=False), a program compiled ahead "
+        "first runs at its phase's first step (on the CPU it runs once ahead on zeros)",
     )
     parser.add_argument(
         "--sequential",

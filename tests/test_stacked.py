@@ -14,9 +14,9 @@ import optax
 import pytest
 
 import layerfreeze as lf
-from layerfreeze import _paths, train
+from layerfreeze import _paths, _transfer, train
 from layerfreeze.models import ViT, stack_blocks, unstack_blocks, vit_groups
-from layerfreeze.train import checkpoint
+from layerfreeze.train import _ahead, checkpoint
 
 DEPTH = 4
 EMB = "embedding,pos_embedding,cls"
@@ -286,6 +286,40 @@ def test_unfrozen_block_starts_fresh_and_training_blocks_keep_their_moments():
         _, cstate = continued.update(grads, cstate, params)
     np.testing.assert_array_equal(at(updates)[3], at(continued.update(grads, cstate)[0])[3])
     assert not np.any(at(updates)[:2])
+
+
+@pytest.mark.parametrize("method", ["zero", "lr0"])
+@pytest.mark.parametrize("direction", ["unfreeze", "refreeze"])
+def test_block_ranges_carried_by_one_compiled_program_as_eagerly(method, direction):
+    """`_transfer.compile_pieces`: the rows a change of block ranges carries over,
+    sliced and joined by one program compiled for the abstract states, are
+    bitwise what `transfer_opt_state` does eagerly."""
+    params = _params(True)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+    specs = [
+        "all-but:Transformer/encoderblock[3],head",
+        "all-but:Transformer/encoderblock[1:],head",
+    ]
+    if direction == "refreeze":
+        specs.reverse()
+    tx1 = lf.freeze(optax.adam(0.1), specs[0], method=method)
+    old = tx1.init(params)
+    for _ in range(2):
+        _, old = tx1.update(grads, old, params)
+    new = lf.freeze(optax.adam(0.1), specs[1], method=method, previous=specs[:1]).init(params)
+    pieces = _transfer.compile_pieces(_ahead.abstract(old), _ahead.abstract(new))
+    if (method, direction) == ("zero", "unfreeze"):
+        # The newly unfrozen blocks are a cohort of their own (fresh), the others whole.
+        assert pieces is None
+    else:  # freezing more splits the trainable leaves; lr0 keeps state in both branches
+        assert pieces is not None and pieces.which
+    got, want = _transfer.carry(old, new, pieces), lf.transfer_opt_state(old, new)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Without a change of ranges there is nothing to compile.
+    assert _transfer.compile_pieces(_ahead.abstract(old), _ahead.abstract(old)) is None
 
 
 def test_gradual_unfreezing_over_scanned_blocks_resumes_bitwise(tmp_path):

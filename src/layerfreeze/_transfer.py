@@ -1,7 +1,8 @@
 """Carrying optimizer state across a change of the frozen set."""
 
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,31 +60,126 @@ def transfer_opt_state(old_state: Any, new_state: Any) -> Any:
             f"{type(new_state).__name__}; both must be states of the same optimizer, "
             "e.g. `layerfreeze.freeze(optimizer, spec).init(params)` under two specs."
         )
-    old: dict[str, dict[str | None, list[tuple[tuple[int, int] | None, Any]]]] = {}
-    for keypath, leaf in _flatten(old_state):
+    return carry(old_state, new_state)
+
+
+def carry(old_state: Any, new_state: Any, pieces: "Pieces | None" = None) -> Any:
+    """`transfer_opt_state` without its argument checks; the leaves made of pieces by
+    `pieces` (`compile_pieces` for these states' shapes) when given."""
+    sources, started_fresh = _sources(old_state, new_state)
+    old_leaves = [leaf for _, leaf in _flatten(old_state)]
+    new_leaves, treedef = jax.tree.flatten(new_state)
+    leaves = list(new_leaves)
+    assembled = {}
+    if pieces is not None:
+        olds = tuple(old_leaves[i] for i in pieces.old)
+        made = pieces.program(olds, tuple(new_leaves[j] for j in pieces.which))
+        assembled = dict(zip(pieces.which, made, strict=True))
+    for j, src in enumerate(sources):
+        leaves[j] = assembled[j] if j in assembled else _take(src, old_leaves, new_leaves[j])
+    carried = jax.tree.unflatten(treedef, leaves)
+    if started_fresh:
+        _warn_spent_counts(old_state, carried, started_fresh)
+    return carried
+
+
+# Where each leaf of the new state comes from: None, its fresh value; an int, the
+# old leaf of that index (in flattening order); a tuple of `(old leaf index, or None
+# for the fresh leaf, start, stop)`, the rows of each piece, concatenated along
+# axis 0 (a stacked leaf's state whose block ranges changed).
+Source = None | int | tuple[tuple[int | None, int, int], ...]
+
+
+def _sources(old_state: Any, new_state: Any) -> tuple[list[Source], list[str]]:
+    """Each new leaf's `Source`, and the names of trainable leaves no old leaf holds.
+
+    Decided from paths, shapes and dtypes alone: the states may be abstract
+    (`jax.ShapeDtypeStruct`s).
+    """
+    old: dict[str, dict[str | None, list[tuple[tuple[int, int] | None, int, Any]]]] = {}
+    for index, (keypath, leaf) in enumerate(_flatten(old_state)):
         branch, name, blocks = _split_branch(keypath)
-        old.setdefault(name, {}).setdefault(branch, []).append((blocks, leaf))
+        old.setdefault(name, {}).setdefault(branch, []).append((blocks, index, leaf))
 
+    sources: list[Source] = []
     started_fresh: list[str] = []
-
-    def carry(keypath, fresh):
+    for keypath, fresh in _flatten(new_state):
         branch, name, blocks = _split_branch(keypath)
         candidates = old.get(name, {})
         if not candidates and branch == _spec.TRAINABLE and np.ndim(fresh):
             started_fresh.append(name)
         ordered = list(candidates.get(branch, []))
         ordered += [v for b, vs in candidates.items() if b != branch for v in vs]
-        if blocks is None and all(r is None for r, _ in ordered):
-            for _, value in ordered:
-                if np.shape(value) == np.shape(fresh) and _dtype(value) == _dtype(fresh):
-                    return value
-            return fresh
-        return _carry_blocks(fresh, blocks, ordered)
+        if blocks is None and all(r is None for r, _, _ in ordered):
+            same = (
+                i
+                for _, i, value in ordered
+                if np.shape(value) == np.shape(fresh) and _dtype(value) == _dtype(fresh)
+            )
+            sources.append(next(same, None))
+        else:
+            sources.append(_block_pieces(fresh, blocks, ordered))
+    return sources, started_fresh
 
-    carried = jax.tree_util.tree_map_with_path(carry, new_state)
-    if started_fresh:
-        _warn_spent_counts(old_state, carried, started_fresh)
-    return carried
+
+def _take(source: Source, old_leaves: Sequence[Any], fresh: Any) -> Any:
+    """The new leaf that `source` describes (traceable: `compile_pieces` jits it)."""
+    if source is None:
+        return fresh
+    if isinstance(source, int):
+        return old_leaves[source]
+    parts = [(fresh if i is None else old_leaves[i])[a:b] for i, a, b in source]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+class Pieces(NamedTuple):
+    """The leaves `transfer_opt_state` assembles from pieces, as one compiled program.
+
+    Attributes:
+      which: the indices of those leaves in the new state (flattening order).
+      old: the indices of the old leaves they take rows from.
+      program: `(old leaves, fresh leaves at which) -> the leaves at which`.
+    """
+
+    which: tuple[int, ...]
+    old: tuple[int, ...]
+    program: Any
+
+
+def compile_pieces(old_state: Any, new_state: Any) -> Pieces | None:
+    """`transfer_opt_state(old_state, new_state)`'s slicing and concatenating, compiled.
+
+    Carrying a stacked leaf's state across a change of its frozen block range
+    takes rows of old leaves; run eagerly, every slice and concatenation is
+    a small program of its own (compiled at the change the first time its
+    shapes occur). This compiles them all as one, for abstract states
+    (`jax.ShapeDtypeStruct`s with shardings; each output in its fresh
+    leaf's sharding); `transfer_opt_state(..., pieces=...)` runs it. Nothing
+    else is in it: the leaves taken whole stay the arrays they are.
+
+    Returns:
+      None when no leaf is made of pieces.
+    """
+    sources, _ = _sources(old_state, new_state)
+    which = tuple(j for j, src in enumerate(sources) if isinstance(src, tuple))
+    if not which:
+        return None
+    old_leaves = [leaf for _, leaf in _flatten(old_state)]
+    new_leaves = jax.tree.leaves(new_state)
+    used = tuple(sorted({i for j in which for i, _, _ in sources[j] if i is not None}))
+
+    def assemble(olds: tuple[Any, ...], fresh: tuple[Any, ...]) -> tuple[Any, ...]:
+        by_index = dict(zip(used, olds, strict=True))
+        return tuple(_take(sources[j], by_index, f) for j, f in zip(which, fresh, strict=True))
+
+    shardings = tuple(getattr(new_leaves[j], "sharding", None) for j in which)
+    jit_kw = {} if None in shardings else {"out_shardings": shardings}
+    program = (
+        jax.jit(assemble, **jit_kw)
+        .lower(tuple(old_leaves[i] for i in used), tuple(new_leaves[j] for j in which))
+        .compile()
+    )
+    return Pieces(which, used, program)
 
 
 def _warn_spent_counts(old_state: Any, new_state: Any, started_fresh: list[str]) -> None:
@@ -119,9 +215,11 @@ def _warn_spent_counts(old_state: Any, new_state: Any, started_fresh: list[str])
     )
 
 
-def _carry_blocks(
-    fresh: Any, blocks: tuple[int, int] | None, candidates: list[tuple[tuple[int, int] | None, Any]]
-) -> Any:
+def _block_pieces(
+    fresh: Any,
+    blocks: tuple[int, int] | None,
+    candidates: list[tuple[tuple[int, int] | None, int, Any]],
+) -> Source:
     """Blocks `blocks` of a stacked leaf's state, taken from old parts that hold them.
 
     A stacked leaf split into block ranges by `freeze` (see `_blocks`) has one
@@ -130,10 +228,10 @@ def _carry_blocks(
     every block) with the same per-block shape and dtype, else from `fresh`.
     """
     if not np.ndim(fresh):
-        return fresh
+        return None
     start, stop = blocks if blocks is not None else (0, np.shape(fresh)[0])
     sources = []
-    for old_blocks, value in candidates:
+    for old_blocks, index, value in candidates:
         if not np.ndim(value) or np.shape(value)[1:] != np.shape(fresh)[1:]:
             continue
         if _dtype(value) != _dtype(fresh):
@@ -141,22 +239,28 @@ def _carry_blocks(
         a, b = old_blocks if old_blocks is not None else (0, np.shape(value)[0])
         if b - a != np.shape(value)[0]:
             continue
-        sources.append((a, b, value))
-    pieces, block, taken = [], start, False
+        sources.append((a, b, index))
+    pieces: list[tuple[int | None, int, int]] = []
+    block, taken = start, False
     while block < stop:
-        source = next(((a, b, v) for a, b, v in sources if a <= block < b), None)
+        source = next(((a, b, i) for a, b, i in sources if a <= block < b), None)
         if source is None:
             end = min([a for a, _, _ in sources if a > block] + [stop])
-            pieces.append(fresh[block - start : end - start])
+            pieces.append((None, block - start, end - start))
         else:
-            a, b, value = source
+            a, b, index = source
             end = min(b, stop)
-            pieces.append(value[block - a : end - a])
+            pieces.append((index, block - a, end - a))
             taken = True
         block = end
     if not taken:
-        return fresh
-    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+        return None
+    if len(pieces) == 1 and pieces[0][0] is not None:  # one old leaf: whole, or some rows
+        index, a, b = pieces[0]
+        whole = next(v for _, i, v in candidates if i == index)
+        if (a, b) == (0, np.shape(whole)[0]):
+            return index
+    return tuple(pieces)
 
 
 def _flatten(state: Any) -> list[tuple[Any, Any]]:

@@ -47,6 +47,7 @@ def test_time_to_target_speedups_and_table():
     )
     auto["feature_seconds"] = {50: 1.5}  # the change at step 50 computed cached features
     auto["guessed"] = {30: True, 50: False}  # AutoFreeze foresaw the first change only
+    auto["phase_stalls"] = [(30, 2.5), (50, 1.25)]  # over their own phases' median steps
     full, auto, never = auto_freeze.summarise([full, auto, never])
     # Target: 0.97 - 0.005 = 0.965, reached by full at 30 s and by auto at 12 s.
     assert full["seconds_to_target"] == 30.0 and auto["seconds_to_target"] == 12.0
@@ -65,8 +66,8 @@ def test_time_to_target_speedups_and_table():
     # The median step (ms), each change's first step over it, the evaluations' seconds.
     # With cached features, also the stall without computing them: (2.0 - 1.5) / 0.5.
     assert (
-        "| 500 | 30: 4.0x, guessed; 50: 4.0x (features 1.50 s; 1.0x without), not guessed | 1.0 |"
-        in table
+        "| 500 | 30: 4.0x (2.5x its phase's), guessed; "
+        "50: 4.0x (1.2x its phase's) (features 1.50 s; 1.0x without), not guessed | 1.0 |" in table
     )
     assert "| 500 | - | 1.0 |" in table  # full: no change
     assert "| freezeout | 0.9000 | not reached | - | - | - | - |" in table

@@ -112,6 +112,63 @@ def test_a_foreseen_phase_change_compiles_nothing(both_runs):
     assert all(n >= 1 for n in at_change.values()) and at_change.keys() == {3, 6}
 
 
+STACKED = {
+    "stem": PARAMS["stem"],
+    "blocks": {  # 3 stacked blocks
+        "dense": {"w": jnp.linspace(-0.5, 0.5, 48).reshape(3, 4, 4), "b": jnp.zeros((3, 4))}
+    },
+    "head": PARAMS["head"],
+}
+
+
+def stacked_loss(params, batch, rng):
+    h = jnp.tanh(batch["x"] @ params["stem"]["w"])
+    for i in range(3):
+        dense = params["blocks"]["dense"]
+        h = jnp.tanh(h @ dense["w"][i] + dense["b"][i])
+    return jnp.mean((h @ params["head"]["w"] - batch["y"]) ** 2)
+
+
+def test_a_stacked_leafs_optimizer_state_is_carried_by_a_program_compiled_ahead():
+    """Freezing a stacked leaf block by block (AutoFreeze over a scanned ViT) splits
+    its state's block ranges: the rows carried over are sliced by one program
+    compiled ahead, so the change compiles nothing and carries bitwise what eager
+    slicing does."""
+    schedule = lf.schedules.parse_schedule(
+        "explicit:0=none;2=stem,blocks[0];4=stem,blocks[:2];6=stem,blocks[:3]",
+        ("stem", "blocks[0]", "blocks[1]", "blocks[2]", "head"),
+        unit="step",
+    )  # fmt: skip
+
+    def run(compile_ahead):
+        def build(phase, previous):
+            return train.make_steps(
+                None, optax.adam(0.1), phase.spec, STACKED, loss_fn=stacked_loss,
+                previous=previous,
+            )  # fmt: skip
+
+        phases = train.Phases(schedule, build, params=STACKED, compile_ahead=compile_ahead)
+        state = phases.init_state(STACKED, jax.random.key(0))
+        requests = {}
+        for step in range(9):
+            phases.wait_ahead()
+            with platform.CompileCounter() as counter:
+                steps, state, change = phases.update(step, state)
+                state, _ = steps.train_step(state, BATCH)
+                jax.block_until_ready(state)
+            if change is not None:
+                requests[step] = counter.requests
+        phases.close(wait=True)
+        return state, requests
+
+    ahead, requests = run(True)
+    assert requests == {2: 0, 4: 0, 6: 0}
+    at_change, _ = run(False)
+    assert jax.tree.structure(ahead) == jax.tree.structure(at_change)
+    for a, b in zip(jax.tree.leaves(ahead), jax.tree.leaves(at_change), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 class Boom(Exception):
     pass
 
@@ -124,6 +181,27 @@ def _through_phase_0(phases):
         state, _ = steps.train_step(state, BATCH)
     assert phases.wait_ahead(timeout=60)
     return state
+
+
+@pytest.mark.parametrize("warm_up", [None, False], ids=["default", "off"])
+def test_on_the_cpu_a_program_compiled_ahead_first_runs_on_zeros_before_its_phase(warm_up):
+    """XLA's CPU runtime prepares an executable's kernels in its first run (2-5x a
+    later run): by default on the CPU, `Phases` runs each train step compiled
+    ahead once on zeros, so that its phase's first step is no first run."""
+    seen = []  # (phase start, the batch's sum) of every run of a train step
+
+    def loss(phase):
+        def noted(params, batch, rng):
+            jax.debug.callback(lambda y: seen.append((phase.start, float(y))), batch["y"].sum())
+            return loss_fn(params, batch, rng)
+
+        return noted
+
+    phases = _phases(loss_of=loss, compile_ahead=True, warm_up=warm_up)
+    _through_phase_0(phases)
+    zeros = sorted(start for start, y in seen if y == 0.0)
+    assert zeros == ([3, 6] if warm_up is None else [])
+    assert sorted(start for start, y in seen if y != 0.0) == [0, 0, 0]  # BATCH's steps
 
 
 def test_a_background_compile_failure_is_raised_at_the_change_with_its_error():

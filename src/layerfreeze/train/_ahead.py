@@ -40,8 +40,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
-__all__ = ["AheadFn", "abstract", "after", "log_skip", "signature", "submit", "wait"]
+__all__ = [
+    "AheadFn",
+    "abstract",
+    "after",
+    "log_skip",
+    "on_cpu",
+    "run_once",
+    "signature",
+    "submit",
+    "wait",
+    "zeros",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -81,9 +93,73 @@ def signature(tree: Any) -> Signature | None:
     return treedef, tuple(out)
 
 
+def zeros(tree: Any) -> Any:
+    """Arrays of zeros with the shapes, dtypes and shardings of abstract `tree`.
+
+    A leaf without a sharding (a NumPy argument) becomes a NumPy array; a typed
+    PRNG key leaf becomes keys of zero bits. The zeros are placed shard by
+    shard (`jax.make_array_from_callback`): nothing is compiled, and each
+    process makes only its own shards.
+    """
+
+    def one(x: jax.ShapeDtypeStruct) -> Any:
+        key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        data = jax.eval_shape(jax.random.key_data, x) if key else x
+        host = np.zeros(data.shape, data.dtype)
+        if x.sharding is None:
+            out = host
+        else:
+            out = jax.make_array_from_callback(data.shape, x.sharding, lambda i: host[i])
+        return jax.random.wrap_key_data(out, impl=x.dtype._impl) if key else out
+
+    return jax.tree.map(one, tree)
+
+
+def run_once(compiled: Any) -> bool:
+    """Runs `compiled` (a `jax.stages.Compiled`) once on zeros, to its end.
+
+    XLA's CPU runtime prepares an executable's library kernels (YNNPACK
+    pipelines, JIT-generated code) in its first run, which took 2-5x a later
+    run (`benchmarks/first_run.py`); after this, the program's first real run
+    is an ordinary one. The zeros take the shapes, dtypes and shardings that
+    the program was compiled for.
+
+    Returns:
+      False, running nothing, when the program spans devices of other
+      processes (its collectives would meet their steps) or runs on no CPU.
+    """
+    (args, kwargs), (shardings, kwarg_shardings) = compiled.args_info, compiled.input_shardings
+    flat = jax.tree.leaves(shardings) + jax.tree.leaves(kwarg_shardings)
+    if not all(s.is_fully_addressable for s in flat):
+        return False
+    if not all(d.platform == "cpu" for s in flat for d in s.device_set):
+        return False
+
+    def zero(info: Any, sharding: Any) -> Any:
+        return jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=sharding)
+
+    args = zeros(jax.tree.map(zero, args, shardings))
+    kwargs = zeros(jax.tree.map(zero, kwargs, kwarg_shardings))
+    jax.block_until_ready(compiled(*args, **kwargs))
+    return True
+
+
+def on_cpu(tree: Any) -> bool:
+    """Whether the abstract arguments `tree` are placed on CPU devices (leaves with
+    no sharding go to JAX's default backend)."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            if jax.default_backend() != "cpu":
+                return False
+        elif any(d.platform != "cpu" for d in sharding.device_set):
+            return False
+    return True
+
+
 def _leaf(x: Any) -> tuple[Any, ...]:
-    if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
-        return x.shape, x.dtype, x.weak_type, x.sharding
+    if isinstance(x, jax.ShapeDtypeStruct | jax.Array):  # a typed key array has no weak_type
+        return x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding
     aval = jax.typeof(x)
     return aval.shape, aval.dtype, aval.weak_type, None
 

@@ -62,6 +62,7 @@ True
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -80,6 +81,8 @@ from layerfreeze.train import sharding as _sharding
 __all__ = ["PhaseChange", "Phases"]
 
 Build = Callable[[schedules.Phase, tuple[_spec.FreezeSpec, ...]], Any]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +162,14 @@ class Phases:
         features they will get (`FeatureCache.batch_like`, in the batch's
         `"image"`), and the program computing those features
         (`FeatureCache.compile_job`).
+      warm_up: with `compile_ahead`, run each train step compiled ahead once, on
+        zeros, right after its compile: XLA's CPU runtime prepares an
+        executable's library kernels in its first run, which took 2-5x a later
+        run (`benchmarks/first_run.py`), and the phase's first step would pay
+        it. None (the default): where the step's arguments are on CPU devices.
+        It costs one step's work on the background thread and, while it runs,
+        a second copy of the state (zeros); a host callback in the loss sees
+        the zeros. Never for a program spanning several processes.
 
     Compiling ahead: with `compile_ahead=True`, once a phase's train step (and
     eval step) has run, the phases that can be foreseen are built (`build`, on
@@ -216,6 +227,7 @@ class Phases:
         prefix_groups: Sequence[str] | None = None,
         compile_ahead: bool = False,
         feature_cache: Any = None,
+        warm_up: bool | None = None,
     ):
         if not isinstance(schedule, schedules.FreezeSchedule):
             raise TypeError(
@@ -270,6 +282,9 @@ class Phases:
         self._keys: dict[int, Any] = {}  # phase index -> build key, computed once
         self.current = self.index_at(0)
         self.compile_ahead = _checks.flag("Phases: compile_ahead", compile_ahead)
+        if warm_up is not None:
+            warm_up = _checks.flag("Phases: warm_up", warm_up)
+        self.warm_up = warm_up
         # Compiling ahead, per build key: steps built before their phase began,
         # the error their build raised, the compiles queued or done, and what
         # the change runs before the step (the params' cast, `tx.init`) compiled.
@@ -286,6 +301,7 @@ class Phases:
         self._seen_prefix: str | None = None  # the frozen prefix of the phase they come from
         self._foreseen: schedules.FreezeSchedule | None = None
         self._first_outputs: Any = None  # of the step whose first call queues compiles
+        self._last_step: int | None = None  # the step last given to `update`
 
     # Where we are ------------------------------------------------------------
 
@@ -477,6 +493,7 @@ class Phases:
         """
         step = _checks.count("Phases.update: step", step)
         _check_state(state)
+        self._last_step = step
         wanted = self.index_at(step)
         if wanted == self.current:
             return self.steps(), state, None
@@ -516,6 +533,9 @@ class Phases:
             prefix_after=self.frozen_prefix(wanted),
         )
         self._prune()
+        train_step = getattr(self.steps(), "train_step", None)
+        if not isinstance(train_step, _ahead.AheadFn) or train_step.called:
+            self._schedule_ahead()  # no first call will queue what waited for this change
         return self.steps(), state, change
 
     def transfer(
@@ -549,8 +569,13 @@ class Phases:
         if shardings is None and self.sharding_rules is not None:
             shardings = self._rule_shardings(new_tx, params)
         if start is not None and start.taken == _ahead.signature(params):
-            # The fresh state comes out of the program in its shardings already.
-            new_state = _transfer.transfer_opt_state(opt_state, start.init(params))
+            # The fresh state comes out of the program in its shardings already, and
+            # a stacked leaf's pieces out of one program when it fits the old state.
+            fresh = start.init(params)
+            if start.pieces is not None and start.pieces[0] == _ahead.signature(opt_state):
+                new_state = _transfer.carry(opt_state, fresh, start.pieces[1])
+            else:
+                new_state = _transfer.transfer_opt_state(opt_state, fresh)
             target = shardings if shardings is not None else self._replicated()
             return new_state if target is None else jax.device_put(new_state, target)
         if shardings is None:
@@ -655,7 +680,15 @@ class Phases:
         """Builds the foreseeable phases and queues the compiles of their steps."""
         if not self.compile_ahead or not self._seen:
             return
+        # A change at the next step (an `extend`ed decision): only its own phase is
+        # queued now; the rest waits for its first step, whose first call queues it.
+        coming = None
+        if self._first_outputs is None and self._last_step is not None:
+            coming = self.index_at(self._last_step + 1)
+            coming = None if coming == self.current else coming
         for schedule, index in self._upcoming():
+            if coming is not None and (schedule is not self.schedule or index != coming):
+                continue
             key = self._upcoming_key(schedule, index)
             prefix = self._seen_prefix
             if self.prefix_groups is not None:
@@ -682,7 +715,13 @@ class Phases:
                 if not isinstance(fn, _ahead.AheadFn) or fn.called:
                     continue  # a bare optimizer, or a phase that ran (and compiled) already
                 self._submitted.add((key, name, base))
-                job = functools.partial(self._compile, key, index, steps, name, args, features)
+                # The optimizer state it will carry over: its phase before's, if foreseen.
+                before = (
+                    None if index - 1 <= self.current else self._upcoming_key(schedule, index - 1)
+                )
+                job = functools.partial(
+                    self._compile, key, index, steps, name, args, features, before
+                )
                 # Train steps before eval steps (an eval comes later, and a change waits for
                 # a compile in flight), the next phase first.
                 priority = (_STEP_NAMES.index(name), index, 0)
@@ -690,6 +729,11 @@ class Phases:
                 self._jobs.setdefault(key, []).append(future)
                 if name == "eval_step":
                     self._eval_jobs.add(future)
+                elif self.warm_up is not False:
+                    # Right after the compile, before the next phase's: its first run.
+                    warm = functools.partial(self._warm, key, future)
+                    warmed = _ahead.submit((*priority[:2], 1), self._after(warm))
+                    self._jobs[key].append(warmed)
 
     def _queue_features(self, key: Any, index: int, prefix: str | None) -> None:
         """Queues the program computing the features after `prefix` (`feature_cache`'s)."""
@@ -715,34 +759,76 @@ class Phases:
         name: str,
         args: tuple[Any, ...],
         features: Callable[[Any], Any] | None,
-    ) -> None:
+        before: Any = None,
+    ) -> tuple[tuple[Any, ...], Any] | None:
         """On the worker: `steps`' step `name` compiled for its phase's abstract arguments
-        (the batch as `features` makes it, when the phase trains on other features)."""
+        (the batch as `features` makes it, when the phase trains on other features).
+        The phase is entered from the current phase, or from the phase to come with
+        build key `before`, whose start, if compiled, gives the optimizer state.
+
+        Returns:
+          `(the abstract arguments, the program)`, or None when nothing was compiled.
+        """
         state, *rest = args
         if features is not None:
             try:
                 rest[0] = features(rest[0])
             except Exception as e:  # the step compiles at the change
                 _ahead.log_skip(f"the train step of {key[0]!r}", e)
-                return
+                return None
         start = self._starts.get(key)
         if start is None or start.given != _ahead.signature(state.params):
+            previous = None if before is None else self._starts.get(before)
+            if previous is not None:
+                state = state.replace(opt_state=previous.init.out_info)
             try:
                 start = self._starts[key] = self._compile_start(steps, state)
             except Exception as e:  # not the phase's own error: it compiles at the change
                 _ahead.log_skip(f"the steps of {key[0]!r}", e)
-                return
+                return None
         fields = {"params": start.params, "opt_state": start.init.out_info}
         if hasattr(state, "tx"):
             fields["tx"] = steps.tx
         abstract = (state.replace(**fields), *rest)
         fn = getattr(steps, name)
         if _ahead.signature(abstract) in fn.programs:
-            return  # compiled for the state of an earlier phase, which casts to the same
+            return None  # compiled for the state of an earlier phase, which casts to the same
         try:
-            fn.add(abstract, fn.jitted.lower(*abstract).compile())
+            program = fn.jitted.lower(*abstract).compile()
         except Exception as e:  # raised by the step at the change, if called with `abstract`
             fn.fail(abstract, _noted(e, index, "compiling"))
+            return None
+        fn.add(abstract, program)
+        return abstract, program
+
+    def _warm(self, key: Any, compiled: concurrent.futures.Future) -> None:
+        """On the worker: the programs that `compiled` (a `_compile` job of a train
+        step) made ready for the change, each run once on zeros (`_ahead.run_once`),
+        so that the change runs none for the first time: the train step, the cast
+        of the params, `tx.init` and the carrying of block pieces.
+
+        Only with `warm_up` (by default where the programs run on CPU devices),
+        and never for a program spanning several processes.
+        """
+        if not compiled.done() or compiled.cancelled() or compiled.exception() is not None:
+            return
+        if compiled.result() is None:
+            return
+        abstract, program = compiled.result()
+        if self.warm_up is None and not _ahead.on_cpu(abstract):
+            return
+        programs = [program]
+        start = self._starts.get(key)
+        if start is not None:
+            programs += [start.init]
+            programs += [] if start.cast is None else [start.cast[1]]
+            programs += [] if start.pieces is None else [start.pieces[1].program]
+        for program in programs:
+            try:
+                _ahead.run_once(program)
+            except Exception as e:  # the change runs it first instead
+                _log.info("Not warming up the programs of %r: %r", key[0], e)
+                return
 
     def _compile_start(self, steps: Any, state: Any) -> "_Start":
         """What `update` runs at the change to `steps`' phase from abstract `state`,
@@ -764,7 +850,11 @@ class Phases:
             target = where.pop() if len(where) == 1 else None
         jit_kw = {} if target is None else {"out_shardings": target}
         init = jax.jit(steps.tx.init, **jit_kw).lower(params).compile()
-        return _Start(_ahead.signature(state.params), cast, params, _ahead.signature(params), init)
+        pieces = _transfer.compile_pieces(state.opt_state, init.out_info)
+        if pieces is not None:
+            pieces = (_ahead.signature(state.opt_state), pieces)
+        given = _ahead.signature(state.params)
+        return _Start(given, cast, params, _ahead.signature(params), init, pieces)
 
     def _settle(self, key: Any) -> None:
         """At a change: the compiles of the new phase done, or not to be waited for.
@@ -872,6 +962,9 @@ class _Start(NamedTuple):
       params: the params as the phase gets them (cast), abstract.
       taken: their signature.
       init: the phase's `tx.init`, compiled for `params`.
+      pieces: `(signature of the optimizer state it fits, _transfer.Pieces)`:
+        the optimizer state's leaves carried over in pieces (a stacked leaf's
+        whose block range changes), compiled; None: no leaf is.
     """
 
     given: Any
@@ -879,6 +972,7 @@ class _Start(NamedTuple):
     params: Any
     taken: Any
     init: Any
+    pieces: tuple[Any, _transfer.Pieces] | None
 
 
 def _compile_cast(cast: Callable[[Any], Any] | None, params: Any) -> tuple[Any, Any]:
