@@ -7,7 +7,10 @@ the CIFAR ResNet-18 width 16; `--model vit`: the scanned ViT), the train step
 is compiled (`lower(...).compile()`, in this process, or read back from the
 persistent cache with `--compilation_cache`) and then run `--runs` times on
 one batch of random 32x32 images, each run timed to its end. Per phase: the
-compile's seconds, the first run, the median of the others, and their ratio.
+compile's seconds, the first run, the median of the others, and their ratio;
+then, for the same program compiled anew, a run on zeros (what
+`train.Phases(compile_ahead=True)` does on the CPU before the phase begins)
+and the first real run after it.
 
 Commands:
   python benchmarks/first_run.py                       # the ResNet, 1 min on 2 CPU cores
@@ -31,7 +34,7 @@ from auto_freeze import CONV, MODELS, build_model
 from report import machine_description, markdown_table, text_table
 
 from layerfreeze import train
-from layerfreeze.train import data, platform
+from layerfreeze.train import _ahead, data, platform
 
 # A phase per row: what `auto_freeze.py`'s policies freeze, from nothing to most.
 SPECS = {
@@ -59,13 +62,30 @@ def measure(model: Any, spec: str, batch: dict[str, np.ndarray], runs: int) -> d
     start = time.perf_counter()
     program = steps.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    times = _timed(program, state, batch, runs)
+    # The same program compiled again (a new executable), first run once on zeros
+    # as `train.Phases(compile_ahead=True)` does on the CPU: its first real run.
+    jax.clear_caches()
+    program = steps.train_step.lower(state, batch).compile()
+    start = time.perf_counter()
+    _ahead.run_once(program)
+    zeros_s = time.perf_counter() - start
+    after = _timed(program, state, batch, 1)[0]
+    return {
+        "spec": spec, "compile_s": compile_s, "times": times, "zeros_s": zeros_s,
+        "after_zeros": after,
+    }  # fmt: skip
+
+
+def _timed(program: Any, state: Any, batch: dict[str, np.ndarray], runs: int) -> list[float]:
+    """Each of `runs` runs' seconds, to its end (the state carried from run to run)."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         state, metrics = program(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
-    return {"spec": spec, "compile_s": compile_s, "times": times}
+    return times
 
 
 def summarise(row: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +95,10 @@ def summarise(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    header = ["phase (frozen)", "compile s", "first run ms", "later runs ms", "first / later"]
+    header = [
+        "phase (frozen)", "compile s", "first run ms", "later runs ms", "first / later",
+        "run on zeros ms", "then first run ms", "/ later",
+    ]  # fmt: skip
     body = [
         [
             r["spec"],
@@ -83,6 +106,9 @@ def table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
             f"{1e3 * r['first']:.0f}",
             f"{1e3 * r['median']:.0f}",
             f"{r['ratio']:.1f}x",
+            f"{1e3 * r['zeros_s']:.0f}",
+            f"{1e3 * r['after_zeros']:.0f}",
+            f"{r['after_zeros'] / r['median']:.1f}x",
         ]
         for r in rows
     ]

@@ -114,8 +114,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.compilation_cache = "~/.cache/layerfreeze/jax"
     # Compile the phases to come on a background thread while the current one
     # trains (`train.Phases(compile_ahead=True)`): a phase change then costs
-    # about one step instead of a compilation. Off on several processes (each
-    # would compile on its own timing), with a logged note.
+    # about one step instead of a compilation. On CPU devices each program
+    # compiled ahead also runs once on zeros (XLA:CPU's first run of a program
+    # costs 2-5x a later one), with a second copy of the state while it runs.
+    # Off on several processes (each would compile on its own timing), with a
+    # logged note.
     config.compile_ahead = True
     config.plot = True
     config.seed = 0

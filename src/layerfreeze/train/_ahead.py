@@ -126,13 +126,11 @@ def run_once(compiled: Any) -> bool:
 
     Returns:
       False, running nothing, when the program spans devices of other
-      processes (its collectives would meet their steps) or runs on no CPU.
+      processes: its collectives would meet their steps.
     """
     (args, kwargs), (shardings, kwarg_shardings) = compiled.args_info, compiled.input_shardings
     flat = jax.tree.leaves(shardings) + jax.tree.leaves(kwarg_shardings)
     if not all(s.is_fully_addressable for s in flat):
-        return False
-    if not all(d.platform == "cpu" for s in flat for d in s.device_set):
         return False
 
     def zero(info: Any, sharding: Any) -> Any:
@@ -144,17 +142,11 @@ def run_once(compiled: Any) -> bool:
     return True
 
 
-def on_cpu(tree: Any) -> bool:
-    """Whether the abstract arguments `tree` are placed on CPU devices (leaves with
-    no sharding go to JAX's default backend)."""
-    for x in jax.tree.leaves(tree):
-        sharding = getattr(x, "sharding", None)
-        if sharding is None:
-            if jax.default_backend() != "cpu":
-                return False
-        elif any(d.platform != "cpu" for d in sharding.device_set):
-            return False
-    return True
+def on_cpu(compiled: Any) -> bool:
+    """Whether `compiled` (a `jax.stages.Compiled`) takes its arguments on CPU devices."""
+    return all(
+        d.platform == "cpu" for s in jax.tree.leaves(compiled.input_shardings) for d in s.device_set
+    )
 
 
 def _leaf(x: Any) -> tuple[Any, ...]:

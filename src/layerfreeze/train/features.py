@@ -356,8 +356,10 @@ class FeatureCache:
             key: jax.ShapeDtypeStruct((size, *shape), np.dtype(dtype), sharding=sharding),
         }
 
-    def compile_job(self, prefix: str | None) -> Callable[[], None] | None:
+    def compile_job(self, prefix: str | None) -> Callable[[], Any] | None:
         """A job compiling the program `update(prefix, ...)` will run, for a background thread.
+
+        The job returns the program (a `jax.stages.Compiled`).
 
         For `train.Phases(..., feature_cache=cache, compile_ahead=True)`,
         which queues it for a phase to come whose frozen prefix is `prefix`:
@@ -377,7 +379,13 @@ class FeatureCache:
         args = (self._variables, jax.ShapeDtypeStruct(shape, inputs.dtype))
         if _ahead.signature(args) in fn.programs:
             return None
-        return lambda: fn.add(args, fn.jitted.lower(*args).compile())
+
+        def job() -> Any:
+            program = fn.jitted.lower(*args).compile()
+            fn.add(args, program)
+            return program
+
+        return job
 
     def _features_fn(self, prefix: str, start_after: str | None = None) -> _ahead.AheadFn:
         pool = prefix in self._pool

@@ -162,14 +162,16 @@ class Phases:
         features they will get (`FeatureCache.batch_like`, in the batch's
         `"image"`), and the program computing those features
         (`FeatureCache.compile_job`).
-      warm_up: with `compile_ahead`, run each train step compiled ahead once, on
-        zeros, right after its compile: XLA's CPU runtime prepares an
-        executable's library kernels in its first run, which took 2-5x a later
-        run (`benchmarks/first_run.py`), and the phase's first step would pay
-        it. None (the default): where the step's arguments are on CPU devices.
-        It costs one step's work on the background thread and, while it runs,
-        a second copy of the state (zeros); a host callback in the loss sees
-        the zeros. Never for a program spanning several processes.
+      warm_up: with `compile_ahead`, run each program compiled ahead for the
+        change (the train step, the params' cast, `tx.init`, the carrying of
+        a stacked leaf's rows, the cached features') once, on zeros, right
+        after its compile: XLA's CPU runtime prepares an executable's library
+        kernels in its first run, which took 2-5x a later run
+        (`benchmarks/first_run.py`), and the change would pay it. None (the
+        default): for the programs that run on CPU devices. It costs one
+        step's work on the background thread and, while it runs, a second
+        copy of the state (zeros); a host callback in the loss sees the
+        zeros. Never for a program spanning several processes.
 
     Compiling ahead: with `compile_ahead=True`, once a phase's train step (and
     eval step) has run, the phases that can be foreseen are built (`build`, on
@@ -739,9 +741,15 @@ class Phases:
         """Queues the program computing the features after `prefix` (`feature_cache`'s)."""
         if self.feature_cache is None or (key, "features", prefix) in self._submitted:
             return
-        job = self.feature_cache.compile_job(prefix)
-        if job is None:
+        compile_features = self.feature_cache.compile_job(prefix)
+        if compile_features is None:
             return
+
+        def job() -> None:
+            program = compile_features()
+            if self.warm_up is not False and program is not None:
+                self._run_once([program], key)
+
         self._submitted.add((key, "features", prefix))
         # Before the phase's train step: the change computes the features first.
         self._jobs.setdefault(key, []).append(_ahead.submit((0, index, -1), self._after(job)))
@@ -814,21 +822,24 @@ class Phases:
             return
         if compiled.result() is None:
             return
-        abstract, program = compiled.result()
-        if self.warm_up is None and not _ahead.on_cpu(abstract):
-            return
+        _, program = compiled.result()
         programs = [program]
         start = self._starts.get(key)
         if start is not None:
             programs += [start.init]
             programs += [] if start.cast is None else [start.cast[1]]
             programs += [] if start.pieces is None else [start.pieces[1].program]
+        self._run_once(programs, key)
+
+    def _run_once(self, programs: Sequence[Any], key: Any) -> None:
+        """`_ahead.run_once` of each program, if `warm_up` wants it (None: on the CPU)."""
         for program in programs:
+            if self.warm_up is None and not _ahead.on_cpu(program):
+                continue
             try:
                 _ahead.run_once(program)
             except Exception as e:  # the change runs it first instead
-                _log.info("Not warming up the programs of %r: %r", key[0], e)
-                return
+                _log.info("Not warming up a program of %r: %r", key[0], e)
 
     def _compile_start(self, steps: Any, state: Any) -> "_Start":
         """What `update` runs at the change to `steps`' phase from abstract `state`,
