@@ -62,7 +62,7 @@ def measure(model: Any, spec: str, batch: dict[str, np.ndarray], runs: int) -> d
     start = time.perf_counter()
     program = steps.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    times = _timed(program, state, batch, runs)
+    times, state = _timed(program, state, batch, runs)
     # The same program compiled again (a new executable), first run once on zeros
     # as `train.Phases(compile_ahead=True)` does on the CPU: its first real run.
     jax.clear_caches()
@@ -70,22 +70,25 @@ def measure(model: Any, spec: str, batch: dict[str, np.ndarray], runs: int) -> d
     start = time.perf_counter()
     _ahead.run_once(program)
     zeros_s = time.perf_counter() - start
-    after = _timed(program, state, batch, 1)[0]
+    after = _timed(program, state, batch, 1)[0][0]
     return {
         "spec": spec, "compile_s": compile_s, "times": times, "zeros_s": zeros_s,
         "after_zeros": after,
     }  # fmt: skip
 
 
-def _timed(program: Any, state: Any, batch: dict[str, np.ndarray], runs: int) -> list[float]:
-    """Each of `runs` runs' seconds, to its end (the state carried from run to run)."""
+def _timed(
+    program: Any, state: Any, batch: dict[str, np.ndarray], runs: int
+) -> tuple[list[float], Any]:
+    """Each of `runs` runs' seconds, to its end, and the state after them (the step
+    donates its state: each run takes the one before's)."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         state, metrics = program(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
-    return times
+    return times, state
 
 
 def summarise(row: dict[str, Any]) -> dict[str, Any]:
