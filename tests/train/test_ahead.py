@@ -112,6 +112,60 @@ def test_a_foreseen_phase_change_compiles_nothing(both_runs):
     assert all(n >= 1 for n in at_change.values()) and at_change.keys() == {3, 6}
 
 
+def test_a_warm_up_that_fails_is_only_logged(caplog):
+    def loss(phase):
+        def refuses_zeros(params, batch, rng):
+            def check(y):
+                if y == 0.0:
+                    raise Boom("a batch of zeros")
+
+            jax.debug.callback(check, batch["y"].sum())
+            return loss_fn(params, batch, rng)
+
+        return refuses_zeros
+
+    with caplog.at_level("INFO", logger="layerfreeze.train.phases"):
+        (state, metrics), requests = _run(_phases(loss_of=loss, compile_ahead=True))
+    assert "Not warming up a program of" in caplog.text and "a batch of zeros" in caplog.text
+    assert requests == {3: 0, 6: 0}  # the programs compiled ahead still ran at the changes
+    (want, want_metrics), _ = _run(_phases(loss_of=loss, compile_ahead=True, warm_up=False))
+    got, want = jax.tree.leaves((state, metrics)), jax.tree.leaves((want, want_metrics))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_guess_foreseen_right_before_a_change_compiles_after_its_first_step():
+    """`foresee` after an `extend`ed decision: the phase about to begin compiles at
+    once, the guess after it only once the change's first step has run (so that
+    the worker does not trace beside that step)."""
+    traced = []  # the start of each phase whose loss was traced (compiled)
+
+    def loss(phase):
+        def noted(params, batch, rng):
+            traced.append(phase.start)
+            return loss_fn(params, batch, rng)
+
+        return noted
+
+    def schedule(text):
+        return lf.schedules.parse_schedule(text, GROUPS, unit="step")
+
+    phases = _phases(schedule("explicit:0=none"), loss_of=loss, compile_ahead=True)
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    for step in range(3):
+        steps, state, _ = phases.update(step, state)
+        state, _ = steps.train_step(state, BATCH)
+    phases.extend(schedule("explicit:0=none;3=stem"))  # decided: the change at step 3
+    phases.foresee(schedule("explicit:0=none;3=stem;6=stem,body"))  # the next guess
+    assert phases.wait_ahead(timeout=60)
+    assert 3 in traced and 6 not in traced
+    steps, state, change = phases.update(3, state)
+    state, _ = steps.train_step(state, BATCH)
+    assert change is not None and phases.wait_ahead(timeout=60)
+    assert 6 in traced
+    phases.close()
+
+
 STACKED = {
     "stem": PARAMS["stem"],
     "blocks": {  # 3 stacked blocks
