@@ -294,16 +294,27 @@ class AutoFreeze:
         guess is discarded. Ask again when `forecast_due` says so (a quarter
         and half of the interval observed): the guess then follows its
         norms. None when no group can freeze any more (the next trainable
-        group is the head, or not among `candidates`).
+        group is the head, or not among `candidates`), or none can at the
+        next decision: it closes the first interval, with no interval
+        before it to compare rates with (a guess would be compiled for
+        nothing).
 
         >>> policy = AutoFreeze(["stem", "body", "head"], interval=2)
+        >>> print(policy.candidate_schedule())  # the decision at step 2 compares nothing
+        None
+        >>> for _ in range(2):
+        ...     policy.observe({"grad_norm/stem": 1.0, "grad_norm/body": 2.0, "grad_norm/head": 3.0})
+        >>> policy.update(2)
+        ()
         >>> print(policy.candidate_schedule().describe())
         step 0: freeze none
-        step 2: freeze stem
+        step 4: freeze stem
         """
         following = self.trainable[0]
         if following not in self.candidates:
             return None
+        if sum(g in self._previous for g in self.trainable) < 2:
+            return None  # the next decision has no rates to compare: it freezes nothing
         schedule = self.schedule
         start = (self._last_update or 0) + self.interval
         guess = self.forecast() or (following,)

@@ -368,8 +368,8 @@ class Phases:
         """Names phases that may come, to be compiled ahead speculatively.
 
         `schedule` keeps every phase of the current schedule and adds the
-        phases that might follow, e.g. `AutoFreeze.candidate_schedule()`: the
-        next front group frozen. With `compile_ahead`, their steps are built
+        phases that might follow, e.g. `AutoFreeze.candidate_schedule()`: what
+        the next decision is likeliest to freeze. With `compile_ahead`, their steps are built
         and compiled in the background. If `extend` later adopts a phase with
         the same spec, history and learning-rate multipliers (its start may
         differ), its steps are those compiled ahead; a guess that does not
