@@ -191,7 +191,10 @@ class Phases:
     of a phase whose frozen prefix differs from the current one's is compiled
     ahead only given the `feature_cache` (its batches will be other cached
     features), and the eval step (on images) either way. The compiles queued
-    by a phase's first step start once that step has run. An error raised
+    by a phase's first step start once that step has run; when a change is
+    due at the next step (a `foresee` right after an `extend`), only its own
+    phase is queued before it, the rest by its first step. On the CPU each
+    program compiled ahead runs once on zeros (`warm_up`). An error raised
     while building a phase ahead is raised where building it would raise it
     (`update`, at the change); one raised while lowering or compiling its step is raised by the
     step's first call at the change when that call has the arguments compiled
