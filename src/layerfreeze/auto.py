@@ -302,8 +302,9 @@ class AutoFreeze:
         >>> policy = AutoFreeze(["stem", "body", "head"], interval=2)
         >>> print(policy.candidate_schedule())  # the decision at step 2 compares nothing
         None
+        >>> norms = {"grad_norm/stem": 1.0, "grad_norm/body": 2.0, "grad_norm/head": 3.0}
         >>> for _ in range(2):
-        ...     policy.observe({"grad_norm/stem": 1.0, "grad_norm/body": 2.0, "grad_norm/head": 3.0})
+        ...     policy.observe(norms)
         >>> policy.update(2)
         ()
         >>> print(policy.candidate_schedule().describe())
