@@ -864,7 +864,11 @@ class Phases:
             target = where.pop() if len(where) == 1 else None
         jit_kw = {} if target is None else {"out_shardings": target}
         init = jax.jit(steps.tx.init, **jit_kw).lower(params).compile()
-        pieces = _transfer.compile_pieces(state.opt_state, init.out_info)
+        try:
+            pieces = _transfer.compile_pieces(state.opt_state, init.out_info)
+        except Exception as e:  # the change carries them eagerly instead
+            _ahead.log_skip("the carrying of the optimizer state's block pieces", e)
+            pieces = None
         if pieces is not None:
             pieces = (_ahead.signature(state.opt_state), pieces)
         given = _ahead.signature(state.params)
