@@ -166,6 +166,33 @@ def test_a_guess_foreseen_right_before_a_change_compiles_after_its_first_step():
     phases.close()
 
 
+def test_an_earlier_guess_compiled_is_kept_for_the_decision():
+    """Guesses come back (on the scanned ViT a decision took the guess made two
+    before it): a guess replaced after its compiles ended stays compiled, and a
+    decision adopting it compiles nothing."""
+
+    def schedule(text):
+        return lf.schedules.parse_schedule(text, GROUPS, unit="step")
+
+    phases = _phases(schedule("explicit:0=none"), compile_ahead=True)
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    for step in range(3):
+        steps, state, _ = phases.update(step, state)
+        state, _ = steps.train_step(state, BATCH)
+        if step == 0:
+            phases.foresee(schedule("explicit:0=none;6=stem"))  # the first guess
+            assert phases.wait_ahead(timeout=60)
+    phases.foresee(schedule("explicit:0=none;6=stem,body"))  # replaced by a second
+    assert phases.wait_ahead(timeout=60)
+    phases.extend(schedule("explicit:0=none;3=stem"))  # the decision: the first guess
+    with platform.CompileCounter() as counter:
+        steps, state, change = phases.update(3, state)
+        state, metrics = steps.train_step(state, BATCH)
+        jax.block_until_ready(metrics)
+    assert change is not None and counter.requests == 0
+    phases.close()
+
+
 STACKED = {
     "stem": PARAMS["stem"],
     "blocks": {  # 3 stacked blocks

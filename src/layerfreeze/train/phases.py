@@ -305,6 +305,7 @@ class Phases:
         self._seen: dict[str, tuple[Any, ...]] = {}  # step name -> abstract args, latest phase
         self._seen_prefix: str | None = None  # the frozen prefix of the phase they come from
         self._foreseen: schedules.FreezeSchedule | None = None
+        self._kept: list[Any] = []  # build keys of earlier guesses, compiled, kept
         self._first_outputs: Any = None  # of the step whose first call queues compiles
         self._last_step: int | None = None  # the step last given to `update`
 
@@ -364,6 +365,8 @@ class Phases:
             raise
         if self._foreseen is not None and not _extends(self._foreseen, schedule):
             self._foreseen = None  # a guess that did not come true
+        if len(schedule.phases) > len(old):
+            self._kept.clear()  # guesses of this decision: its phase, if one, is upcoming
         self._prune()
         self._schedule_ahead()
 
@@ -375,8 +378,10 @@ class Phases:
         the next decision is likeliest to freeze. With `compile_ahead`, their steps are built
         and compiled in the background. If `extend` later adopts a phase with
         the same spec, history and learning-rate multipliers (its start may
-        differ), its steps are those compiled ahead; a guess that does not
-        come true is discarded at the next `extend` or `foresee`. None
+        differ), its steps are those compiled ahead. A guess replaced by
+        another is kept if its compiles have ended (the last
+        `_KEPT_GUESSES`), since guesses come back: the next decision may still
+        adopt it. What `extend` does not adopt is discarded there. None
         withdraws the guess. Without `compile_ahead` this only checks.
 
         Raises:
@@ -390,9 +395,22 @@ class Phases:
             self._check_extension(schedule, "foresee")
             for index in range(len(self.schedule.phases), len(schedule.phases)):
                 self._plan_in(schedule, index)
+        self._keep_guess()
         self._foreseen = schedule
         self._prune()
         self._schedule_ahead()
+
+    def _keep_guess(self) -> None:
+        """Keeps the phases of the guess being replaced whose compiles have all ended."""
+        guess = self._foreseen
+        if guess is None or not self.compile_ahead:
+            return
+        for index in range(len(self.schedule.phases), len(guess.phases)):
+            key = self._key_in(guess, index)
+            jobs = self._jobs.get(key)
+            if key in self._ahead_steps and jobs and all(f.done() for f in jobs):
+                others = [k for k in self._kept if k != key]
+                self._kept = [*others[len(others) + 1 - _KEPT_GUESSES :], key]
 
     def _check_extension(self, schedule: Any, what: str) -> None:
         if not isinstance(schedule, schedules.FreezeSchedule):
@@ -901,7 +919,9 @@ class Phases:
         """Drops what was built or queued ahead for phases no longer to come."""
         wanted = set()
         if self.compile_ahead:
-            wanted = {self._upcoming_key(s, i) for s, i in self._upcoming()}
+            wanted = {self._upcoming_key(s, i) for s, i in self._upcoming()} | set(self._kept)
+        else:
+            self._kept.clear()
         for key in set(self._ahead_steps) | set(self._jobs) | set(self._ahead_errors):
             if key in wanted:
                 continue
@@ -967,6 +987,9 @@ class Phases:
 
 
 _STEP_NAMES = ("train_step", "eval_step")
+# Earlier guesses (`foresee`) kept compiled: on the scanned ViT, a decision adopted a
+# guess made two guesses before it (`benchmarks/RESULTS.md`).
+_KEPT_GUESSES = 3
 
 
 class _Start(NamedTuple):
