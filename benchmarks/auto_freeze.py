@@ -359,8 +359,11 @@ def fine_tune(
         prefix_groups=groups[:-1] if cached else None, feature_cache=cache,
     )  # fmt: skip
     guess = None  # the spec of the phase last foreseen (AutoFreeze's guess)
+    earlier: list[str] = []  # the guesses before it since the last decision
 
     def foresee() -> str | None:  # its likeliest next phase, compiled ahead (--compile_ahead)
+        if guess is not None:
+            earlier.append(guess)
         candidate = policy.candidate_schedule()
         phases.foresee(candidate)
         return None if candidate is None else candidate.phases[-1].spec.describe()
@@ -372,7 +375,10 @@ def fine_tune(
     curve: list[tuple[float, int, float]] = []
     first_steps: list[tuple[int, float]] = []  # (step, seconds) of each phase's first step
     feature_seconds: dict[int, float] = {}  # step -> computing the cached features there
-    guessed: dict[int, bool] = {}  # AutoFreeze's decision step -> whether it was the guess
+    # AutoFreeze's decision step -> True: the phase last foreseen; "earlier": one of the 3
+    # other phases foreseen last since the last decision (`Phases` keeps them compiled);
+    # False: neither.
+    guessed: dict[int, bool | str] = {}
     step_seconds: list[float] = []  # every other step's
     phase_seconds: dict[int, list[float]] = {}  # the same, by the step its phase began
     eval_seconds = 0.0
@@ -381,7 +387,11 @@ def fine_tune(
         before = time.perf_counter()  # a phase change counts from its decision on
         if policy is not None and policy.update(step):
             phases.extend(policy.schedule)
-            guessed[step] = policy.schedule.phases[-1].spec.describe() == guess
+            decided = policy.schedule.phases[-1].spec.describe()
+            recent = list(dict.fromkeys(reversed(earlier)))[:3]  # as `Phases` keeps them
+            guessed[step] = decided == guess or ("earlier" if decided in recent else False)
+            guess = None
+            earlier.clear()
             guess = foresee()
         steps, state, change = phases.update(step, state)
         idx = data.batch_indices(args.seed, step, ds.num_train, args.batch_size)
@@ -572,10 +582,13 @@ def _features_note(seconds: dict[int, float], start: int, stall: float, median: 
     return f" (features {seconds[start]:.2f} s; {stall - seconds[start] / median:.1f}x without)"
 
 
-def _guess_note(guessed: dict[int, bool], start: int) -> str:
-    """`", guessed"` or `", not guessed"` for an AutoFreeze change (as a JSON key or not)."""
+def _guess_note(guessed: dict[int, bool | str], start: int) -> str:
+    """`", guessed"`, `", guessed earlier"` or `", not guessed"` for an AutoFreeze change
+    (`start` as a JSON key or not)."""
     hit = guessed.get(start, guessed.get(str(start)))
-    return "" if hit is None else (", guessed" if hit else ", not guessed")
+    if hit is None:
+        return ""
+    return {True: ", guessed", "earlier": ", guessed earlier"}.get(hit, ", not guessed")
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:

@@ -70,6 +70,8 @@ def test_time_to_target_speedups_and_table():
         "50: 4.0x (1.2x its phase's) (features 1.50 s; 1.0x without), not guessed | 1.0 |" in table
     )
     assert "| 500 | - | 1.0 |" in table  # full: no change
+    # A decision that took a guess made before the last one (which `Phases` kept).
+    assert auto_freeze._guess_note({"30": "earlier"}, 30) == ", guessed earlier"
     assert "| freezeout | 0.9000 | not reached | - | - | - | - |" in table
 
 
