@@ -69,14 +69,15 @@ def carry(old_state: Any, new_state: Any, pieces: "Pieces | None" = None) -> Any
     sources, started_fresh = _sources(old_state, new_state)
     old_leaves = [leaf for _, leaf in _flatten(old_state)]
     new_leaves, treedef = jax.tree.flatten(new_state)
-    leaves = list(new_leaves)
     assembled = {}
     if pieces is not None:
         olds = tuple(old_leaves[i] for i in pieces.old)
         made = pieces.program(olds, tuple(new_leaves[j] for j in pieces.which))
         assembled = dict(zip(pieces.which, made, strict=True))
-    for j, src in enumerate(sources):
-        leaves[j] = assembled[j] if j in assembled else _take(src, old_leaves, new_leaves[j])
+    leaves = [
+        assembled[j] if j in assembled else _take(src, old_leaves, fresh)
+        for j, (src, fresh) in enumerate(zip(sources, new_leaves, strict=True))
+    ]
     carried = jax.tree.unflatten(treedef, leaves)
     if started_fresh:
         _warn_spent_counts(old_state, carried, started_fresh)
@@ -154,7 +155,7 @@ def compile_pieces(old_state: Any, new_state: Any) -> Pieces | None:
     a small program of its own (compiled at the change the first time its
     shapes occur). This compiles them all as one, for abstract states
     (`jax.ShapeDtypeStruct`s with shardings; each output in its fresh
-    leaf's sharding); `transfer_opt_state(..., pieces=...)` runs it. Nothing
+    leaf's sharding); `carry(old_state, new_state, pieces)` runs it. Nothing
     else is in it: the leaves taken whole stay the arrays they are.
 
     Returns:

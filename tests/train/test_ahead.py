@@ -57,14 +57,14 @@ def _phases(schedule=SCHEDULE, loss_of=lambda phase: loss_fn, frozen_dtype=None,
     return train.Phases(schedule, build, params=PARAMS, **kw)
 
 
-def _run(phases, steps=9, policy=None, norms=None):
+def _run(phases, steps=9, policy=None, norms=None, params=PARAMS):
     """Trains `steps` steps; returns `(state, metrics of each step)` and `{change step:
     compile requests}`.
 
     Before each step the compiles queued ahead are waited for, so that the
     counter around the step sees only what the step itself compiles.
     """
-    state = phases.init_state(PARAMS, jax.random.key(0))
+    state = phases.init_state(params, jax.random.key(0))
     requests, history = {}, []
     for step in range(steps):
         phases.wait_ahead()
@@ -229,18 +229,7 @@ def test_a_stacked_leafs_optimizer_state_is_carried_by_a_program_compiled_ahead(
             )  # fmt: skip
 
         phases = train.Phases(schedule, build, params=STACKED, compile_ahead=compile_ahead)
-        state = phases.init_state(STACKED, jax.random.key(0))
-        requests = {}
-        for step in range(9):
-            phases.wait_ahead()
-            with platform.CompileCounter() as counter:
-                steps, state, change = phases.update(step, state)
-                state, _ = steps.train_step(state, BATCH)
-                jax.block_until_ready(state)
-            if change is not None:
-                requests[step] = counter.requests
-        phases.close(wait=True)
-        return state, requests
+        return _run(phases, params=STACKED)
 
     ahead, requests = run(True)
     assert requests == {2: 0, 4: 0, 6: 0}

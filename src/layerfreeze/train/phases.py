@@ -375,14 +375,14 @@ class Phases:
 
         `schedule` keeps every phase of the current schedule and adds the
         phases that might follow, e.g. `AutoFreeze.candidate_schedule()`: what
-        the next decision is likeliest to freeze. With `compile_ahead`, their steps are built
-        and compiled in the background. If `extend` later adopts a phase with
+        the next decision is likeliest to freeze. With `compile_ahead`, their
+        steps are built and compiled in the background. If `extend` later adopts a phase with
         the same spec, history and learning-rate multipliers (its start may
         differ), its steps are those compiled ahead. A guess replaced by
-        another is kept if its compiles have ended (the last
-        `_KEPT_GUESSES`), since guesses come back: the next decision may still
-        adopt it. What `extend` does not adopt is discarded there. None
-        withdraws the guess. Without `compile_ahead` this only checks.
+        another is kept if its compiles have ended (the last three), since
+        guesses come back: the next decision may still adopt it. What
+        `extend` does not adopt is discarded there. None withdraws the
+        guess. Without `compile_ahead` this only checks.
 
         Raises:
           ValueError: `schedule` changes or drops a phase of the current
@@ -789,14 +789,14 @@ class Phases:
         args: tuple[Any, ...],
         features: Callable[[Any], Any] | None,
         before: Any = None,
-    ) -> tuple[tuple[Any, ...], Any] | None:
+    ) -> Any:
         """On the worker: `steps`' step `name` compiled for its phase's abstract arguments
         (the batch as `features` makes it, when the phase trains on other features).
         The phase is entered from the current phase, or from the phase to come with
         build key `before`, whose start, if compiled, gives the optimizer state.
 
         Returns:
-          `(the abstract arguments, the program)`, or None when nothing was compiled.
+          The program (a `jax.stages.Compiled`), or None when nothing was compiled.
         """
         state, *rest = args
         if features is not None:
@@ -828,7 +828,7 @@ class Phases:
             fn.fail(abstract, _noted(e, index, "compiling"))
             return None
         fn.add(abstract, program)
-        return abstract, program
+        return program
 
     def _warm(self, key: Any, compiled: concurrent.futures.Future) -> None:
         """On the worker: the programs that `compiled` (a `_compile` job of a train
@@ -841,9 +841,9 @@ class Phases:
         """
         if not compiled.done() or compiled.cancelled() or compiled.exception() is not None:
             return
-        if compiled.result() is None:
+        program = compiled.result()
+        if program is None:
             return
-        _, program = compiled.result()
         programs = [program]
         start = self._starts.get(key)
         if start is not None:
