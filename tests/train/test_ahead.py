@@ -5,6 +5,7 @@ each program compiles in a fraction of a second. Compilations are counted
 with `platform.CompileCounter` (JAX's monitoring events), never timed.
 """
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -505,8 +506,27 @@ def test_a_compile_queued_by_a_first_step_starts_once_that_step_has_run():
     assert _ahead.wait(future, timeout=60.0) and seen == [True]
 
 
+@pytest.mark.parametrize("compile_ahead", [False, True])
+def test_phases_evaluate_with_one_eval_step_compiled_once(compile_ahead):
+    phases = _phases(compile_ahead=compile_ahead)
+    state = phases.init_state(PARAMS, jax.random.key(0))
+    requests = {}
+    for step in range(9):
+        steps, state, change = phases.update(step, state)
+        state, _ = steps.train_step(state, BATCH)
+        phases.wait_ahead()  # the counter sees the evaluation alone
+        with platform.CompileCounter() as counter:
+            jax.block_until_ready(steps.eval_step(state, BATCH))
+        if change is not None:
+            requests[step] = counter.requests
+    assert requests == {3: 0, 6: 0}
+    assert phases.steps(1).eval_step is phases.steps(2).eval_step
+    phases.close(wait=True)
+
+
 def test_a_change_leaves_its_eval_step_compiling_in_the_background():
-    phases = _phases(compile_ahead=True)
+    # A loss of its own per phase: each phase has an eval step of its own to compile.
+    phases = _phases(compile_ahead=True, loss_of=lambda phase: functools.partial(loss_fn))
     state = phases.init_state(PARAMS, jax.random.key(0))
     steps, state, _ = phases.update(0, state)
     release = threading.Event()

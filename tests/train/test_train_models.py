@@ -11,6 +11,7 @@ from zoo import DeepNormNet, FlaxExampleResNet, NNXNet
 
 import layerfreeze as lf
 from layerfreeze import _paths, train
+from layerfreeze.train import platform
 
 R = np.random.RandomState(0)
 IMAGES = R.randn(8, 8, 8, 3).astype(np.float32)
@@ -228,6 +229,56 @@ def test_nnx_eval_step_runs_in_eval_mode_and_leaves_the_model_alone():
     out2 = steps.eval_step(state, batch)
     assert float(out1["loss"]) == float(out2["loss"])  # no dropout, running statistics
     assert float(out1["count"]) == 8.0
+
+
+@pytest.mark.parametrize("kind", ["flax_example", "nnx"])
+def test_steps_that_evaluate_alike_share_one_compiled_eval_step(kind):
+    """Two phases of one model (other specs, other optimizers) evaluate with one
+    program: the second compiles nothing and gives the same sums."""
+    make, spec, _, batch, _ = KINDS[kind]
+    model = make()
+    if isinstance(model, nnx.Module):
+        given, variables, params = model, model, None
+    else:
+        variables = model.init(jax.random.key(0), IMAGES[:2], train=False)
+        given, params = model, variables["params"]
+
+    def steps_for(spec, optimizer, **kw):
+        steps = train.make_steps(given, optimizer, spec, params, **kw)
+        return steps, steps.init_state(variables, jax.random.key(1))
+
+    full, full_state = steps_for("none", _optimizer())
+    frozen, frozen_state = steps_for(spec, optax.sgd(0.1))
+    assert frozen.eval_step is full.eval_step
+    want = full.eval_step(full_state, batch)
+    with platform.CompileCounter() as counter:
+        got = frozen.eval_step(frozen_state, batch)  # another optimizer state: not read
+    assert counter.requests == 0
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+    # Another eval preprocessing evaluates otherwise: its own eval step.
+    other, other_state = steps_for(spec, optax.sgd(0.1), preprocess_eval=lambda x: 2 * x)
+    assert other.eval_step is not full.eval_step
+    assert float(other.eval_step(other_state, batch)["loss"]) != float(want["loss"])
+
+
+def test_an_eval_step_with_unhashable_eval_kwargs_is_its_own():
+    class Scaled(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False, scales=(1.0,)):
+            return nn.Dense(5)(x.reshape(x.shape[0], -1) * scales[0])
+
+    model = Scaled()
+    variables = model.init(jax.random.key(0), IMAGES[:2])
+    batch = {"image": IMAGES, "label": LABELS}
+    outs = []
+    for scales in ([1.0], [2.0]):  # lists: not hashable, not shared
+        steps = train.make_steps(
+            model, optax.sgd(0.1), "none", variables["params"], eval_kwargs={"scales": scales}
+        )
+        state = steps.init_state(variables, jax.random.key(0))
+        outs.append(float(steps.eval_step(state, batch)["loss"]))
+    assert outs[0] != outs[1]
 
 
 def test_no_model_the_loss_sees_the_params():

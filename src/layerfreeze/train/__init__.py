@@ -29,6 +29,7 @@ Array([0.9, 0.9, 0.9], dtype=float32)
 """
 
 from layerfreeze.train._steps import (
+    EvalStep,
     LossFn,
     StepOptions,
     TrainState,
@@ -40,6 +41,7 @@ from layerfreeze.train.phases import PhaseChange, Phases
 from layerfreeze.train.sharding import make_mesh, replicate, shard_batch
 
 __all__ = [
+    "EvalStep",
     "LossFn",
     "PhaseChange",
     "Phases",

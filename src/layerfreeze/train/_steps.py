@@ -25,6 +25,7 @@ compute dtype.
 """
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from layerfreeze import _batchnorm, _blocks, _checks, _freeze, _grad, _nnx, _pla
 from layerfreeze.train import sharding as _sharding
 
 __all__ = [
+    "EvalStep",
     "LossFn",
     "StepOptions",
     "TrainState",
@@ -103,12 +105,14 @@ class TrainSteps:
         donates the state. Metrics: `loss`, the loss function's metrics
         (`accuracy` for the default loss), `grad_norm`, and
         `grad_norm/<group>` for each of `make_steps`' `group_norms`.
-      eval_step: jitted `(TrainState, batch) -> metrics`, sums over the batch
-        and a `count`, so that summing over batches and dividing by the
-        summed count gives exact means. The default loss reports summed
-        `loss` and `correct` and honours a `"mask"` entry of the batch
-        (padded examples weigh 0); a custom loss reports its mean loss and
-        metrics times the batch size.
+      eval_step: an `EvalStep`, `(TrainState, batch) -> metrics`, jitted;
+        sums over the batch and a `count`, so that summing over batches and
+        dividing by the summed count gives exact means. The default loss
+        reports summed `loss` and `correct` and honours a `"mask"` entry of
+        the batch (padded examples weigh 0); a custom loss reports its mean
+        loss and metrics times the batch size. It does not read the
+        optimizer state, and the steps of `make_steps` calls that evaluate
+        alike share it: the phases of a run compile their evaluation once.
       init_state: `(variables, rng) -> TrainState`; see `TrainSteps.init_state`.
       shardings: with `sharding_rules`, the `NamedSharding`s of the state, a
         `TrainState` of them (`batch_stats`, `step` and `rng` replicated, as
@@ -124,7 +128,7 @@ class TrainSteps:
     tx: optax.GradientTransformation
     trainable_params: int
     train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-    eval_step: Callable[[TrainState, Batch], dict[str, jax.Array]]
+    eval_step: "EvalStep"
     _split_variables: Callable[[Any], tuple[Any, Any]] = dataclasses.field(repr=False)
     shardings: TrainState | None = None
     frozen_dtype: np.dtype | None = None
@@ -483,7 +487,7 @@ def make_steps(
         tx=steps.tx,
         trainable_params=plan.trainable_params,
         train_step=jax.jit(steps.train_step, **train_jit),
-        eval_step=jax.jit(steps.eval_step, **eval_jit),
+        eval_step=_eval_step(_Eval.of(model, forward, options), eval_jit),
         _split_variables=forward.split_variables,
         shardings=shardings,
         frozen_dtype=options.frozen_dtype,
@@ -582,23 +586,23 @@ def _jit_options(
         state = replicated if shardings is None else shardings
         data = _sharding.batch_sharding(options.mesh, options.batch_axes)
         train |= {"in_shardings": (state, data), "out_shardings": (state, replicated)}
-        evaluate |= {"in_shardings": (state, data), "out_shardings": replicated}
+        # The eval step takes the state without its optimizer state (`EvalStep`).
+        without = state if shardings is None else state.replace(opt_state=None)
+        evaluate |= {"in_shardings": (without, data), "out_shardings": replicated}
     return train, evaluate
 
 
 class _Steps:
-    """The pure train and eval step functions of one phase (jitted by `make_steps`)."""
+    """The pure train step function of one phase (jitted by `make_steps`)."""
 
     def __init__(self, plan, tx, forward, options, no_model, shardings):
         self.plan, self.tx, self.forward, self.options = plan, tx, forward, options
         self.no_model = no_model
         self.shardings = shardings
-        self.default_loss = options.loss_fn is None
         self.loss_fn = options.loss_fn or classification_loss
         inputs = options.inputs
         self.inputs = inputs if callable(inputs) else (lambda batch: batch[inputs])
         self.preprocess = options.preprocess or (lambda rng, x: x)
-        self.preprocess_eval = options.preprocess_eval or (lambda x: x)
         self.group_leaves = _group_leaves(options.group_norms, plan)
 
     def objective(self, params, batch_stats, batch, rng):
@@ -653,19 +657,107 @@ class _Steps:
         ]
         return jax.tree.unflatten(treedef, kept)
 
-    def eval_step(self, state: TrainState, batch: Batch):
-        if self.no_model:
+
+class EvalStep:
+    """`TrainSteps.eval_step`: `(TrainState, batch) -> metrics`, jitted.
+
+    An evaluation reads the state's params and model state, never its optimizer
+    state, so the jitted function (`jitted`) takes the state without it, and
+    `make_steps` gives one `EvalStep` to the steps of every call that evaluates
+    alike: the same model (equal linen modules, or NNX modules of equal graph
+    definitions), the same `loss_fn`, `inputs`, `preprocess_eval` and
+    `eval_kwargs` objects, mesh and compiler options. The phases of a run, whose
+    optimizers differ, then compile their evaluation once (once per dtype of
+    the params under `frozen_dtype`). `lower`, `trace` and `eval_shape` take the
+    arguments of a call.
+    """
+
+    def __init__(self, jitted: Any):
+        self.jitted = jitted
+
+    def __call__(self, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        return self.jitted(_without_opt_state(state), batch)
+
+    def lower(self, state: TrainState, batch: Batch) -> Any:
+        return self.jitted.lower(_without_opt_state(state), batch)
+
+    def trace(self, state: TrainState, batch: Batch) -> Any:
+        return self.jitted.trace(_without_opt_state(state), batch)
+
+    def eval_shape(self, state: TrainState, batch: Batch) -> Any:
+        return self.jitted.eval_shape(_without_opt_state(state), batch)
+
+
+def _without_opt_state(state: Any) -> Any:
+    return state.replace(opt_state=None) if isinstance(state, TrainState) else state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Eval:
+    """The eval step as a pure function of `(state, batch)`, equal (and hashable)
+    for two `make_steps` calls that evaluate alike.
+
+    Attributes:
+      forward: the model in eval mode, `(params, model state, x) -> outputs`
+        (`_LinenEval`, `_NNXEval`), or None without a model.
+      loss_fn, inputs, preprocess_eval: the `StepOptions` fields, as given.
+    """
+
+    forward: Any
+    loss_fn: Any
+    inputs: Any
+    preprocess_eval: Any
+
+    @classmethod
+    def of(cls, model: Any, forward: Any, options: "StepOptions") -> "_Eval":
+        return cls(
+            None if model is None else forward.eval,
+            options.loss_fn,
+            options.inputs,
+            options.preprocess_eval,
+        )
+
+    def __call__(self, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        if self.forward is None:
             out = self.loss_fn(state.params, batch, jax.random.key(0))
         else:
-            x = self.preprocess_eval(self.inputs(batch))
-            outputs = self.forward.eval(state.params, state.batch_stats, x)
-            if self.default_loss:
+            inputs = self.inputs(batch) if callable(self.inputs) else batch[self.inputs]
+            x = inputs if self.preprocess_eval is None else self.preprocess_eval(inputs)
+            outputs = self.forward(state.params, state.batch_stats, x)
+            if self.loss_fn is None:
                 return _classification_sums(outputs, batch)
             out = self.loss_fn(outputs, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         count = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
         sums = {"loss": loss, **metrics}
         return {**{k: jnp.asarray(v, jnp.float32) * count for k, v in sums.items()}, "count": count}
+
+
+# `EvalStep`s by what they compute: `(_Eval, jit keywords)`; an entry lives while
+# some steps hold its `EvalStep`.
+_EVAL_STEPS: "weakref.WeakValueDictionary[Any, EvalStep]" = weakref.WeakValueDictionary()
+
+
+def _eval_step(evaluate: _Eval, jit_kwargs: dict[str, Any]) -> EvalStep:
+    """The `EvalStep` of `evaluate` jitted with `jit_kwargs`: the one made before
+    for an equal pair, if some steps still hold it."""
+    leaves, treedef = jax.tree.flatten(jit_kwargs)
+    key: Any = (evaluate, treedef, tuple(leaves))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable option (a list in eval_kwargs): not shared
+        key = None
+    found = None if key is None else _EVAL_STEPS.get(key)
+    if found is not None:
+        return found
+
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        return evaluate(state, batch)
+
+    step = EvalStep(jax.jit(eval_step, **jit_kwargs))
+    if key is not None:
+        _EVAL_STEPS[key] = step
+    return step
 
 
 def _group_norms(grads: Any, group_leaves: GroupLeaves) -> dict[str, jax.Array]:
@@ -688,7 +780,8 @@ class _LinenForward:
 
     def __init__(self, model, policy, train_kwargs, eval_kwargs):
         self.model, self.policy = model, policy
-        self.train_kwargs, self.eval_kwargs = train_kwargs, eval_kwargs
+        self.train_kwargs = train_kwargs
+        self.eval = _LinenEval(model, tuple(eval_kwargs.items()))
 
     def train(self, params, batch_stats, x, rng):
         variables = {"params": params}
@@ -708,12 +801,6 @@ class _LinenForward:
         outputs, updates = out
         return outputs, updates.get("batch_stats", batch_stats)
 
-    def eval(self, params, batch_stats, x):
-        variables = {"params": params}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        return self.model.apply(variables, x, **self.eval_kwargs)
-
     @staticmethod
     def split_variables(variables):
         if not isinstance(variables, Mapping) or "params" not in variables:
@@ -722,6 +809,30 @@ class _LinenForward:
                 f"'batch_stats' if it has BatchNorm); got {type(variables).__name__}."
             )
         return variables["params"], variables.get("batch_stats", {})
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinenEval:
+    """A linen module in eval mode; equal for equal modules and keywords."""
+
+    model: nn.Module
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def __call__(self, params, batch_stats, x):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        return self.model.apply(variables, x, **dict(self.kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NNXEval:
+    """An NNX module in eval mode, by its graph definition (equal for equal ones)."""
+
+    graphdef: Any
+
+    def __call__(self, params, rest, x):
+        return nnx.merge(self.graphdef, params, rest)(x)
 
 
 class _NNXForward:
@@ -733,7 +844,7 @@ class _NNXForward:
         eval_model = nnx.clone(model)
         eval_model.eval()
         self.train_graphdef = nnx.graphdef(train_model)
-        self.eval_graphdef = nnx.graphdef(eval_model)
+        self.eval = _NNXEval(nnx.graphdef(eval_model))
 
     def train(self, params, rest, x, rng):
         del rng  # an NNX model carries its own RNG streams, in `rest`
@@ -742,9 +853,6 @@ class _NNXForward:
         model = nnx.merge(self.train_graphdef, params, jax.tree.map(lambda v: v, rest))
         outputs = model(x)
         return outputs, nnx.split(model, nnx.Param, ...)[2]
-
-    def eval(self, params, rest, x):
-        return nnx.merge(self.eval_graphdef, params, rest)(x)
 
     @staticmethod
     def split_variables(model):

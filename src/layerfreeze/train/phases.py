@@ -75,7 +75,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from layerfreeze import _batchnorm, _checks, _freeze, _nnx, _plan, _spec, _transfer, schedules
-from layerfreeze.train import _ahead
+from layerfreeze.train import _ahead, _steps
 from layerfreeze.train import sharding as _sharding
 
 __all__ = ["PhaseChange", "Phases"]
@@ -203,10 +203,13 @@ class Phases:
     compile competes with the train step for the CPU (`benchmarks/RESULTS.md`).
     Steps are compiled ahead when `build` returns `train.TrainSteps` (or another
     dataclass of jitted `train_step`/`eval_step`); a bare optimizer is used as
-    it is. `close()` cancels the compiles not begun; `wait_ahead()` waits for
-    them. With several processes, each compiles ahead on its own timing: which
-    programs it compiles in the background, and whether a change waits for one
-    or compiles at the change, can differ between processes, and XLA may compile
+    it is. The phases share `make_steps`' eval step (`train.EvalStep`) when
+    `build` passes the same model, loss and eval options to each: it is
+    compiled once per signature, not once per phase. `close()` cancels the
+    compiles not begun; `wait_ahead()` waits for them. With several processes,
+    each compiles ahead on its own timing: which programs it compiles in the
+    background, and whether a change waits for one or compiles at the change,
+    can differ between processes, and XLA may compile
     a program of several processes together (on GPUs they share its autotuning).
     The experiment turns it off there.
 
@@ -284,6 +287,8 @@ class Phases:
         for index in range(len(schedule.phases)):  # every spec must fit, before any work
             self.plan(index)
         self._cache: dict[Any, Any] = {}
+        # make_steps' eval steps (shared by phases that evaluate alike), compiling ahead.
+        self._evals: dict[_steps.EvalStep, _steps.EvalStep] = {}
         self._keys: dict[int, Any] = {}  # phase index -> build key, computed once
         self.current = self.index_at(0)
         self.compile_ahead = _checks.flag("Phases: compile_ahead", compile_ahead)
@@ -474,11 +479,16 @@ class Phases:
         if not self.compile_ahead or not dataclasses.is_dataclass(steps):
             return steps
         ref = weakref.ref(self)
-        wrapped = {
-            name: _ahead.AheadFn(fn, functools.partial(_first_call, ref, name))
-            for name in _STEP_NAMES
-            if hasattr(fn := getattr(steps, name, None), "lower")
-        }
+        wrapped = {}
+        for name in _STEP_NAMES:
+            fn = getattr(steps, name, None)
+            if isinstance(fn, _steps.EvalStep):  # shared by phases: one AheadFn for all
+                if fn not in self._evals:
+                    ahead = _ahead.AheadFn(fn.jitted, functools.partial(_first_call, ref, name))
+                    self._evals[fn] = _steps.EvalStep(ahead)
+                wrapped[name] = self._evals[fn]
+            elif hasattr(fn, "lower"):
+                wrapped[name] = _ahead.AheadFn(fn, functools.partial(_first_call, ref, name))
         return dataclasses.replace(steps, **wrapped) if wrapped else steps
 
     def _trainable(self, steps: Any, index: int) -> int:
@@ -734,9 +744,11 @@ class Phases:
                     except Exception as e:  # raised at the change, as without compiling ahead
                         self._ahead_errors[key] = e
                         continue
-                fn = getattr(steps, name, None)
-                if not isinstance(fn, _ahead.AheadFn) or fn.called:
-                    continue  # a bare optimizer, or a phase that ran (and compiled) already
+                fn = _ahead_fn(steps, name)
+                # A bare optimizer, or a phase that ran (and compiled) already; an eval
+                # step shared by phases compiles once per signature (`_compile`).
+                if fn is None or (fn.called and fn is getattr(steps, name, None)):
+                    continue
                 self._submitted.add((key, name, base))
                 # The optimizer state it will carry over: its phase before's, if foreseen.
                 before = (
@@ -805,23 +817,31 @@ class Phases:
             except Exception as e:  # the step compiles at the change
                 _ahead.log_skip(f"the train step of {key[0]!r}", e)
                 return None
+        fn = _ahead_fn(steps, name)
         start = self._starts.get(key)
-        if start is None or start.given != _ahead.signature(state.params):
-            previous = None if before is None else self._starts.get(before)
-            if previous is not None:
-                state = state.replace(opt_state=previous.init.out_info)
-            try:
-                start = self._starts[key] = self._compile_start(steps, state)
-            except Exception as e:  # not the phase's own error: it compiles at the change
-                _ahead.log_skip(f"the steps of {key[0]!r}", e)
-                return None
-        fields = {"params": start.params, "opt_state": start.init.out_info}
-        if hasattr(state, "tx"):
-            fields["tx"] = steps.tx
-        abstract = (state.replace(**fields), *rest)
-        fn = getattr(steps, name)
+        if start is not None and start.given != _ahead.signature(state.params):
+            start = None
+        if fn is not getattr(steps, name):  # a shared `EvalStep`'s: no optimizer state
+            if start is None and getattr(steps, "frozen_dtype", None) is not None:
+                return None  # the params' dtypes: known once its train step is compiled
+            params = state.params if start is None else start.params
+            abstract = (state.replace(params=params, opt_state=None), *rest)
+        else:
+            if start is None:
+                previous = None if before is None else self._starts.get(before)
+                if previous is not None:
+                    state = state.replace(opt_state=previous.init.out_info)
+                try:
+                    start = self._starts[key] = self._compile_start(steps, state)
+                except Exception as e:  # not the phase's own error: it compiles at the change
+                    _ahead.log_skip(f"the steps of {key[0]!r}", e)
+                    return None
+            fields = {"params": start.params, "opt_state": start.init.out_info}
+            if hasattr(state, "tx"):
+                fields["tx"] = steps.tx
+            abstract = (state.replace(**fields), *rest)
         if _ahead.signature(abstract) in fn.programs:
-            return None  # compiled for the state of an earlier phase, which casts to the same
+            return None  # compiled for another phase, or a phase that casts to the same
         try:
             program = fn.jitted.lower(*abstract).compile()
         except Exception as e:  # raised by the step at the change, if called with `abstract`
@@ -1041,6 +1061,14 @@ def _compile_cast(cast: Callable[[Any], Any] | None, params: Any) -> tuple[Any, 
     for i, d in zip(which, to, strict=True):
         leaves[i] = jax.ShapeDtypeStruct(leaves[i].shape, d, sharding=leaves[i].sharding)
     return jax.tree.unflatten(treedef, leaves), (which, program)
+
+
+def _ahead_fn(steps: Any, name: str) -> _ahead.AheadFn | None:
+    """The `AheadFn` of `steps`' step `name` (inside a shared `EvalStep`), or None."""
+    fn = getattr(steps, name, None)
+    if isinstance(fn, _steps.EvalStep):
+        fn = fn.jitted
+    return fn if isinstance(fn, _ahead.AheadFn) else None
 
 
 def _first_call(ref: "weakref.ref[Phases]", name: str, args: tuple[Any, ...], outputs: Any) -> None:
