@@ -71,7 +71,7 @@ from report import command_line, machine_description
 import layerfreeze as lf
 from layerfreeze import train
 from layerfreeze.models import GROUPS, ViT, resnet18, vit_groups
-from layerfreeze.train import data, features, platform
+from layerfreeze.train import _ahead, data, features, platform
 from layerfreeze.train.platform import cpu_conv_options
 
 RUNS = ("full", "freezeout", "auto", "auto+cache")
@@ -692,6 +692,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "first runs at its phase's first step (on the CPU it runs once ahead on zeros)",
     )
     parser.add_argument(
+        "--spare_core",
+        action="store_true",
+        help="Linux: the steps (and XLA's threads) on every core but the last, the compile "
+        "worker alone on the last one: a machine with a core to spare for compiling ahead",
+    )
+    parser.add_argument(
         "--sequential",
         action="store_true",
         help="the runs one after the other, not in turns (a background compile then overlaps "
@@ -738,11 +744,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--width must be a multiple of the ViT's {VIT_HEADS} heads, got {args.width}")
     if args.warmup_steps < 0:
         parser.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.spare_core and len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2:
+        parser.error("--spare_core needs Linux and at least 2 cores this process may use")
     return args
+
+
+def spare_core() -> str:
+    """Keeps the last usable core for the compile worker, every other one for the rest.
+
+    Every thread of the process so far (XLA's pools among them) moves to the
+    other cores, and the threads started later inherit that from the thread
+    starting them; the worker's first job then moves the worker's own thread
+    to the last core.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores[:-1])
+        except ProcessLookupError:  # ended meanwhile
+            pass
+    job = _ahead.submit((-1,), lambda: os.sched_setaffinity(0, cores[-1:]))
+    _ahead.wait(job)
+    job.result()
+    return f"steps on cores {cores[:-1]}, the compile worker on core {cores[-1]}"
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    pinned = spare_core() if args.spare_core else ""
     if args.compilation_cache:
         platform.enable_compilation_cache(args.compilation_cache)
     load_before, clock = _load(), time.perf_counter()
@@ -750,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     model, groups = build_model(args)
     variables, source_accuracy = source_variables(model, source, args)
     setup = setup_line(args, source, target, source_accuracy)
+    if pinned:
+        setup += f"; {pinned}"
     print(setup)
     warm = warm_up(model, variables, target, args)
     print(f"warm-up: {args.warmup_steps} untimed steps in {warm:.1f}s")

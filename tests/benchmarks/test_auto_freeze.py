@@ -1,8 +1,13 @@
 """`benchmarks/auto_freeze.py`: time to the target accuracy, the table, the flags; no
 scikit-learn needed."""
 
+import os
+import threading
+
 import auto_freeze
 import pytest
+
+from layerfreeze.train import _ahead
 
 
 def _result(run, curve, first_steps, phases):
@@ -178,3 +183,40 @@ def test_interleave_takes_turns_and_keeps_the_runs_order():
     results = auto_freeze.interleave([run("a", 3), run("b", 1), run("c", 2)])
     assert [r["run"] for r in results] == ["a", "b", "c"]
     assert log == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2)]
+
+
+@pytest.mark.skipif(
+    len(getattr(os, "sched_getaffinity", lambda _: ())(0)) < 2, reason="Linux, 2 cores or more"
+)
+def test_spare_core_gives_the_compile_worker_the_last_core_alone():
+    before = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")}
+    cores = os.sched_getaffinity(0)
+    worker = _on_worker(threading.get_native_id)
+    try:
+        auto_freeze.spare_core()
+        last = max(cores)
+        others = {int(t) for t in os.listdir("/proc/self/task")} - {worker}
+        assert {t: os.sched_getaffinity(t) for t in others & set(before)} == dict.fromkeys(
+            others & set(before), cores - {last}
+        )
+        assert os.sched_getaffinity(worker) == {last}
+    finally:
+        for tid, mask in before.items():
+            try:
+                os.sched_setaffinity(tid, mask)
+            except ProcessLookupError:
+                pass
+
+
+def test_spare_core_needs_two_cores(monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0}, raising=False)
+    with pytest.raises(SystemExit):
+        auto_freeze.parse_args(["--spare_core"])
+    assert "at least 2 cores" in capsys.readouterr().err
+
+
+def _on_worker(fn):
+    """`fn()` run on the compile-ahead worker thread."""
+    job = _ahead.submit((-1,), fn)
+    assert _ahead.wait(job, timeout=60.0)
+    return job.result()
