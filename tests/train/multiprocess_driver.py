@@ -13,7 +13,11 @@ a run that finds one resumes from it; the losses so far ride in its metadata. Th
 checkpoint is the run's result. `--die_after=K`: the last process exits at once
 after step K, as if killed. `--restore_from` (one process): after training,
 restore that directory's latest step onto `--restore_mesh`, compare it with
-this run's final state and write `OUT/restored.json`.
+this run's final state and write `OUT/restored.json`. `--compile_ahead`: the
+phase to come is compiled ahead (`Phases(compile_ahead=True)`, waited for
+before each step), and `OUT/ahead_{process}.json` says whether each program
+compiled ahead would run on zeros (`warm_up`, which refuses a program
+spanning several processes).
 
 Processes meet through `jax.distributed.initialize` on localhost (a single
 process too, so that it reduces with the same CPU collectives, gloo, as
@@ -33,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from stacked_net import Net  # this folder is on sys.path when the file runs as a script
 
 from layerfreeze import schedules, train
-from layerfreeze.train import checkpoint, sharding
+from layerfreeze.train import _ahead, checkpoint, sharding
 from layerfreeze.train.workdir import WorkdirLock
 
 SCHEDULE = {0: "stem,stack[:1]", 3: "stem"}  # block 0 of the stack unfreezes at step 3
@@ -59,7 +63,7 @@ def _local(batch):
     return {k: np.array_split(v, n)[i] for k, v in batch.items()}
 
 
-def _phases(model, params, mesh):
+def _phases(model, params, mesh, compile_ahead=False):
     def build(phase, previous):
         return train.make_steps(
             model,
@@ -72,7 +76,9 @@ def _phases(model, params, mesh):
             sharding_rules=RULES,
         )
 
-    return train.Phases(schedules.explicit(SCHEDULE, unit="step"), build, params=params)
+    return train.Phases(
+        schedules.explicit(SCHEDULE, unit="step"), build, params=params, compile_ahead=compile_ahead
+    )
 
 
 def _restore(ckpt, phases, variables):
@@ -102,6 +108,7 @@ def main():
     parser.add_argument("--die_after", type=int, default=0)
     parser.add_argument("--restore_from", type=pathlib.Path)
     parser.add_argument("--restore_mesh")
+    parser.add_argument("--compile_ahead", action="store_true")
     args = parser.parse_args()
     if args.port:  # also for one process: the same collectives (gloo) as for several
         jax.distributed.initialize(
@@ -122,15 +129,20 @@ def main():
     )
     params = variables["params"]
     mesh = train.make_mesh(_axes(args.mesh))
-    phases = _phases(model, params, mesh)
+    phases = _phases(model, params, mesh, compile_ahead=args.compile_ahead)
     ckpt = checkpoint.Checkpointer(args.out / "ckpt", max_to_keep=2)
     if ckpt.latest_step() is None:
         start, state, losses = 0, phases.init_state(variables, jax.random.key(1)), []
     else:
         start, state, meta = _restore(ckpt, phases, variables)
         losses = meta["losses"]
+    ran_once = []
     for step in range(start, args.steps):
-        steps, state, _ = phases.update(step, state)
+        if args.compile_ahead:
+            phases.wait_ahead()
+        steps, state, change = phases.update(step, state)
+        if change is not None and args.compile_ahead:  # the programs compiled for it
+            ran_once += [_ahead.run_once(p) for p in steps.train_step.programs.values()]
         state, metrics = steps.train_step(state, train.shard_batch(mesh, _local(_batch(step))))
         losses.append(float(metrics["loss"]))
         done = step + 1
@@ -139,6 +151,9 @@ def main():
         if done == args.die_after and jax.process_index() == jax.process_count() - 1:
             os._exit(3)  # as if killed: no cleanup, no goodbye to the other processes
     ckpt.close()
+    if args.compile_ahead:
+        phases.close(wait=True)
+        (args.out / f"ahead_{jax.process_index()}.json").write_text(json.dumps(ran_once))
     if args.restore_from is None:
         return
     # What another run saved, onto this process's mesh of another shape: the same

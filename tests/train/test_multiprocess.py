@@ -5,8 +5,9 @@
 FSDP rules, and checkpoints with `checkpoint.Checkpointer`. Run as 2
 processes x 2 CPU devices (JAX's CPU collectives, gloo) it gives bitwise the
 parameters, optimizer state and losses of 1 process x 4 devices, also when
-one process is killed mid-run and both are started again; and what the 2
-processes saved restores onto a mesh of another shape in 1 process. The
+one process is killed mid-run and both are started again, and when they compile
+the phase to come ahead; and what the 2 processes saved restores onto a mesh of
+another shape in 1 process. The
 single process runs under `jax.distributed.initialize` too, so that both
 reduce with gloo: XLA's in-process collectives sum in another order (float
 rounding apart, not bitwise).
@@ -122,6 +123,16 @@ def test_two_processes_match_one_resume_after_a_kill_and_restore_onto_another_me
     assert int(state["step"]) == 6 and len(losses) == 6
     assert multi_losses == losses  # floats compared exactly
     _assert_bitwise(multi_state, state)
+
+    # The same 2 processes compiling the phase to come ahead: the same bits. Neither
+    # runs the program compiled ahead on zeros: its collectives would meet no partner.
+    ahead = tmp_path / "ahead"
+    _ok(*_launch(ahead, "--mesh=data=2,fsdp=2", "--compile_ahead", processes=2, devices=2))
+    ahead_state, ahead_losses = _final(ahead / "ckpt")
+    assert ahead_losses == losses
+    _assert_bitwise(ahead_state, state)
+    for i in range(2):
+        assert json.loads((ahead / f"ahead_{i}.json").read_text()) == [False]
 
     restored = json.loads((single / "restored.json").read_text())
     assert restored["equal"]
