@@ -307,7 +307,9 @@ class Phases:
         self._begun: list[concurrent.futures.Future] = []
         self._starts: dict[Any, _Start] = {}
         self._submitted: set[tuple[Any, str, Any]] = set()  # (key, step name, base signature)
-        self._seen: dict[str, tuple[Any, ...]] = {}  # step name -> abstract args, latest phase
+        # Step name -> abstract args of its first call in the latest phase (of a shared
+        # eval step: its first call in the run).
+        self._seen: dict[str, tuple[Any, ...]] = {}
         self._seen_prefix: str | None = None  # the frozen prefix of the phase they come from
         self._foreseen: schedules.FreezeSchedule | None = None
         self._kept: list[Any] = []  # build keys of earlier guesses, compiled, kept
@@ -747,7 +749,7 @@ class Phases:
                 fn = _ahead_fn(steps, name)
                 # A bare optimizer, or a phase that ran (and compiled) already; an eval
                 # step shared by phases compiles once per signature (`_compile`).
-                if fn is None or (fn.called and fn is getattr(steps, name, None)):
+                if fn is None or (fn.called and not _shared_eval(steps, name)):
                     continue
                 self._submitted.add((key, name, base))
                 # The optimizer state it will carry over: its phase before's, if foreseen.
@@ -805,7 +807,8 @@ class Phases:
         """On the worker: `steps`' step `name` compiled for its phase's abstract arguments
         (the batch as `features` makes it, when the phase trains on other features).
         The phase is entered from the current phase, or from the phase to come with
-        build key `before`, whose start, if compiled, gives the optimizer state.
+        build key `before`, whose start, if compiled, gives the optimizer state. A
+        shared eval step is compiled once per signature, for every phase.
 
         Returns:
           The program (a `jax.stages.Compiled`), or None when nothing was compiled.
@@ -821,7 +824,7 @@ class Phases:
         start = self._starts.get(key)
         if start is not None and start.given != _ahead.signature(state.params):
             start = None
-        if fn is not getattr(steps, name):  # a shared `EvalStep`'s: no optimizer state
+        if _shared_eval(steps, name):  # it takes the state without its optimizer state
             if start is None and getattr(steps, "frozen_dtype", None) is not None:
                 return None  # the params' dtypes: known once its train step is compiled
             params = state.params if start is None else start.params
@@ -1069,6 +1072,11 @@ def _ahead_fn(steps: Any, name: str) -> _ahead.AheadFn | None:
     if isinstance(fn, _steps.EvalStep):
         fn = fn.jitted
     return fn if isinstance(fn, _ahead.AheadFn) else None
+
+
+def _shared_eval(steps: Any, name: str) -> bool:
+    """Whether `steps`' step `name` is `make_steps`' `EvalStep`, shared by phases."""
+    return isinstance(getattr(steps, name, None), _steps.EvalStep)
 
 
 def _first_call(ref: "weakref.ref[Phases]", name: str, args: tuple[Any, ...], outputs: Any) -> None:
